@@ -1,0 +1,1 @@
+"""The engine side: supervision of the vLLM process, and a vLLM emulator for tests."""

@@ -1,0 +1,1 @@
+"""vllm-guard: an admission gateway in front of a co-located vLLM engine."""

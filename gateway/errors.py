@@ -1,0 +1,100 @@
+"""One error hierarchy. Every error the gateway itself answers is a `GuardError`; one middleware
+renders it in vLLM's OpenAI envelope: {"error": {"message", "type", "param", "code"}}.
+
+This module does not import aiohttp.web: policy and schemas raise these errors too.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import ClassVar
+
+
+class GuardError(Exception):
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "InternalServerError"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        retry_after_s: float | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        merged = dict(headers or {})
+        if retry_after_s is not None:
+            merged["Retry-After"] = str(max(1, round(retry_after_s)))
+        self.headers: Mapping[str, str] = merged
+
+    def body(self) -> dict[str, object]:
+        return error_body(self.message, self.type, self.param, self.status)
+
+
+def error_body(message: str, type_: str, param: str | None, code: int) -> dict[str, object]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_bytes(message: str, type_: str, param: str | None, code: int) -> bytes:
+    return json.dumps(error_body(message, type_, param, code)).encode()
+
+
+class BadRequest(GuardError):
+    status = 400
+    type = "BadRequestError"
+
+
+class NotFound(GuardError):
+    status = 404
+    type = "NotFoundError"
+
+
+class MethodNotAllowed(GuardError):
+    status = 405
+    type = "MethodNotAllowed"
+
+
+class PayloadTooLarge(GuardError):
+    status = 413
+    type = "RequestTooLargeError"
+
+
+class UnsupportedMediaType(GuardError):
+    status = 415
+    type = "UnsupportedMediaTypeError"
+
+
+class Quarantined(GuardError):
+    """A request identical to one that killed the engine. 422: the official OpenAI clients
+    retry 408, 409, 429 and 5xx by themselves, and must not retry this."""
+
+    status = 422
+    type = "QuarantinedRequestError"
+
+
+class Overloaded(GuardError):
+    """The admission bulkhead and its queue are full: overload, try later."""
+
+    status = 429
+    type = "RateLimitError"
+
+
+class BadGateway(GuardError):
+    status = 502
+    type = "BadGatewayError"
+
+
+class EngineUnavailable(GuardError):
+    """The engine cannot take the request now (down, starting, restarting, gave up)."""
+
+    status = 503
+    type = "ServiceUnavailableError"
+
+
+class EngineTimeout(GuardError):
+    status = 504
+    type = "GatewayTimeoutError"
