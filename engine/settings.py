@@ -53,3 +53,6 @@ class EngineConfig(BaseModel):
     restart_window_s: PositiveFloat = 600.0
     expected_restart_s: PositiveFloat = 30.0
     """Retry-After given to clients while the engine restarts, until a start has been timed."""
+    wedge_check_interval_s: PositiveFloat = 1.0
+    """How often a ready engine is checked for a wedge. Its /metrics is read at this pace only
+    while in-flight requests stall."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from enum import StrEnum
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Self
 
@@ -50,6 +51,10 @@ class ServerConfig(_Frozen):
     any path not here (and not a generation path) is answered 404 by the gateway."""
     shutdown_grace_s: PositiveFloat = 20.0
     """On SIGTERM, how long in-flight requests may take to finish before they are cut."""
+
+    @cached_property
+    def relay_set(self) -> frozenset[str]:
+        return frozenset(self.relay_paths)
 
     @model_validator(mode="after")
     def _check_relay_paths(self) -> Self:
@@ -187,15 +192,37 @@ class ConfigError(Exception):
     """config.yaml could not be loaded; the message names the key and what is wrong."""
 
 
-def _format_validation_error(path: str, err: ValidationError) -> str:
+def _line_of(root: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
+    """The line in the YAML text of the key at `loc`, as far down as the text has it."""
+    node, line = root, None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next(((k, v) for k, v in node.value if k.value == str(part)), None)
+            if match is None:
+                break
+            line, node = match[0].start_mark.line + 1, match[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) \
+                and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _format_validation_error(path: str, err: ValidationError,
+                             root: yaml.Node | None = None) -> str:
     lines = [f"{path}: invalid configuration"]
     for item in err.errors():
-        where = ".".join(str(p) for p in item["loc"]) or "(top level)"
-        lines.append(f"  {where}: {item['msg']}")
+        loc = tuple(item["loc"])
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        line = _line_of(root, loc)
+        at = f" (line {line})" if line is not None else ""
+        lines.append(f"  {where}{at}: {item['msg']}")
     return "\n".join(lines)
 
 
-def parse_config(data: object, source: str = "config") -> Config:
+def parse_config(data: object, source: str = "config", root: yaml.Node | None = None) -> Config:
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -203,7 +230,7 @@ def parse_config(data: object, source: str = "config") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(source, err)) from None
+        raise ConfigError(_format_validation_error(source, err, root)) from None
 
 
 def load_config(path: str | Path) -> Config:
@@ -214,9 +241,10 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"{path}: cannot read: {err.strerror or err}") from None
     try:
         data = yaml.safe_load(text)
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    return parse_config(data, str(path))
+    return parse_config(data, str(path), root)
 
 
 class ConfigHolder:

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 
 class GuardError(Exception):
@@ -98,3 +101,22 @@ class EngineUnavailable(GuardError):
 class EngineTimeout(GuardError):
     status = 504
     type = "GatewayTimeoutError"
+
+
+class EngineFailed(EngineUnavailable):
+    """The engine failed this exchange before the client saw a byte (refused, reset, cut
+    before the first chunk, or a 5xx): the request may be retried once the failure is
+    settled. `fallback`, when set, is the engine's own answer to relay if it is not."""
+
+    def __init__(self, message: str, fallback: object | None = None) -> None:
+        super().__init__(message)
+        self.fallback = fallback
+
+
+class StreamCut(Exception):
+    """The engine failed mid-stream after the client had bytes; the stream was ended with an
+    error event. `response` is the client's (already prepared) response."""
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        super().__init__("stream cut")
+        self.response = response

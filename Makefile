@@ -1,0 +1,43 @@
+# vllm-guard: `make run` starts a real vLLM (CPU) and the gateway in front of it;
+# `make test` installs what the tests need and runs them all.
+PYTHON ?= python3
+VENV := .venv
+ENGINE_VENV := .venv-engine
+MODEL_DIR := models/tiny
+CONFIG ?= config.yaml
+
+.PHONY: run test lint typecheck pytest venv engine model bench clean
+
+$(VENV)/.installed: pyproject.toml
+	[ -x $(VENV)/bin/python ] || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+engine:
+	ENGINE_VENV=$(ENGINE_VENV) PYTHON=$(PYTHON) bash scripts/install-engine.sh
+
+model: engine
+	$(ENGINE_VENV)/bin/python scripts/make_tiny_model.py $(MODEL_DIR)
+
+run: venv model
+	@echo "vllm-guard on http://127.0.0.1:8080 in front of vLLM (first engine start: about a minute)."
+	@echo "Then:  curl -s localhost:8080/v1/chat/completions -H 'Content-Type: application/json' \\"
+	@echo "         -d '{\"model\": \"tiny\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello\"}]}'"
+	$(VENV)/bin/vllm-guard run --config $(CONFIG)
+
+lint: venv
+	$(VENV)/bin/ruff check gateway engine tests scripts bench
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+pytest: venv model
+	$(VENV)/bin/pytest
+
+test: lint typecheck pytest
+
+clean:
+	rm -rf $(VENV) $(ENGINE_VENV) $(MODEL_DIR) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,93 @@
+"""`python -m engine.emulator`: serve the emulated vLLM engine until SIGTERM, or until it dies.
+
+Prints `emulator listening on http://HOST:PORT` (flushed) once it accepts connections, so a
+test that asked for `--port 0` can read the port. Exit status: 0 after SIGTERM/SIGINT;
+`--exit-code` after an emulated engine death (`--on-death exit`) or a `--die-on` request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from aiohttp import web
+
+from engine.emulator.app import EMULATOR, create_emulator_app
+from engine.emulator.settings import EmulatorSettings
+
+SHUTDOWN_GRACE_S = 2.0
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[EmulatorSettings, argparse.Namespace]:
+    p = argparse.ArgumentParser(prog="python -m engine.emulator", description=__doc__)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    p.add_argument("--served-model-name", nargs="+", action="extend", dest="names",
+                   help="names the model answers to; the first is the default")  # fmt: skip
+    p.add_argument("--max-model-len", type=int, default=512)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--tokenizer", type=Path, help="HF model folder for exact token counts")
+    p.add_argument("--ttft-ms", type=float, default=0.0)
+    p.add_argument("--tokens-per-second", type=float, default=0.0, help="0: as fast as possible")
+    p.add_argument("--latency-ms", type=float, default=0.0, help="extra delay on every request")
+    p.add_argument("--startup-delay-s", type=float, default=0.0, help="wait before listening")
+    p.add_argument("--multi-step-bug", action="store_true",
+                   help="no max_tokens (or 0) kills the engine loop (kserve#3971)")  # fmt: skip
+    p.add_argument("--on-death", choices=("stay", "exit"), default="stay")
+    p.add_argument("--exit-code", type=int, default=0, help="status of an emulated exit")
+    p.add_argument("--die-on", metavar="MARKER", help="a prompt with it ends the process")
+    p.add_argument("--hang-on", metavar="MARKER", help="a prompt with it stalls generation")
+    p.add_argument("--log-requests", action="store_true", help="access log on stdout")
+    args = p.parse_args(argv)
+    settings = EmulatorSettings(
+        served_model_names=tuple(args.names or ("tiny",)),
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        tokenizer=args.tokenizer,
+        ttft_ms=args.ttft_ms,
+        tokens_per_second=args.tokens_per_second,
+        latency_ms=args.latency_ms,
+        multi_step_bug=args.multi_step_bug,
+        on_death=args.on_death,
+        exit_code=args.exit_code,
+        die_on=args.die_on,
+        hang_on=args.hang_on,
+        log_requests=args.log_requests,
+    )
+    return settings, args
+
+
+async def serve(settings: EmulatorSettings, host: str, port: int, startup_delay_s: float) -> int:
+    """Serve until a signal (status 0) or an emulated engine exit (settings.exit_code)."""
+    await asyncio.sleep(startup_delay_s)  # vLLM does not listen before its model is loaded
+    app = create_emulator_app(settings)
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=SHUTDOWN_GRACE_S)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        print(f"emulator listening on http://{host}:{runner.addresses[0][1]}", flush=True)
+        stopped = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopped.set)
+        died = app[EMULATOR].core.exit_requested
+        waits = [asyncio.create_task(stopped.wait()), asyncio.create_task(died.wait())]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for task in waits:
+            task.cancel()
+        return settings.exit_code if died.is_set() else 0
+    finally:
+        await runner.cleanup()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    settings, args = parse_args(argv)
+    sys.exit(asyncio.run(serve(settings, args.host, args.port, args.startup_delay_s)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,565 @@
+"""Engine supervision: one detection and one set of states for both deployment shapes.
+
+- Supervised (`engine.command` set): the supervisor starts the engine (`engine.process`), watches
+  it, and on failure stops its process group and starts it again with exponential backoff, until
+  too many restarts within a window make it give up.
+- Sidecar (no command): the engine runs in its own container. The supervisor cannot restart it;
+  it reports it not live (`live()`, served as `/engine/live` for the engine container's
+  livenessProbe) so that the kubelet restarts it, and keeps probing until it is ready again.
+
+States: starting → ready → failed → restarting → (starting →) ready, or given_up; stopped before
+start and after stop. Ready means a real one-token generation succeeded. While ready, the engine
+fails when its process exits (any status, 0 included), when `/health` fails `health_failures`
+probes in a row, or when it is wedged: in-flight requests receive no bytes and its token counters
+stand still for `wedge_timeout_s`, and a probe generation does not answer either. A busy engine is
+not a wedged one: a false verdict kills every request in flight, so the detection errs on the
+side of patience.
+
+Decisions are the pure functions at the top; `EngineSupervisor` does the I/O and holds the state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import time
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from types import MappingProxyType
+from typing import Any, Protocol
+
+import aiohttp
+import structlog
+
+from engine.process import EngineProcess
+from engine.settings import EngineConfig
+
+logger = structlog.get_logger(__name__)
+
+PROGRESS_COUNTERS = ("vllm:generation_tokens_total", "vllm:prompt_tokens_total")
+"""Counters in the engine's /metrics whose movement proves that it is working."""
+PROBE_PROMPT = "ping"
+
+
+class EngineState(StrEnum):
+    STARTING = "starting"
+    READY = "ready"
+    FAILED = "failed"
+    RESTARTING = "restarting"
+    GIVEN_UP = "given_up"
+    STOPPED = "stopped"
+
+
+class ProgressSource(Protocol):
+    """What the gateway knows of the requests it relays to the engine."""
+
+    def stalled_for(self, now: float) -> float | None:
+        """Seconds since any in-flight generation request last received a byte from the engine
+        (monotonic clock), or None when nothing is in flight."""
+
+
+@dataclass(frozen=True)
+class StateChange:
+    old: EngineState
+    new: EngineState
+    reason: str
+    epoch: int
+
+
+def backoff_delay(attempt: int, base: float, maximum: float) -> float:
+    """Delay before restart number `attempt` (1 for the first): base, 2·base, 4·base, ... capped
+    at `maximum`."""
+    return min(maximum, base * 2.0 ** min(max(attempt - 1, 0), 64))
+
+
+def should_give_up(restart_times: Sequence[float], now: float, max_restarts: int,
+                   window: float) -> bool:
+    """Whether a failure at `now` is one too many: `max_restarts` restarts already happened
+    within the last `window` seconds."""
+    return sum(1 for t in restart_times if now - t < window) >= max_restarts
+
+
+def decide_wedge(stalled_for: float | None, tokens_quiet_for: float | None,
+                 since_cleared: float | None, wedge_timeout: float) -> bool:
+    """Whether the engine is suspected of a wedge, for a probe generation to settle.
+
+    `stalled_for`: seconds without a byte to any in-flight request (None: nothing in flight).
+    `tokens_quiet_for`: seconds the token counters have stood still as far as seen (None: the
+    engine has no readable /metrics, so the stall alone decides). `since_cleared`: seconds since
+    a probe generation last answered during this suspicion (None: never).
+    """
+    if stalled_for is None or stalled_for <= wedge_timeout:
+        return False
+    if tokens_quiet_for is not None and tokens_quiet_for <= wedge_timeout:
+        return False  # busy, not wedged: tokens move while some requests wait
+    return since_cleared is None or since_cleared > wedge_timeout
+
+
+def retry_after(expected_ready_at: float | None, now: float, fallback: float) -> float:
+    """Seconds a client should wait before retrying: until the engine is expected ready, at least
+    one; `fallback` when nothing is expected."""
+    if expected_ready_at is None:
+        return max(1.0, fallback)
+    return max(1.0, expected_ready_at - now)
+
+
+def parse_models(payload: object) -> dict[str, int]:
+    """Served model ids, in listed order, to max_model_len, from a /v1/models body. vLLM lists
+    LoRA adapters without a max_model_len: they take their parent's (or the first model's)."""
+    data = payload.get("data") if isinstance(payload, dict) else None
+    if not isinstance(data, list):
+        return {}
+    lengths: dict[str, int] = {}
+    parents: dict[str, str] = {}
+    order: list[str] = []
+    for item in data:
+        if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+            continue
+        model_id: str = item["id"]
+        order.append(model_id)
+        length = item.get("max_model_len")
+        if isinstance(length, int) and not isinstance(length, bool) and length > 0:
+            lengths[model_id] = length
+        if isinstance(item.get("parent"), str):
+            parents[model_id] = item["parent"]
+    default = next(iter(lengths.values()), None)
+    models: dict[str, int] = {}
+    for model_id in order:
+        length = lengths.get(model_id) or lengths.get(parents.get(model_id, "")) or default
+        if length is not None:
+            models[model_id] = length
+    return models
+
+
+def parse_counters(text: str, names: Sequence[str] = PROGRESS_COUNTERS) -> float | None:
+    """The sum of all samples of the named counters in Prometheus text, or None if none."""
+    total: float | None = None
+    for line in text.splitlines():
+        name, brace, rest = line.partition("{")
+        if brace:
+            rest = rest.rpartition("}")[2]  # label values may hold spaces
+        else:
+            name, _, rest = line.partition(" ")
+        if name.strip() not in names:
+            continue
+        try:
+            total = (total or 0.0) + float(rest.split()[0])
+        except (IndexError, ValueError):
+            continue
+    return total
+
+
+class EngineSupervisor:
+    """Watches the engine, restarts it when supervised, and tells the gateway what state it is
+    in. Methods are called on the event loop's thread."""
+
+    def __init__(self, config: EngineConfig, session: aiohttp.ClientSession, *,
+                 progress: ProgressSource | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._config = config
+        self._session = session
+        self._progress = progress
+        self._clock = clock
+        self._base_url = config.url.rstrip("/")
+        self._state = EngineState.STOPPED
+        self._epoch = 0
+        self._models: Mapping[str, int] = MappingProxyType({})
+        self._live = True
+        self._subscribers: list[Callable[[StateChange], None]] = []
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._process: EngineProcess | None = None
+        self._spawning: asyncio.Future[EngineProcess] | None = None
+        self._restart_times: list[float] = []
+        self._start_s: float | None = None  # how long the last successful (re)start took
+        self._expected_ready_at: float | None = None
+        self._check_now = asyncio.Event()  # a failure report asks for a probe now
+        self._restart_event = asyncio.Event()
+        self._restart_reason = ""
+        self._tokens: float | None = None  # token counters as last read, while watching
+        self._tokens_moved_at = 0.0
+        self._cleared_at: float | None = None
+
+    # What the gateway reads.
+
+    @property
+    def state(self) -> EngineState:
+        return self._state
+
+    @property
+    def epoch(self) -> int:
+        """Incremented each time the engine becomes ready after a start or restart."""
+        return self._epoch
+
+    @property
+    def models(self) -> Mapping[str, int]:
+        """Served model ids (LoRA adapters included) to max_model_len, as of the last READY."""
+        return self._models
+
+    @property
+    def supervised(self) -> bool:
+        return self._config.command is not None
+
+    def is_ready(self) -> bool:
+        return self._state is EngineState.READY
+
+    def live(self) -> bool:
+        """False once the engine has been seen dead or wedged, until it is ready again."""
+        return self._live
+
+    def restart_expected(self) -> bool:
+        """Whether the engine is expected back (restarted by us or by the kubelet)."""
+        return self._state not in {EngineState.GIVEN_UP, EngineState.STOPPED}
+
+    def retry_after_s(self) -> float:
+        """Seconds until the engine is expected ready: the last successful start's duration (or
+        `expected_restart_s` before one is measured) from when this (re)start began, at least 1."""
+        if not self.restart_expected():
+            return max(1.0, self._config.expected_restart_s)
+        if self.is_ready():
+            return 1.0
+        return retry_after(self._expected_ready_at, self._clock(), self._config.expected_restart_s)
+
+    async def wait_ready(self, timeout: float) -> bool:
+        """Wait up to `timeout` for READY; False at once if the engine is given up or stopped."""
+        return await self._wait_until(lambda: self.is_ready() or not self.restart_expected(),
+                                      timeout) and self.is_ready()
+
+    def subscribe(self, callback: Callable[[StateChange], None]) -> None:
+        """Call `callback` synchronously on each state change."""
+        self._subscribers.append(callback)
+
+    # What the gateway asks.
+
+    async def start(self) -> None:
+        """Start watching (and the engine, when supervised); returns at once."""
+        if self._task is not None:
+            return
+        self._transition(EngineState.STARTING, "start")
+        self._task = asyncio.create_task(self._run(), name="engine-supervisor")
+
+    async def stop(self) -> None:
+        """Stop watching, and stop the engine's process group when supervised."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        spawning, self._spawning = self._spawning, None
+        if spawning is not None and self._process is None:
+            with contextlib.suppress(OSError):
+                self._process = await spawning
+        await self._stop_process()
+        if self._state is not EngineState.STOPPED:
+            self._transition(EngineState.STOPPED, "stop")
+
+    def report_engine_failure(self, reason: str) -> None:
+        """The gateway saw the engine fail a request (refused, reset): probe /health now, and
+        again at the startup interval while it fails. Only the probes decide: `health_failures`
+        in a row fail the engine; one report alone fails nothing."""
+        if self.is_ready():
+            logger.info("engine_failure_reported", reason=reason)
+            self._check_now.set()
+
+    async def restart(self, reason: str) -> None:
+        """Restart a supervised engine now; returns once the restart has begun. The sidecar
+        shape cannot restart its engine: the request is logged and ignored."""
+        if not self.supervised:
+            logger.warning("engine_restart_unavailable", reason=reason, shape="sidecar")
+            return
+        if self._task is None or self._state not in {EngineState.READY, EngineState.STARTING}:
+            logger.info("engine_restart_ignored", reason=reason, state=self._state.value)
+            return
+        self._restart_reason = reason
+        self._restart_event.set()
+        await self._wait_until(lambda: self._state not in {EngineState.READY,
+                                                           EngineState.STARTING}, 30.0)
+
+    async def settle(self, suspicion: str) -> bool:
+        """Run a probe generation now: True if the ready engine answers it."""
+        if not self.is_ready():
+            return False
+        ok, detail = await self._probe_generation(next(iter(self._models), ""))
+        logger.info("engine_settle", suspicion=suspicion, answered=ok, detail=detail)
+        return ok
+
+    # The cycle.
+
+    async def _run(self) -> None:
+        try:
+            await self._cycle()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug here must not leave the gateway thinking all is well
+            logger.exception("engine_supervisor_error")
+            self._transition(EngineState.GIVEN_UP, f"supervisor error: {exc!r}")
+
+    async def _cycle(self) -> None:
+        first = True
+        while True:
+            reason = await self._start_and_watch(first)
+            first = False
+            self._restart_event.clear()  # this failure answers any restart asked meanwhile
+            self._expected_ready_at = self._clock() + self._expected_start_s()
+            self._transition(EngineState.FAILED, reason)
+            if self._config.command is None:
+                self._transition(EngineState.RESTARTING,
+                                 "waiting for the engine container to be restarted")
+                continue
+            await self._stop_process()
+            now = self._clock()
+            cfg = self._config
+            if should_give_up(self._restart_times, now, cfg.max_restarts, cfg.restart_window_s):
+                self._expected_ready_at = None
+                self._transition(EngineState.GIVEN_UP,
+                                 f"{cfg.max_restarts} restarts within {cfg.restart_window_s:g}s;"
+                                 f" last failure: {reason}")
+                return
+            self._restart_times = [t for t in self._restart_times
+                                   if now - t < cfg.restart_window_s] + [now]
+            attempt = len(self._restart_times)
+            delay = backoff_delay(attempt, cfg.restart_backoff_s, cfg.restart_backoff_max_s)
+            self._expected_ready_at = now + delay + self._expected_start_s()
+            self._transition(EngineState.RESTARTING,
+                             f"restart {attempt} of {cfg.max_restarts} in {delay:g}s")
+            await asyncio.sleep(delay)
+
+    async def _start_and_watch(self, first: bool) -> str:
+        """(Start and) probe the engine until ready, then watch it; why it failed."""
+        began = self._clock()
+        timeout = self._config.startup_timeout_s if self.supervised or first else None
+        if self._config.command is not None:
+            # Shielded: a stop() arriving meanwhile must still find the process to stop it.
+            self._spawning = asyncio.ensure_future(EngineProcess.spawn(
+                self._config.command, env=self._config.env, grace_s=self._config.stop_grace_s))
+            try:
+                self._process = await asyncio.shield(self._spawning)
+            except OSError as exc:
+                return f"cannot start the engine: {exc}"
+            finally:
+                if self._spawning.done():
+                    self._spawning = None
+            began = self._clock()
+            self._expected_ready_at = began + self._expected_start_s()
+            if not first:
+                self._transition(EngineState.STARTING, f"spawned pid {self._process.pid}")
+        reason, probes = await self._until_ready(timeout)
+        if reason is not None:
+            return reason
+        if self.supervised or probes > 1:  # a sidecar engine up at the first probe: no measure
+            self._start_s = self._clock() - began
+        self._epoch += 1
+        self._tokens = None
+        self._cleared_at = None
+        self._transition(EngineState.READY,
+                         f"probe generation answered; models {sorted(self._models)}")
+        return await self._watch()
+
+    def _expected_start_s(self) -> float:
+        return self._config.expected_restart_s if self._start_s is None else self._start_s
+
+    async def _stop_process(self) -> None:
+        process = self._process
+        if process is not None:
+            await process.stop(self._config.stop_grace_s)  # again from stop() if cancelled
+            if self._process is process:
+                self._process = None
+
+    async def _until_ready(self, timeout: float | None) -> tuple[str | None, int]:
+        """Probe until the engine is ready (None) or a failure reason; and the probes made."""
+        probes = 0
+        last = "no probe yet"
+
+        async def probe_loop() -> str | None:
+            nonlocal probes, last
+            if self.supervised:
+                await asyncio.sleep(self._config.startup_probe_interval_s)
+            while True:
+                probes += 1
+                models, last = await self._probe_ready()
+                if models:
+                    self._models = MappingProxyType(models)
+                    return None
+                logger.debug("engine_not_ready", detail=last)
+                await asyncio.sleep(self._config.startup_probe_interval_s)
+
+        async def startup_timeout(seconds: float) -> str:
+            await asyncio.sleep(seconds)
+            return f"not ready within {seconds:g}s (last probe: {last})"
+
+        watchers = [probe_loop(), self._restart_requested()]
+        if self._process is not None:
+            watchers.append(self._exited(self._process, "while starting"))
+        if timeout is not None:
+            watchers.append(startup_timeout(timeout))
+        return await _first(watchers), probes
+
+    async def _watch(self) -> str:
+        """Watch the ready engine until it fails; the reason."""
+        watchers = [self._health_loop(), self._restart_requested()]
+        if self._process is not None:
+            watchers.append(self._exited(self._process, "while ready"))
+        if self._progress is not None:
+            watchers.append(self._wedge_loop(self._progress))
+        reason = await _first(watchers)
+        assert reason is not None
+        return reason
+
+    async def _exited(self, process: EngineProcess, when: str) -> str:
+        status = await process.wait()
+        if status < 0:
+            with contextlib.suppress(ValueError):
+                return f"engine exited with status {status} ({signal.Signals(-status).name}) {when}"
+        return f"engine exited with status {status} {when}"
+
+    async def _restart_requested(self) -> str:
+        await self._restart_event.wait()
+        self._restart_event.clear()
+        return f"restart requested: {self._restart_reason}"
+
+    async def _health_loop(self) -> str:
+        cfg = self._config
+        self._check_now.clear()
+        failures = 0
+        while True:
+            interval = cfg.probe_interval_s if failures == 0 else min(
+                cfg.probe_interval_s, cfg.startup_probe_interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._check_now.wait(), interval)
+            self._check_now.clear()
+            status, detail = await self._request("GET", "/health")
+            if status == 200:
+                failures = 0
+                continue
+            failures += 1
+            logger.warning("engine_probe_failed", probe="health", detail=detail,
+                           failures=failures, of=cfg.health_failures)
+            if failures >= cfg.health_failures:
+                return f"/health failed {failures} probes in a row (last: {detail})"
+
+    async def _wedge_loop(self, progress: ProgressSource) -> str:
+        timeout = self._config.wedge_timeout_s
+        while True:
+            await asyncio.sleep(self._config.wedge_check_interval_s)
+            stalled, quiet = await self._progress_now(progress)
+            since_cleared = None if self._cleared_at is None else self._clock() - self._cleared_at
+            if not decide_wedge(stalled, quiet, since_cleared, timeout):
+                continue
+            logger.warning("engine_wedge_suspected", stalled_for=stalled, tokens_quiet_for=quiet)
+            ok, detail = await self._probe_generation(next(iter(self._models), ""))
+            if not ok:
+                # Patience: a last look at whether anything moved while the probe waited.
+                stalled, quiet = await self._progress_now(progress)
+                ok = not decide_wedge(stalled, quiet, None, timeout)
+            if ok:
+                self._cleared_at = self._clock()
+                logger.info("engine_wedge_cleared", stalled_for=stalled, detail=detail)
+                continue
+            quiet_text = "unknown (no /metrics)" if quiet is None else f"{quiet:.0f}s"
+            return (f"wedged: no bytes to in-flight requests for {stalled:.0f}s, token counters "
+                    f"still for {quiet_text}, probe generation failed ({detail})")
+
+    async def _progress_now(self, progress: ProgressSource) -> tuple[float | None, float | None]:
+        """The stall of in-flight requests, and how long the token counters have stood still
+        (None if /metrics has not been readable during this stall). Counters are read only while
+        in-flight requests stall; their watch begins with the stall."""
+        stalled = progress.stalled_for(self._clock())
+        if stalled is None or stalled < self._config.wedge_check_interval_s:
+            self._tokens = None  # bytes flow: the counters' watch begins with the next stall
+            if stalled is None:
+                self._cleared_at = None
+            return stalled, None
+        status, text = await self._request("GET", "/metrics")
+        tokens = parse_counters(text) if status == 200 else None
+        now = self._clock()
+        if tokens is not None and tokens != self._tokens:
+            self._tokens, self._tokens_moved_at = tokens, now
+        if self._tokens is None:
+            return stalled, None
+        return stalled, now - self._tokens_moved_at
+
+    # Probes.
+
+    async def _probe_ready(self) -> tuple[dict[str, int], str]:
+        """/health, /v1/models, then a one-token generation: the models when all answered,
+        else {} and what failed."""
+        status, detail = await self._request("GET", "/health")
+        if status != 200:
+            return {}, f"/health: {detail}"
+        status, body = await self._request("GET", "/v1/models")
+        if status != 200:
+            return {}, f"/v1/models: {body}"
+        try:
+            models = parse_models(json.loads(body))
+        except ValueError:
+            return {}, "/v1/models: not JSON"
+        if not models:
+            return {}, "/v1/models: no models"
+        ok, detail = await self._probe_generation(next(iter(models)))
+        return (models, "ready") if ok else ({}, detail)
+
+    async def _probe_generation(self, model: str) -> tuple[bool, str]:
+        status, detail = await self._request(
+            "POST", "/v1/completions",
+            payload={"model": model, "prompt": PROBE_PROMPT, "max_tokens": 1, "temperature": 0})
+        return status == 200, f"/v1/completions: {detail if status != 200 else 'HTTP 200'}"
+
+    async def _request(self, method: str, path: str,
+                       payload: Mapping[str, Any] | None = None) -> tuple[int | None, str]:
+        """(status, body) of one probe, bounded by `probe_timeout_s`; (None, what went wrong)
+        if it got no answer."""
+        timeout = aiohttp.ClientTimeout(total=self._config.probe_timeout_s)
+        try:
+            async with self._session.request(method, self._base_url + path, json=payload,
+                                             timeout=timeout) as resp:
+                body = await resp.text(errors="replace")
+                return resp.status, body if resp.status == 200 else f"HTTP {resp.status}"
+        except TimeoutError:
+            return None, f"no answer within {self._config.probe_timeout_s:g}s"
+        except aiohttp.ClientError as exc:
+            return None, f"{type(exc).__name__}: {exc}"
+
+    # State.
+
+    def _transition(self, new: EngineState, reason: str) -> None:
+        old, self._state = self._state, new
+        if new is EngineState.READY:
+            self._live = True
+        elif new in {EngineState.FAILED, EngineState.GIVEN_UP}:
+            self._live = False
+        logger.info("engine_state", **{"from": old.value, "to": new.value}, reason=reason,
+                    epoch=self._epoch)
+        change = StateChange(old, new, reason, self._epoch)
+        for callback in list(self._subscribers):
+            try:
+                callback(change)
+            except Exception:  # one subscriber's bug must not stop supervision
+                logger.exception("engine_state_subscriber_error", callback=repr(callback))
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _wait_until(self, condition: Callable[[], bool], timeout: float) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not condition():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+        return True
+
+
+async def _first(watchers: Sequence[Coroutine[Any, Any, str | None]]) -> str | None:
+    """Run the watchers until one returns; cancel the others; its result."""
+    tasks = [asyncio.create_task(watcher) for watcher in watchers]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        return next(task for task in tasks if task in done).result()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,224 @@
+"""The gate between admitted requests and the engine: when a request may go.
+
+One place decides it, from the engine's state, the quarantine, the suspects on probation and
+the bulkhead:
+- quarantined fingerprint → 422 at once, never the engine;
+- engine not ready: held while a restart is coming (bounded queue, bounded time), else 503 at
+  once; past the bounds 503 with Retry-After;
+- a suspect runs alone (probation): it waits until nothing else is in flight, and nothing new
+  starts while it waits or runs; past `probation_timeout_s` alone it is answered 503;
+- otherwise at most `max_in_flight` requests of a model are in flight to the engine (each
+  request counts once); the excess waits in the same queue, and past it gets 429.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from engine.settings import EngineConfig
+from engine.supervisor import EngineSupervisor, StateChange
+from gateway.config import IsolationConfig
+from gateway.errors import EngineUnavailable, Overloaded, Quarantined
+from gateway.inflight import Inflight, InflightLedger
+from gateway.isolation import Quarantine, QuarantineEntry, SuspectBook, attribute_failure
+
+
+class Gate:
+    def __init__(self, config: IsolationConfig, supervisor: EngineSupervisor,
+                 ledger: InflightLedger, engine: EngineConfig, *,
+                 wall_clock: Callable[[], float] = time.time,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.supervisor = supervisor
+        self.ledger = ledger
+        self.supervised = engine.command is not None
+        # A failure report is confirmed by probes: allow for a full round of failed ones.
+        self.settle_timeout_s = engine.probe_timeout_s + \
+            engine.health_failures * engine.startup_probe_interval_s + 2.0
+        self.wedge_detect_s = engine.wedge_timeout_s + engine.probe_timeout_s + 5.0
+        self.quarantine = Quarantine(config.quarantine_ttl_s, config.quarantine_max_entries)
+        self.suspects = SuspectBook(config.quarantine_ttl_s, config.quarantine_max_entries)
+        self.wall_clock = wall_clock
+        self._clock = clock
+        self._changed = asyncio.Event()
+        self._by_model: Counter[str | None] = Counter()
+        self._solo: Inflight | None = None
+        self._suspects_waiting = 0
+        self._waiting = 0
+        supervisor.subscribe(self._on_state_change)
+
+    # -- state changes ---------------------------------------------------------------------
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _on_state_change(self, change: StateChange) -> None:
+        if change.old.value == "ready" and change.new.value != "ready":
+            self._attribute()
+        self._notify()
+
+    def _attribute(self) -> None:
+        """The engine failed: every ticket in flight is a suspect; blame per the rules."""
+        in_flight = [t for t in self.ledger if not t.engine_failed]
+        for ticket in in_flight:
+            ticket.engine_failed = True
+        if not self.config.enabled or not in_flight:
+            return
+        verdict = attribute_failure(
+            ((t.fingerprint, t.model, t.solo) for t in in_flight),
+            self.suspects, self.config.suspect_failures, self.wall_clock())
+        for fp, model, failures, reason in verdict.quarantine:
+            self.quarantine.add(fp, model, reason, failures, self.wall_clock())
+            self.suspects.acquit(fp)
+
+    # -- the gate --------------------------------------------------------------------------
+
+    def check_quarantine(self, fp: str) -> None:
+        entry = self.quarantine.get(fp, self.wall_clock())
+        if entry is not None:
+            raise quarantined_error(entry)
+
+    async def wait_engine(self, deadline: float) -> None:
+        """Hold until the engine is ready (it must be, to know its models and context), or
+        answer 503: at once when no restart is coming, else past the queue's bounds."""
+        await self._wait(self.supervisor.is_ready, lambda: False, deadline)
+
+    async def enter(self, request_id: str, model: str | None, fp: str, max_in_flight: int,
+                    deadline: float) -> Inflight:
+        """Wait until this request may go to the engine (`deadline` is monotonic), and put
+        it in flight."""
+        taken: list[Inflight] = []
+        suspect = [False]
+
+        def try_take() -> bool:
+            self.check_quarantine(fp)
+            is_suspect = self.config.enabled and self.suspects.is_suspect(fp, self.wall_clock())
+            if is_suspect and not suspect[0]:
+                suspect[0] = True
+                self._suspects_waiting += 1
+            if not self.supervisor.is_ready() or self._solo is not None:
+                return False
+            if is_suspect:
+                if len(self.ledger):
+                    return False
+                taken.append(self._take(request_id, model, fp, solo=True))
+                return True
+            if self._suspects_waiting or self._by_model[model] >= max_in_flight:
+                return False
+            taken.append(self._take(request_id, model, fp, solo=False))
+            return True
+
+        try:
+            await self._wait(try_take, lambda: suspect[0], deadline)
+        finally:
+            if suspect[0]:
+                self._suspects_waiting -= 1
+                self._notify()
+        return taken[0]
+
+    async def _wait(self, ready: Callable[[], bool], is_suspect: Callable[[], bool],
+                    deadline: float) -> None:
+        """Wait in the queue until `ready()` holds. A suspect may wait until its deadline;
+        anything else for at most `queue_timeout_s`."""
+        if ready():
+            return
+        if self._waiting >= self.config.queue_max:
+            raise self._full()
+        self._waiting += 1
+        try:
+            start = self._clock()
+            while True:
+                if not self.supervisor.is_ready() and not self.restart_coming():
+                    raise EngineUnavailable(
+                        f"The engine is not available ({self.supervisor.state}) and no "
+                        "restart is coming.", retry_after_s=self.supervisor.retry_after_s())
+                limit = deadline if is_suspect() else min(deadline,
+                                                        start + self.config.queue_timeout_s)
+                now = self._clock()
+                if now >= limit:
+                    raise self._full()
+                event = self._changed
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), timeout=min(limit - now, 1.0))
+                if ready():
+                    return
+        finally:
+            self._waiting -= 1
+
+    def _full(self) -> Exception:
+        if not self.supervisor.is_ready():
+            return EngineUnavailable(
+                f"The engine is restarting ({self.supervisor.state}); the request waited "
+                "as long as it may.", retry_after_s=self.supervisor.retry_after_s())
+        return Overloaded(
+            "The engine is at capacity and the gateway's queue is full or the request "
+            "waited too long; retry later.", retry_after_s=2)
+
+    def _take(self, request_id: str, model: str | None, fp: str, *, solo: bool) -> Inflight:
+        ticket = self.ledger.add(request_id, model, fp, solo=solo, epoch=self.supervisor.epoch)
+        self._by_model[model] += 1
+        if solo:
+            self._solo = ticket
+        return ticket
+
+    def leave(self, ticket: Inflight, *, answered: bool) -> None:
+        """The attempt is over. A suspect that was answered while alone is innocent."""
+        self.ledger.remove(ticket)
+        self._by_model[ticket.model] -= 1
+        if self._solo is ticket:
+            self._solo = None
+            if answered and not ticket.engine_failed:
+                self.suspects.acquit(ticket.fingerprint)
+        self._notify()
+
+    def restart_coming(self) -> bool:
+        return self.supervised and self.supervisor.restart_expected()
+
+    async def settle(self, ticket: Inflight) -> bool:
+        """After a failed exchange: did the engine fail with this attempt in flight? True once
+        the supervisor declares it failed (the attempt is then attributed); False as soon as a
+        probe generation answers, or after `settle_timeout_s` without a verdict."""
+        if ticket.engine_failed:
+            return True
+        self.supervisor.report_engine_failure("an in-flight request lost its engine")
+        probe = asyncio.ensure_future(self.supervisor.settle("an in-flight request failed"))
+        deadline = self._clock() + self.settle_timeout_s
+        try:
+            while not ticket.engine_failed:
+                if probe.done() and probe.result():
+                    return False
+                remaining = deadline - self._clock()
+                if remaining <= 0:
+                    return False
+                event = self._changed
+                waiters: set[asyncio.Future[object]] = {asyncio.ensure_future(event.wait())}
+                if not probe.done():
+                    waiters.add(probe)  # type: ignore[arg-type]
+                done, pending = await asyncio.wait(waiters, timeout=min(remaining, 0.5),
+                                                   return_when=asyncio.FIRST_COMPLETED)
+                for fut in pending:
+                    if fut is not probe:
+                        fut.cancel()
+            return True
+        finally:
+            if not probe.done():
+                probe.cancel()
+
+    def solo_limit(self) -> float:
+        """How long a suspect may run alone: at least long enough for a wedge to be detected
+        (and so attributed to it) before it is cut."""
+        return max(self.config.probation_timeout_s, self.wedge_detect_s)
+
+
+def quarantined_error(entry: QuarantineEntry) -> Quarantined:
+    until = datetime.fromtimestamp(entry.until, UTC).isoformat(timespec="seconds")
+    return Quarantined(
+        f"This request was quarantined because the engine died while serving it "
+        f"({entry.reason}). Identical requests are refused until {until}. "
+        f"Fingerprint {entry.fingerprint}.", param=None)

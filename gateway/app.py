@@ -1,0 +1,84 @@
+"""`create_app(config)`: the one place where the gateway is wired together."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from engine.supervisor import EngineSupervisor
+from gateway import handlers
+from gateway.admin import create_admin_app
+from gateway.admission import Gate
+from gateway.config import GENERATION_PATHS, KSERVE_PREFIX, Config, ConfigHolder
+from gateway.generation import generation
+from gateway.inflight import InflightLedger
+from gateway.keys import (
+    ADMIN_APP,
+    CONFIG,
+    GATE,
+    INFLIGHT,
+    LIFECYCLE,
+    SESSION,
+    SUPERVISOR,
+    TOKENS,
+    UPSTREAM,
+)
+from gateway.lifecycle import Lifecycle
+from gateway.middlewares import guard_middleware
+from gateway.proxy import Upstream
+from gateway.tokens import TokenCounters
+
+
+def create_app(config: Config) -> web.Application:
+    app = web.Application(middlewares=[guard_middleware],
+                          client_max_size=config.server.max_body_bytes)
+    app[CONFIG] = ConfigHolder(config)
+    app[INFLIGHT] = InflightLedger()
+    app[LIFECYCLE] = Lifecycle()
+    if config.admin.enabled:
+        app[ADMIN_APP] = create_admin_app(app)
+    # Resources with a lifetime; torn down in reverse order (the engine stops before the
+    # session that talks to it is closed).
+    app.cleanup_ctx.append(_upstream_ctx)
+    app.cleanup_ctx.append(_engine_ctx)
+
+    app.router.add_get("/health", handlers.health)
+    app.router.add_get("/ready", handlers.ready)
+    app.router.add_get("/engine/live", handlers.engine_live)
+    for path in GENERATION_PATHS:
+        app.router.add_post(path, generation)
+        app.router.add_post(KSERVE_PREFIX + path, generation)
+    app.router.add_route("*", "/{tail:.*}", handlers.relay)
+    return app
+
+
+async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    engine = app[CONFIG].current.engine
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+        # No total or read timeout: a healthy long generation can be silent for minutes;
+        # a stuck engine is the supervisor's to notice. Connecting is bounded.
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=engine.connect_timeout_s),
+        # Bytes are relayed as the engine sent them, never re-encoded.
+        auto_decompress=False,
+        skip_auto_headers=("Accept-Encoding", "User-Agent"),
+    )
+    app[SESSION] = session
+    yield
+    await session.close()
+
+
+async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG].current
+    supervisor = EngineSupervisor(config.engine, app[SESSION], progress=app[INFLIGHT])
+    upstream = Upstream(app[SESSION], config.engine.url, supervisor.retry_after_s)
+    app[SUPERVISOR] = supervisor
+    app[UPSTREAM] = upstream
+    app[GATE] = Gate(config.isolation, supervisor, app[INFLIGHT], config.engine)
+    app[TOKENS] = TokenCounters(upstream)
+    await supervisor.start()
+    yield
+    await supervisor.stop()
+    await app[TOKENS].close()

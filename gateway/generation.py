@@ -1,0 +1,152 @@
+"""The generation paths: admission, then attempts at the engine until one answers.
+
+    body → view (schema) → quarantine? → engine ready (held while it restarts) → model known?
+    → prompt tokens (cheap bound first) → policy decision → gate (probation, bulkhead)
+    → relay; on an engine failure before the client saw a byte: settle, blame, retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Mapping
+from typing import Any, NoReturn
+
+from aiohttp import web
+
+from gateway.config import Policy
+from gateway.errors import EngineFailed, EngineUnavailable, GuardError, NotFound, StreamCut
+from gateway.handlers import canonical_path, read_json_object
+from gateway.isolation import fingerprint
+from gateway.keys import CONFIG, GATE, LIFECYCLE, RECORD, SUPERVISOR, TOKENS, UPSTREAM
+from gateway.policy import Admit, Reject, context_length_for, decide, needs_exact_count, precheck
+from gateway.proxy import forward_headers, relay_response
+from gateway.schemas import ChatView, CompletionView, parse_chat, parse_completion
+from gateway.tokens import TokenCounter
+
+
+async def generation(request: web.Request) -> web.StreamResponse:
+    """POST /v1/chat/completions and /v1/completions (also under /openai)."""
+    app = request.app
+    record = request[RECORD]
+    config = app[CONFIG].current
+    path = canonical_path(request.path)
+    _, body = await read_json_object(request)
+    view: ChatView | CompletionView = (
+        parse_chat(body) if path.endswith("/chat/completions") else parse_completion(body))
+    record.model = view.model
+    if app[LIFECYCLE].draining:
+        raise EngineUnavailable("The gateway is shutting down.", retry_after_s=5)
+
+    gate = app[GATE]
+    fp = fingerprint(body, config.isolation.fingerprint_ignore)
+    record.fields["fingerprint"] = fp
+    gate.check_quarantine(fp)
+
+    policy = config.policy_for(view.model)
+    deadline = time.monotonic() + policy.deadline_s
+    refusal = precheck(view, policy)
+    if refusal is not None:
+        _reject(record.fields, refusal)
+
+    supervisor = app[SUPERVISOR]
+    await gate.wait_engine(deadline)
+    model = _served_model(view.model, supervisor.models)
+    record.model = model
+    if view.model != model:
+        policy = config.policy_for(model)
+    context_length = context_length_for(policy, supervisor.models.get(model))
+    if context_length is None:  # the engine did not say; only the policy could
+        raise EngineUnavailable("The engine's context length is not known yet.",
+                                retry_after_s=supervisor.retry_after_s())
+
+    counter = app[TOKENS].counter(model, policy)
+    prompt_tokens = await _prompt_tokens(counter, view, body, policy, context_length,
+                                         supervisor.models.get(model))
+    decision = decide(view, policy, prompt_tokens, context_length)
+    if isinstance(decision, Reject):
+        _reject(record.fields, decision)
+    record.fields.update(decision.log_fields)
+    record.fields["prompt_tokens"] = max(prompt_tokens)
+    payload = json.dumps(decision.rewrite(body), ensure_ascii=False).encode()
+    return await _attempts(request, path, payload, decision, model, fp, policy, deadline)
+
+
+def _reject(fields: dict[str, Any], refusal: Reject) -> NoReturn:
+    fields.update(refusal.log_fields)
+    raise refusal.error
+
+
+def _served_model(requested: str | None, served: Mapping[str, int]) -> str:
+    """vLLM's rule: no model means the first served one; an unknown one is a 404."""
+    if requested is None or requested == "":
+        return next(iter(served))
+    if requested not in served:
+        aliases = ", ".join(served)
+        raise NotFound(f"The model `{requested}` does not exist. Valid aliases: {aliases}.",
+                       param="model")
+    return requested
+
+
+async def _prompt_tokens(counter: TokenCounter, view: ChatView | CompletionView,
+                         body: dict[str, Any], policy: Policy, context_length: int,
+                         max_model_len: int | None) -> list[int]:
+    """Exact counts only where a cheap upper bound could change the decision."""
+    bound = await counter.upper_bounds(view, body, max_model_len=max_model_len)
+    if bound is not None and not needs_exact_count(view, policy, max(bound), context_length):
+        return bound
+    return await counter.count(view, body, max_model_len=max_model_len)
+
+
+async def _attempts(request: web.Request, path: str, payload: bytes, decision: Admit,
+                    model: str, fp: str, policy: Policy, deadline: float) -> web.StreamResponse:
+    app = request.app
+    record = request[RECORD]
+    gate = app[GATE]
+    headers = forward_headers(request.headers, record.request_id)
+    headers["Content-Type"] = "application/json"
+    extra = {**decision.headers, "X-Request-Id": record.request_id}
+    attempt = 0
+    while True:
+        attempt += 1
+        ticket = await gate.enter(record.request_id, model, fp, policy.max_in_flight, deadline)
+        answered = False
+
+        def on_progress(nbytes: int, ticket: Any = ticket) -> None:
+            record.mark_first_byte()
+            gate.ledger.progress(ticket, nbytes)
+
+        try:
+            limit = gate.solo_limit() if ticket.solo else None
+            async with asyncio.timeout(limit):
+                upstream = await app[UPSTREAM].open("POST", path, payload, headers)
+                resp = await relay_response(request, upstream, extra, on_progress)
+            answered = True
+            record.fields["attempts"] = attempt
+            return resp
+        except EngineFailed as err:
+            if not await gate.settle(ticket):
+                # The engine is fine: this was about this request alone. Relay the engine's
+                # own answer when it gave one.
+                if isinstance(err.fallback, web.StreamResponse):
+                    answered = True
+                    return err.fallback
+                if isinstance(err.fallback, GuardError):
+                    raise err.fallback from None
+                raise EngineUnavailable(err.message,
+                                        retry_after_s=app[SUPERVISOR].retry_after_s()) from None
+            # The engine failed with this request in flight and the client has seen nothing:
+            # it is now a suspect; the next round waits for the engine and for probation.
+            record.fields["engine_failures"] = record.fields.get("engine_failures", 0) + 1
+            continue
+        except StreamCut as cut:
+            await gate.settle(ticket)
+            record.outcome = "stream_cut"
+            return cut.response
+        except TimeoutError:
+            raise EngineUnavailable(
+                "The request is a suspect of an engine failure and did not finish alone on "
+                "probation in time.", retry_after_s=app[SUPERVISOR].retry_after_s()) from None
+        finally:
+            gate.leave(ticket, answered=answered)

@@ -1,0 +1,102 @@
+"""Request handlers: health, readiness, the generation paths, and the allow-listed relay."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from gateway.config import KSERVE_PREFIX
+from gateway.errors import (
+    BadRequest,
+    EngineFailed,
+    EngineUnavailable,
+    GuardError,
+    NotFound,
+    UnsupportedMediaType,
+)
+from gateway.keys import CONFIG, LIFECYCLE, RECORD, SUPERVISOR, UPSTREAM
+from gateway.proxy import forward_headers, relay_response
+
+_JSON_TYPES = frozenset({"application/json", ""})
+
+
+def canonical_path(path: str) -> str:
+    """KServe clients call the engine's paths under /openai; the engine knows them without."""
+    if path.startswith(KSERVE_PREFIX + "/"):
+        return path[len(KSERVE_PREFIX):]
+    return path
+
+
+async def health(request: web.Request) -> web.Response:
+    """The gateway process is alive and serving. In the supervised shape it turns 503 once
+    the supervisor has given up on the engine, so the orchestrator replaces the pod."""
+    supervisor = request.app[SUPERVISOR]
+    supervised = request.app[CONFIG].current.engine.command is not None
+    if supervised and not supervisor.restart_expected():
+        return web.json_response({"status": "engine given up"}, status=503)
+    return web.json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    """The engine is usable now: read from the state the background probe keeps current."""
+    supervisor = request.app[SUPERVISOR]
+    state = str(supervisor.state)
+    if supervisor.is_ready() and not request.app[LIFECYCLE].draining:
+        return web.json_response({"status": "ready", "engine": state})
+    return web.json_response({"status": "not ready", "engine": state}, status=503,
+                             headers={"Retry-After": str(round(supervisor.retry_after_s()))})
+
+
+async def engine_live(request: web.Request) -> web.Response:
+    """For the engine container's own livenessProbe (sidecar shape): 200 unless the gateway
+    has seen the engine dead or wedged."""
+    supervisor = request.app[SUPERVISOR]
+    if supervisor.live():
+        return web.json_response({"status": "live", "engine": str(supervisor.state)})
+    return web.json_response({"status": "dead", "engine": str(supervisor.state)}, status=503)
+
+
+async def read_json_object(request: web.Request) -> tuple[bytes, dict[str, Any]]:
+    """The body as bytes and as a JSON object, or a 4xx saying what is wrong with it.
+    The size bound is the app's client_max_size (413 past it)."""
+    if request.content_type not in _JSON_TYPES and not request.content_type.endswith("+json"):
+        raise UnsupportedMediaType(
+            f"Content-Type must be application/json, not {request.content_type!r}.")
+    raw = await request.read()
+    if not raw:
+        raise BadRequest("The request body is empty; a JSON object is required.")
+    try:
+        body = json.loads(raw)
+    except UnicodeDecodeError:
+        raise BadRequest("The request body is not valid UTF-8.") from None
+    except ValueError as err:
+        raise BadRequest(f"The request body is not valid JSON: {err}.") from None
+    if not isinstance(body, dict):
+        raise BadRequest(
+            f"The request body must be a JSON object, not {type(body).__name__}.")
+    return raw, body
+
+
+async def relay(request: web.Request) -> web.StreamResponse:
+    """Everything that is not a generation path: relayed unchanged when allow-listed in
+    config.yaml (`server.relay_paths`), else 404. Closed by default."""
+    path = canonical_path(request.path)
+    if f"{request.method} {path}" not in request.app[CONFIG].current.server.relay_set:
+        raise NotFound(f"{request.method} {request.path} is not served by this gateway.")
+    record = request[RECORD]
+    raw = await request.read()
+    try:
+        upstream = await request.app[UPSTREAM].open(
+            request.method, path, raw or None,
+            forward_headers(request.headers, record.request_id))
+        return await relay_response(request, upstream, {"X-Request-Id": record.request_id},
+                                    lambda _n: record.mark_first_byte())
+    except EngineFailed as err:
+        if isinstance(err.fallback, web.StreamResponse):
+            return err.fallback
+        if isinstance(err.fallback, GuardError):
+            raise err.fallback from None
+        raise EngineUnavailable(err.message,
+                                retry_after_s=request.app[SUPERVISOR].retry_after_s()) from None

@@ -1,0 +1,220 @@
+"""The relay to the engine: one pooled client session, bytes passed through as they come.
+
+Non-streamed answers are JSON of bounded size and are read whole; an SSE stream is written to
+the client chunk by chunk as the engine emits it and is never buffered. When the client goes
+away (the handler is cancelled, or a write fails), the upstream connection is closed at once,
+which is how vLLM learns to stop generating.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from typing import Final
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway.errors import (
+    BadGateway,
+    EngineFailed,
+    EngineTimeout,
+    EngineUnavailable,
+    GuardError,
+    StreamCut,
+    error_bytes,
+)
+
+HOP_BY_HOP: Final = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+    "trailers", "transfer-encoding", "upgrade", "host", "content-length",
+})
+# Response headers the gateway sets itself.
+_RESPONSE_DROP: Final = HOP_BY_HOP | {"date", "server", "x-request-id"}
+
+
+def forward_headers(headers: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
+    """The client's headers minus hop-by-hop ones (and those its Connection header names);
+    Authorization passes (vLLM's --api-key); X-Request-Id is the gateway's sanitised one."""
+    named = {
+        token.strip().lower()
+        for value in headers.getall("Connection", [])
+        for token in value.split(",")
+    }
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower in named or lower == "x-request-id":
+            continue
+        out.add(name, value)
+    out["X-Request-Id"] = request_id
+    return out
+
+
+def response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.headers.items():
+        if name.lower() not in _RESPONSE_DROP:
+            out.add(name, value)
+    return out
+
+
+ProgressCallback = Callable[[int], None]
+
+
+class Upstream:
+    """Where the engine answers, and how the gateway talks to it."""
+
+    def __init__(self, session: aiohttp.ClientSession, base_url: str,
+                 retry_after_s: Callable[[], float]) -> None:
+        self._session = session
+        self.base_url = base_url.rstrip("/")
+        self._retry_after_s = retry_after_s
+
+    async def open(self, method: str, path: str, body: bytes | None,
+                   headers: Mapping[str, str]) -> aiohttp.ClientResponse:
+        """Send the request and return the engine's response once its headers arrived."""
+        try:
+            return await self._session.request(
+                method, self.base_url + path, data=body, headers=headers,
+                allow_redirects=False,
+            )
+        except aiohttp.ClientConnectorError as err:
+            raise EngineFailed(
+                f"The engine is not reachable ({err.os_error.strerror or err}); "
+                "it may be starting or restarting.") from None
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            raise EngineTimeout("The engine did not answer in time.") from None
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as err:
+            raise EngineFailed(
+                f"The engine closed the connection before answering ({err}).") from None
+
+    async def json(self, method: str, path: str, payload: object | None = None, *,
+                   timeout: float) -> tuple[int, object]:
+        """A small JSON exchange with the engine (probes, /tokenize, /v1/models)."""
+        body = None if payload is None else json.dumps(payload).encode()
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        try:
+            async with self._session.request(
+                method, self.base_url + path, data=body, headers=headers,
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as resp:
+                raw = await resp.read()
+        except aiohttp.ClientConnectorError:
+            raise EngineUnavailable("The engine is not reachable.",
+                                    retry_after_s=self._retry_after_s()) from None
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            raise EngineTimeout("The engine did not answer in time.") from None
+        except aiohttp.ClientError as err:
+            raise EngineUnavailable(f"The engine failed to answer ({err}).",
+                                    retry_after_s=self._retry_after_s()) from None
+        try:
+            return resp.status, json.loads(raw)
+        except ValueError:
+            raise BadGateway(f"The engine answered {resp.status} with a body that is not "
+                             "JSON.") from None
+
+
+async def relay_response(
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    extra_headers: Mapping[str, str],
+    on_progress: ProgressCallback | None = None,
+) -> web.StreamResponse:
+    """Answer the client with the engine's response: a stream chunk by chunk, anything else
+    whole. Always releases the upstream connection; closes it when the exchange was cut.
+
+    Raises `EngineFailed` when the engine failed before the client saw a byte (the caller may
+    retry), `StreamCut` when it failed mid-stream (the stream was ended with an error event).
+    """
+    completed = False
+    try:
+        headers = response_headers(upstream)
+        headers.update(extra_headers)
+        if upstream.content_type == "text/event-stream":
+            resp = await _relay_stream(request, upstream, headers, on_progress)
+        else:
+            resp = await _relay_whole(upstream, headers, on_progress)
+        completed = True
+        return resp
+    finally:
+        if completed:
+            upstream.release()
+        else:
+            # The client went away (cancelled handler, failed write) or the engine failed
+            # mid-answer: drop the connection so the engine aborts the request.
+            upstream.close()
+
+
+_ENGINE_CUT = (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
+
+
+async def _relay_whole(
+    upstream: aiohttp.ClientResponse, headers: CIMultiDict[str],
+    on_progress: ProgressCallback | None,
+) -> web.Response:
+    try:
+        body = await upstream.read()
+    except _ENGINE_CUT as err:
+        raise EngineFailed(
+            f"The engine failed while answering ({type(err).__name__}).") from None
+    if on_progress is not None:
+        on_progress(len(body))
+    failure: GuardError | None = None
+    if upstream.status >= 400 and not _is_json(body):
+        failure = BadGateway(
+            f"The engine answered HTTP {upstream.status} with a body that is not JSON.")
+    response = web.Response(status=upstream.status, body=body, headers=headers)
+    if upstream.status >= 500:
+        # Perhaps the engine died (vLLM answers a bare 500 after EngineDeadError): let the
+        # caller settle that before relaying the answer.
+        raise EngineFailed(f"The engine answered HTTP {upstream.status}.",
+                           fallback=failure or response)
+    if failure is not None:
+        raise failure
+    return response
+
+
+async def _relay_stream(
+    request: web.Request, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str],
+    on_progress: ProgressCallback | None,
+) -> web.StreamResponse:
+    # Nothing goes to the client before the engine's first chunk: a stream the engine cuts
+    # before that can still be retried as if it never started.
+    chunks = upstream.content.iter_any()
+    try:
+        first = await anext(chunks, b"")
+    except _ENGINE_CUT as err:
+        raise EngineFailed(
+            f"The engine failed before the stream began ({type(err).__name__}).") from None
+    if not first:
+        raise EngineFailed("The engine ended the stream before sending anything.")
+    resp = web.StreamResponse(status=upstream.status, headers=headers)
+    await resp.prepare(request)
+    chunk = first
+    try:
+        while chunk:
+            if on_progress is not None:
+                on_progress(len(chunk))
+            await resp.write(chunk)
+            chunk = await anext(chunks, b"")
+    except _ENGINE_CUT as err:
+        # The engine died mid-stream: end the stream the way vLLM reports an error inside a
+        # started stream, so the client reads a reason instead of a cut connection.
+        message = (f"The engine failed during the stream ({type(err).__name__}); "
+                   "the answer is incomplete.")
+        await resp.write(b"data: " + error_bytes(message, "ServiceUnavailableError", None, 503)
+                         + b"\n\ndata: [DONE]\n\n")
+        await resp.write_eof()
+        raise StreamCut(resp) from None
+    await resp.write_eof()
+    return resp
+
+
+def _is_json(body: bytes) -> bool:
+    try:
+        json.loads(body)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,56 @@
+"""The canonical log line: one `request_finished` per request, with what the gateway did."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+_SAFE_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+
+def request_id_from(header: str | None) -> str:
+    """The client's X-Request-Id when it is short and made of safe characters, else a new
+    one: it is echoed into logs and headers, so it must not carry anything else."""
+    if header is not None and _SAFE_ID.fullmatch(header):
+        return header
+    return uuid.uuid4().hex
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    request_id: str
+    method: str
+    path: str
+    started: float = field(default_factory=time.perf_counter)
+    model: str | None = None
+    status: int | None = None
+    outcome: str = "ok"
+    reason: str | None = None
+    first_byte: float | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    def mark_first_byte(self) -> None:
+        if self.first_byte is None:
+            self.first_byte = time.perf_counter()
+
+    def log_fields(self, nbytes: int | None) -> dict[str, Any]:
+        now = time.perf_counter()
+        out: dict[str, Any] = {
+            "request_id": self.request_id,
+            "method": self.method,
+            "path": self.path,
+            "model": self.model,
+            "status": self.status,
+            "outcome": self.outcome,
+            "bytes": nbytes,
+            "ttfb_ms": None if self.first_byte is None
+            else round((self.first_byte - self.started) * 1000, 2),
+            "duration_ms": round((now - self.started) * 1000, 2),
+        }
+        if self.reason is not None:
+            out["reason"] = self.reason
+        out.update(self.fields)
+        return out

@@ -1,0 +1,467 @@
+"""Prompt token counts for admission, exactly as vLLM will count them.
+
+One `TokenCounter` per model. Its source is the model's own tokenizer files read locally
+(`engine.tokenization.PromptTokenizer`: tokenizer.json with the `tokenizers` library and the chat
+template rendered with Jinja2 as transformers renders it) or the engine's `POST /tokenize`, which
+answers with vLLM's own count. `token_source: auto` takes the local files when they are readable
+and their tokenizer class is one whose encoding is tokenizer.json alone, else the engine. A
+request the local path cannot reproduce (images, unusual message shapes, template kwargs that
+change how the template is called) is counted by the engine whatever the source.
+
+Cheap bounds first. `upper_bounds` gives, per prompt, a count never below the exact one
+(`PromptTokenizer.upper_bound`: the UTF-8 length of the rendered prompt plus the special tokens,
+for a byte-level BPE), or None when only the engine can count. The caller decides with the bound
+when no threshold of the policy lies at or under it (`policy.needs_exact_count`) and counts
+exactly (`count`) otherwise; `count_chat_within` / `count_completion_within` do both steps in
+one call, rendering a chat once.
+
+Truncation is reflected: with `truncate_prompt_tokens: k` vLLM keeps k tokens (the last k, BOS
+kept), so the count is min(count, k); k = -1 means the model's `max_model_len`, less one when the
+request sets an output limit (`TokenizeParams.max_truncation_tokens`).
+
+Counting never blocks the event loop for long: a request with more than `inline_chars`
+characters of text is counted in a worker thread (`asyncio.to_thread`), a short one inline.
+
+This module does not import aiohttp.web. Client mistakes become `errors.BadRequest` naming the
+parameter; an engine that cannot be asked raises what its `json` exchange raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from engine.tokenization import (
+    InvalidChat,
+    PromptTokenizer,
+    UnsupportedLocally,
+    completion_prompts,
+)
+from gateway.config import ConfigError, Policy, TokenSource
+from gateway.errors import BadGateway, BadRequest, GuardError
+
+Remote = Callable[[dict[str, object]], Awaitable[Mapping[str, object]]]
+"""POST a payload to the engine's /tokenize; the engine's JSON answer (a count or an error)."""
+
+INLINE_CHARS = 16_384
+"""Requests with more text than this are counted in a worker thread."""
+
+TOKENIZE_TIMEOUT_S = 30.0
+
+# pydantic's lax booleans, which vLLM's request models accept.
+_TRUE = frozenset({"1", "on", "t", "true", "y", "yes"})
+_FALSE = frozenset({"0", "off", "f", "false", "n", "no"})
+_COMPLETION_DEFAULT_MAX_TOKENS = 16  # CompletionRequest.max_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class PromptCount:
+    tokens: int
+    """The exact count, or when `exact` is false an upper bound of it."""
+    exact: bool
+    source: Literal["local", "engine", "ids"]
+
+
+@dataclass(frozen=True, slots=True)
+class _Chat:
+    """The fields of a chat request that decide its prompt, read and checked like vLLM does."""
+
+    messages: object
+    tools: object
+    chat_template: str | None
+    chat_template_kwargs: dict[str, object] | None
+    documents: object
+    reasoning_effort: str | None
+    add_generation_prompt: bool
+    continue_final_message: bool
+    add_special_tokens: bool
+    truncate: int | None
+    max_output: int
+
+    @classmethod
+    def read(cls, body: Mapping[str, object]) -> _Chat:
+        template = body.get("chat_template")
+        if template is not None and not isinstance(template, str):
+            raise BadRequest("chat_template must be a string.", param="chat_template")
+        kwargs = body.get("chat_template_kwargs")
+        if kwargs is not None and not isinstance(kwargs, dict):
+            raise BadRequest("chat_template_kwargs must be an object.",
+                             param="chat_template_kwargs")
+        effort = body.get("reasoning_effort")
+        if effort is not None and not isinstance(effort, str):
+            raise BadRequest("reasoning_effort must be a string.", param="reasoning_effort")
+        max_output = _int_field(body, "max_completion_tokens")
+        if max_output is None:
+            max_output = _int_field(body, "max_tokens")
+        return cls(
+            messages=body.get("messages"), tools=body.get("tools"), chat_template=template,
+            chat_template_kwargs=kwargs, documents=body.get("documents"),
+            reasoning_effort=effort,
+            add_generation_prompt=_flag(body, "add_generation_prompt", True),
+            continue_final_message=_flag(body, "continue_final_message", False),
+            add_special_tokens=_flag(body, "add_special_tokens", False),
+            truncate=_truncate_field(body), max_output=max_output or 0,
+        )
+
+    def render(self, tok: PromptTokenizer) -> str:
+        return tok.render_chat(
+            self.messages, add_generation_prompt=self.add_generation_prompt,
+            continue_final_message=self.continue_final_message, tools=self.tools,
+            chat_template=self.chat_template, chat_template_kwargs=self.chat_template_kwargs,
+            documents=self.documents, reasoning_effort=self.reasoning_effort,
+        )
+
+    def tokenize_payload(self, model: str) -> dict[str, object]:
+        """The /tokenize request that counts this chat. /tokenize has no `documents` or
+        `reasoning_effort`; vLLM passes them to the template as kwargs, so they go there."""
+        payload: dict[str, object] = {
+            "model": model, "messages": self.messages,
+            "add_generation_prompt": self.add_generation_prompt,
+            "continue_final_message": self.continue_final_message,
+            "add_special_tokens": self.add_special_tokens,
+        }
+        if self.tools is not None:
+            payload["tools"] = self.tools
+        if self.chat_template is not None:
+            payload["chat_template"] = self.chat_template
+        kwargs = dict(self.chat_template_kwargs or {})
+        if self.documents is not None:
+            kwargs["documents"] = self.documents
+        if self.reasoning_effort is not None:
+            kwargs["reasoning_effort"] = self.reasoning_effort
+            kwargs.setdefault("enable_thinking", self.reasoning_effort != "none")
+        if kwargs:
+            payload["chat_template_kwargs"] = kwargs
+        return payload
+
+
+def _flag(body: Mapping[str, object], name: str, default: bool) -> bool:
+    value = body.get(name, default)
+    if isinstance(value, bool):
+        return value
+    if type(value) is int and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+        return value.lower() in _TRUE
+    raise BadRequest(f"{name} must be a boolean.", param=name)
+
+
+def _int_field(body: Mapping[str, object], name: str) -> int | None:
+    value = body.get(name)
+    if type(value) is int:
+        return value
+    if type(value) is float and value.is_integer():
+        return int(value)
+    return None
+
+
+def _truncate_field(body: Mapping[str, object]) -> int | None:
+    value = body.get("truncate_prompt_tokens")
+    if value is None:
+        return None
+    number = _int_field(body, "truncate_prompt_tokens")
+    if number is None or number < -1:
+        raise BadRequest("truncate_prompt_tokens must be an integer of at least -1 (-1: the "
+                         "model's context length).", param="truncate_prompt_tokens")
+    return number
+
+
+def _truncation(k: int | None, max_output: int, max_model_len: int | None) -> int | None:
+    """How many tokens vLLM keeps (`TokenizeParams._truncation_slice`), None for all."""
+    if k is None:
+        return None
+    if max_model_len is not None and k > max_model_len:
+        raise BadRequest(f"truncate_prompt_tokens={k} cannot be greater than max_model_len = "
+                         f"{max_model_len}. Please request a smaller truncation size.",
+                         param="truncate_prompt_tokens")
+    if k >= 0:
+        return k
+    if max_model_len is None:
+        return None  # unknown window: the untruncated count over-estimates, never under
+    return max(0, max_model_len - 1) if max_output else max_model_len
+
+
+def _truncated(count: PromptCount, keep: int | None) -> PromptCount:
+    if keep is None or count.tokens <= keep:
+        return count
+    return PromptCount(keep, count.exact, count.source)
+
+
+def _text_size(value: object, limit: int) -> int:
+    """Characters of text in a JSON value, counted until `limit` is passed."""
+    total, stack = 0, [value]
+    while stack and total <= limit:
+        item = stack.pop()
+        if isinstance(item, str):
+            total += len(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+            total += len(item)
+        elif isinstance(item, list):
+            stack.extend(item)
+    return total
+
+
+def _bad_request(err: InvalidChat) -> BadRequest:
+    return BadRequest(err.message, param=err.param or "messages")
+
+
+class TokenCounter:
+    """Counts the prompt tokens of one model's requests."""
+
+    def __init__(self, model: str, *, tokenizer: PromptTokenizer | None,
+                 remote: Remote | None, inline_chars: int = INLINE_CHARS) -> None:
+        if tokenizer is None and remote is None:
+            raise ValueError("a token counter needs a local tokenizer or the engine")
+        self.model = model
+        self.tokenizer = tokenizer
+        self._remote = remote
+        self._inline_chars = inline_chars
+
+    @property
+    def source(self) -> Literal["local", "engine"]:
+        return "local" if self.tokenizer is not None else "engine"
+
+    @classmethod
+    def for_policy(cls, model: str, policy: Policy, remote: Remote | None) -> TokenCounter:
+        """The counter a policy asks for. Raises ConfigError when `token_source: local` names
+        tokenizer files that cannot be read."""
+        tokenizer = None
+        if policy.token_source is not TokenSource.ENGINE and policy.tokenizer is not None:
+            try:
+                tokenizer = PromptTokenizer.from_dir(Path(policy.tokenizer))
+            except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception
+                if policy.token_source is TokenSource.LOCAL:
+                    raise ConfigError(f"models.{model}.tokenizer: cannot load the tokenizer in "
+                                      f"{policy.tokenizer}: {err}") from None
+            if (tokenizer is not None and not tokenizer.exact
+                    and policy.token_source is TokenSource.AUTO):
+                tokenizer = None  # counted by the engine: the local encoding may differ
+        elif policy.token_source is TokenSource.LOCAL:
+            raise ConfigError(f"models.{model}: token_source local needs a tokenizer folder")
+        return cls(model, tokenizer=tokenizer, remote=remote)
+
+    # -- the brief's primitives ----------------------------------------------------------------
+
+    async def count_chat(self, body: Mapping[str, object], *,
+                         max_model_len: int | None = None) -> int:
+        """The exact prompt tokens of a chat request (after vLLM's truncation, if asked)."""
+        return (await self.count_chat_within(body, None, max_model_len=max_model_len)).tokens
+
+    async def count_prompts(self, prompt: object, add_special_tokens: bool = True) -> list[int]:
+        """The exact tokens of each completions prompt: a string, a list of strings, a list of
+        token ids or a list of token-id lists (token ids count as their length)."""
+        body = {"prompt": prompt, "add_special_tokens": add_special_tokens}
+        counts = await self._completion(body, None, None, engine=True)
+        assert counts is not None
+        return [c.tokens for c in counts]
+
+    async def count_chat_within(self, body: Mapping[str, object], limit: int | None, *,
+                                max_model_len: int | None = None) -> PromptCount:
+        """The upper bound when it is at most `limit` (no decision can then depend on the
+        exact count), else the exact count. `limit=None` always counts exactly."""
+        count = await self._chat(body, limit, max_model_len, engine=True)
+        assert count is not None  # with engine=True there is always an answer
+        return count
+
+    async def count_completion(self, body: Mapping[str, object], *,
+                               max_model_len: int | None = None) -> list[int]:
+        counts = await self.count_completion_within(body, None, max_model_len=max_model_len)
+        return [c.tokens for c in counts]
+
+    async def count_completion_within(
+        self, body: Mapping[str, object], limit: int | None, *,
+        max_model_len: int | None = None,
+    ) -> list[PromptCount]:
+        """Per prompt of a completions request: its bound when at most `limit`, else exact."""
+        counts = await self._completion(body, limit, max_model_len, engine=True)
+        assert counts is not None
+        return counts
+
+    def upper_bound(self, text: str) -> int | None:
+        """A cheap bound on the tokens of `text` as a completion prompt; None without a local
+        tokenizer."""
+        return None if self.tokenizer is None else self.tokenizer.upper_bound(text)
+
+    # -- what gateway.generation calls ---------------------------------------------------------
+
+    async def upper_bounds(self, view: object, body: Mapping[str, object], *,
+                           max_model_len: int | None = None) -> list[int] | None:
+        """Per prompt, a count never below vLLM's, without asking the engine; None when only
+        the engine (or exact counting, which then names the client's mistake) can say."""
+        try:
+            if "messages" in body:
+                count = await self._chat(body, math.inf, max_model_len, engine=False)
+                return None if count is None else [count.tokens]
+            counts = await self._completion(body, math.inf, max_model_len, engine=False)
+        except GuardError:
+            return None
+        return None if counts is None else [c.tokens for c in counts]
+
+    async def count(self, view: object, body: Mapping[str, object], *,
+                    max_model_len: int | None = None) -> list[int]:
+        """Per prompt, vLLM's exact count (one for a chat)."""
+        if "messages" in body:
+            return [await self.count_chat(body, max_model_len=max_model_len)]
+        return await self.count_completion(body, max_model_len=max_model_len)
+
+    # -- internals -----------------------------------------------------------------------------
+    # `limit`: None counts exactly; a number returns the bound when the (truncated) bound is at
+    # most that (math.inf: always). `engine=False` answers None where only the engine can count.
+
+    async def _chat(self, body: Mapping[str, object], limit: float | None,
+                    max_model_len: int | None, *, engine: bool) -> PromptCount | None:
+        chat = _Chat.read(body)
+        keep = _truncation(chat.truncate, chat.max_output, max_model_len)
+        if self.tokenizer is not None:
+            size = (_text_size(body.get("messages"), self._inline_chars)
+                    + _text_size(body.get("tools"), self._inline_chars))
+            try:
+                count: PromptCount = await self._off_loop(
+                    size, _local_chat, self.tokenizer, chat, keep, limit)
+                return _truncated(count, keep)
+            except InvalidChat as err:
+                raise _bad_request(err) from None
+            except UnsupportedLocally as err:
+                reason = str(err)
+        else:
+            reason = "the engine counts this model"
+        if not engine:
+            return None
+        tokens = await self._ask_engine(chat.tokenize_payload(self.model), reason)
+        return _truncated(PromptCount(tokens, True, "engine"), keep)
+
+    async def _completion(self, body: Mapping[str, object], limit: float | None,
+                          max_model_len: int | None, *,
+                          engine: bool) -> list[PromptCount] | None:
+        max_output = _int_field(body, "max_tokens")
+        if body.get("max_tokens") is None:  # CompletionRequest.normalize_null_max_tokens
+            max_output = _COMPLETION_DEFAULT_MAX_TOKENS
+        keep = _truncation(_truncate_field(body), max_output or 0, max_model_len)
+        add_special_tokens = _flag(body, "add_special_tokens", True)
+        try:
+            prompts = completion_prompts(body.get("prompt"))
+        except InvalidChat as err:
+            raise _bad_request(err) from None
+        if self.tokenizer is not None:
+            size = sum(len(p) for p in prompts if isinstance(p, str))
+            counts: list[PromptCount] = await self._off_loop(
+                size, _local_prompts, self.tokenizer, prompts, add_special_tokens, keep, limit)
+        elif not engine:
+            if any(isinstance(p, str) for p in prompts):
+                return None
+            counts = [PromptCount(len(p), True, "ids") for p in prompts]
+        else:
+            counts = list(await asyncio.gather(*(
+                self._engine_prompt(p, add_special_tokens) for p in prompts)))
+        return [_truncated(c, keep) for c in counts]
+
+    async def _off_loop(self, size: int, fn: Callable[..., Any], *args: Any) -> Any:
+        if size > self._inline_chars:
+            return await asyncio.to_thread(fn, *args)
+        return fn(*args)
+
+    async def _engine_prompt(self, prompt: str | list[int],
+                             add_special_tokens: bool) -> PromptCount:
+        if isinstance(prompt, list):
+            return PromptCount(len(prompt), True, "ids")
+        tokens = await self._ask_engine({"model": self.model, "prompt": prompt,
+                                         "add_special_tokens": add_special_tokens},
+                                        "the engine counts this model")
+        return PromptCount(tokens, True, "engine")
+
+    async def _ask_engine(self, payload: dict[str, object], reason: str) -> int:
+        if self._remote is None:
+            raise BadRequest(f"This request's prompt cannot be counted by the gateway "
+                             f"({reason}) and no engine tokenizer is configured.",
+                             param="messages" if "messages" in payload else "prompt")
+        answer = await self._remote(payload)
+        count = answer.get("count")
+        if type(count) is int:
+            return count
+        error = answer.get("error")
+        detail: Mapping[str, object] = error if isinstance(error, Mapping) else answer
+        message = detail.get("message")
+        code = detail.get("code")
+        param = detail.get("param")
+        if isinstance(message, str) and code in (None, 400, "400"):
+            raise BadRequest(message, param=param if isinstance(param, str) else None)
+        raise BadGateway(f"The engine's /tokenize gave no count ({message or 'no message'}).")
+
+
+def _within(bound: int, keep: int | None, limit: float | None) -> bool:
+    return limit is not None and min(bound, keep if keep is not None else bound) <= limit
+
+
+def _local_chat(tok: PromptTokenizer, chat: _Chat, keep: int | None,
+                limit: float | None) -> PromptCount:
+    """Render once; the bound when it settles the decision, else encode."""
+    text = chat.render(tok)
+    if limit is not None:
+        bound = tok.upper_bound(text)
+        if _within(bound, keep, limit):
+            return PromptCount(bound, False, "local")
+    return PromptCount(len(tok.encode_completion(text, chat.add_special_tokens)), True, "local")
+
+
+def _local_prompts(tok: PromptTokenizer, prompts: Sequence[str | list[int]],
+                   add_special_tokens: bool, keep: int | None,
+                   limit: float | None) -> list[PromptCount]:
+    out = []
+    for prompt in prompts:
+        if isinstance(prompt, list):
+            out.append(PromptCount(len(prompt), True, "ids"))
+            continue
+        if limit is not None:
+            bound = tok.upper_bound(prompt)
+            if _within(bound, keep, limit):
+                out.append(PromptCount(bound, False, "local"))
+                continue
+        tokens = len(tok.encode_completion(prompt, add_special_tokens))
+        out.append(PromptCount(tokens, True, "local"))
+    return out
+
+
+class JsonExchange(Protocol):
+    """What the counters need of `gateway.proxy.Upstream`."""
+
+    async def json(self, method: str, path: str, payload: object | None = None, *,
+                   timeout: float) -> tuple[int, object]: ...
+
+
+class TokenCounters:
+    """The counters of all models, made on first use and remade when the policy's tokenizer
+    settings change (a config reload)."""
+
+    def __init__(self, upstream: JsonExchange | None,
+                 timeout_s: float = TOKENIZE_TIMEOUT_S) -> None:
+        self._upstream = upstream
+        self._timeout_s = timeout_s
+        self._counters: dict[str, tuple[tuple[str | None, TokenSource], TokenCounter]] = {}
+
+    def counter(self, model: str, policy: Policy) -> TokenCounter:
+        key = (policy.tokenizer, policy.token_source)
+        known = self._counters.get(model)
+        if known is not None and known[0] == key:
+            return known[1]
+        counter = TokenCounter.for_policy(model, policy, self._remote)
+        self._counters[model] = (key, counter)
+        return counter
+
+    async def _remote(self, payload: dict[str, object]) -> Mapping[str, object]:
+        if self._upstream is None:
+            raise BadGateway("No engine to count the prompt with.")
+        status, answer = await self._upstream.json("POST", "/tokenize", payload,
+                                                   timeout=self._timeout_s)
+        if not isinstance(answer, Mapping):
+            raise BadGateway(f"The engine's /tokenize answered {status} with no JSON object.")
+        if status >= 400 and "error" not in answer and "message" not in answer:
+            return {"error": {"message": f"/tokenize answered {status}", "code": status}}
+        return answer
+
+    async def close(self) -> None:
+        self._counters.clear()

@@ -1,0 +1,333 @@
+"""PromptTokenizer against vLLM itself: the same prompt token ids for every request of the corpus.
+
+The reference comes from vLLM 0.32's own request models and renderer, run once per session in
+the engine's virtual environment (tests/engine_reference.py, no engine started). These tests run
+in the gateway's environment, which has neither vLLM nor transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.tokenization import (
+    InvalidChat,
+    PromptTokenizer,
+    UnsupportedLocally,
+    completion_prompts,
+    local_chat_supported,
+)
+from tests.token_corpus import TEMPLATES_DIR, Case, cases, template
+
+ROOT = Path(__file__).resolve().parent.parent
+ENGINE_PYTHON = ROOT / ".venv-engine" / "bin" / "python"
+MODEL_DIR = ROOT / "models" / "tiny"
+MAX_MODEL_LEN = 512
+
+CORPUS = cases()
+# What the local path leaves to the engine's /tokenize, on purpose.
+EXPECTED_UNSUPPORTED = {"unsupported-image"}
+
+VARIANT_TEMPLATE = (
+    "{{- bos_token }}[eos={{ eos_token }} unk={{ unk_token }} marker={{ marker_token }}]\n"
+    "{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+VARIANT_CASES: list[Case] = [
+    {"id": "v-default", "kind": "chat", "body": {"messages": [
+        {"role": "user", "content": "hi <|marker|> <unk>"}]}},
+    {"id": "v-tools-pick-tool-use", "kind": "chat", "body": {
+        "messages": [{"role": "user", "content": "weather?"}],
+        "tools": [{"type": "function", "function": {"name": "f"}}]}},
+    {"id": "v-named-template", "kind": "chat", "body": {
+        "messages": [{"role": "user", "content": "named"}], "chat_template": "tool_use"}},
+    {"id": "v-literal-template", "kind": "chat", "body": {
+        "messages": [{"role": "user", "content": "lit"}],
+        "chat_template": "{% for m in messages %}{{ m.content }}|{% endfor %}{{ eos_token }}"}},
+    {"id": "v-cmpl-added-tokens", "kind": "completion", "body": {
+        "prompt": "x <unk><|marker|>y </s> <pad>"}},
+]
+SERVER = {"chat_template": template("features"),
+          "chat_template_kwargs": {"persona": "server persona", "enable_thinking": True}}
+SERVER_CASES: list[Case] = [
+    {"id": "s-server-template", "kind": "chat", "body": {
+        "messages": [{"role": "user", "content": "u"}]}},
+    {"id": "s-request-kwargs-win", "kind": "chat", "body": {
+        "messages": [{"role": "user", "content": "u"}],
+        "chat_template_kwargs": {"persona": "request persona"}, "reasoning_effort": "none"}},
+    {"id": "s-request-template-wins", "kind": "chat", "body": {
+        "messages": [{"role": "user", "content": "u"}],
+        "chat_template": template("vllm_chatml")}},
+]
+DETECTION_TEMPLATES = [
+    *(p.read_text(encoding="utf-8") for p in sorted(TEMPLATES_DIR.glob("*.jinja"))),
+    "{% set msgs = messages %}{% for m in msgs %}{% for c in m.content %}{{ c.text }}"
+    "{% endfor %}{% endfor %}",
+    "{% for m in messages[1:] %}{% for c in m['content'] | selectattr('type') %}{{ c }}"
+    "{% endfor %}{% endfor %}",
+    "{% for m in messages %}{% set content = m.content %}{% for c in content %}{{ c }}"
+    "{% endfor %}{% endfor %}",
+    "{% for m in messages %}{% for k, v in m.content %}{{ v }}{% endfor %}{% endfor %}",
+    "{% for i, m in messages | enumerate %}{{ m.content }}{% endfor %}",
+    "{% for m in messages %}{{ m['content'][0]['text'] }}{% endfor %}",
+    "{{ messages | tojson }}",
+    "{% for m in messages %}{% generation %}{% for p in m.content %}{{ p.text }}{% endfor %}"
+    "{% endgeneration %}{% endfor %}",
+]
+
+
+def _variant_dir(root: Path) -> Path:
+    folder = root / "variant"
+    folder.mkdir()
+    for name in ("config.json", "generation_config.json", "tokenizer.json",
+                 "model.safetensors"):
+        shutil.copy(MODEL_DIR / name, folder / name)
+    config = json.loads((MODEL_DIR / "tokenizer_config.json").read_text(encoding="utf-8"))
+    del config["chat_template"]
+    config["unk_token"] = "<unk>"  # not in the vocabulary: transformers adds it
+    config["marker_token"] = "<|marker|>"  # a model-specific special token
+    (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    # An old special_tokens_map.json overrides the config's eos token.
+    (folder / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|im_end|>"}),
+                                                    encoding="utf-8")
+    (folder / "chat_template.jinja").write_text(VARIANT_TEMPLATE, encoding="utf-8")
+    (folder / "additional_chat_templates").mkdir()
+    shutil.copy(TEMPLATES_DIR / "tools_llama_style.jinja",
+                folder / "additional_chat_templates" / "tool_use.jinja")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    if not (MODEL_DIR / ".tiny-model-complete").is_file():
+        if not ENGINE_PYTHON.is_file():
+            pytest.skip("no models/tiny and no engine environment to make it")
+        subprocess.run([str(ENGINE_PYTHON), str(ROOT / "scripts" / "make_tiny_model.py"),
+                        str(MODEL_DIR)], check=True, timeout=300)
+    return MODEL_DIR
+
+
+@pytest.fixture(scope="session")
+def variant_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _variant_dir(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def reference(model_dir: Path, variant_dir: Path) -> dict[str, Any]:
+    """vLLM's answers for the corpus, the variant model and the server defaults (one run of
+    the helper: importing vLLM takes a while)."""
+    if not ENGINE_PYTHON.is_file():
+        pytest.skip("the engine environment (.venv-engine) is not installed")
+    request = {
+        "runs": [
+            {"model_dir": str(model_dir), "cases": CORPUS},
+            {"model_dir": str(variant_dir), "cases": VARIANT_CASES},
+            {"model_dir": str(model_dir), "cases": SERVER_CASES, "server": SERVER},
+        ],
+        "templates": DETECTION_TEMPLATES,
+    }
+    done = subprocess.run(
+        [str(ENGINE_PYTHON), str(ROOT / "tests" / "engine_reference.py")],
+        input=json.dumps(request), capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    answer = json.loads(done.stdout)
+    runs = answer["runs"]
+    by_id: dict[str, Any] = {}
+    for run, run_cases in zip(runs, (CORPUS, VARIANT_CASES, SERVER_CASES), strict=True):
+        for case, result in zip(run_cases, run["results"], strict=True):
+            by_id[case["id"]] = result
+    return {"cases": by_id, "formats": answer["formats"]}
+
+
+@pytest.fixture(scope="session")
+def tok(model_dir: Path) -> PromptTokenizer:
+    return PromptTokenizer.from_dir(model_dir)
+
+
+def _local(tok: PromptTokenizer, case: Case) -> tuple[list[list[int]], str | None]:
+    """Ids per prompt as PromptTokenizer makes them (before truncation), and the chat text."""
+    body = case["body"]
+    if case["kind"] == "completion":
+        prompts = completion_prompts(body["prompt"])
+        special = body.get("add_special_tokens", True)
+        return [p if isinstance(p, list) else tok.encode_completion(p, special)
+                for p in prompts], None
+    fields = {k: body[k] for k in ("tools", "chat_template", "chat_template_kwargs",
+                                   "documents", "reasoning_effort") if k in body}
+    text = tok.render_chat(
+        body["messages"], add_generation_prompt=body.get("add_generation_prompt", True),
+        continue_final_message=body.get("continue_final_message", False), **fields)
+    ids = tok.encode_chat(
+        body["messages"], add_generation_prompt=body.get("add_generation_prompt", True),
+        continue_final_message=body.get("continue_final_message", False),
+        add_special_tokens=body.get("add_special_tokens", False), **fields)
+    return [ids], text
+
+
+def _expected_count(case: Case, ids: list[int]) -> int:
+    """vLLM's truncation: keep k tokens; -1 is the window, less one with an output limit."""
+    body = case["body"]
+    k = body.get("truncate_prompt_tokens")
+    if k is None:
+        return len(ids)
+    if k == -1:
+        # A completion's max_tokens defaults to 16, null included; a chat's to none.
+        limited = body.get("max_tokens") or (16 if case["kind"] == "completion" else None)
+        k = MAX_MODEL_LEN - 1 if limited else MAX_MODEL_LEN
+    return min(len(ids), k)
+
+
+def _check(tok: PromptTokenizer, case: Case, ref: dict[str, Any]) -> None:
+    if ref["error"] is not None:
+        with pytest.raises(InvalidChat):
+            _local(tok, case)
+        return
+    ids, text = _local(tok, case)
+    assert ref["error"] is None, f"vLLM rejects ({ref['error']}) what the local path counts"
+    if text is not None:
+        assert text == ref["prompt"]
+    if "truncate_prompt_tokens" in case["body"]:
+        assert [_expected_count(case, i) for i in ids] == [len(i) for i in ref["ids"]]
+    else:
+        assert ids == ref["ids"]
+
+
+@pytest.mark.parametrize("case", CORPUS, ids=[c["id"] for c in CORPUS])
+def test_corpus_matches_vllm(tok: PromptTokenizer, reference: dict[str, Any],
+                             case: Case) -> None:
+    """Every corpus request renders to vLLM's prompt text and tokenizes to its ids; what vLLM
+    rejects the local path rejects too, and only the expected cases are left to the engine."""
+    ref = reference["cases"][case["id"]]
+    if case["id"] in EXPECTED_UNSUPPORTED:
+        with pytest.raises(UnsupportedLocally):
+            _local(tok, case)
+        return
+    _check(tok, case, ref)
+
+
+def test_corpus_is_broad() -> None:
+    """The corpus holds at least 50 requests of both kinds, with rejections and long prompts."""
+    kinds = {c["kind"] for c in CORPUS}
+    assert len(CORPUS) >= 50
+    assert kinds == {"chat", "completion"}
+    assert sum(c["id"].startswith("bad-") for c in CORPUS) >= 5
+    assert any(c["id"].startswith("long-") for c in CORPUS)
+    assert len({c["id"] for c in CORPUS}) == len(CORPUS)
+
+
+@pytest.mark.parametrize("case", VARIANT_CASES, ids=[c["id"] for c in VARIANT_CASES])
+def test_template_files_and_special_tokens_match_vllm(
+        variant_dir: Path, reference: dict[str, Any], case: Case) -> None:
+    """chat_template.jinja, additional_chat_templates/ (tool_use picked when tools are sent,
+    a template named by the request), special_tokens_map.json and special tokens missing from
+    the vocabulary are read as transformers reads them."""
+    _check(PromptTokenizer.from_dir(variant_dir), case, reference["cases"][case["id"]])
+
+
+@pytest.mark.parametrize("case", SERVER_CASES, ids=[c["id"] for c in SERVER_CASES])
+def test_server_defaults_match_vllm(model_dir: Path, reference: dict[str, Any],
+                                    case: Case) -> None:
+    """The server's --chat-template and --default-chat-template-kwargs apply under the
+    request's own template and kwargs, as in vLLM."""
+    tok = PromptTokenizer.from_dir(model_dir, chat_template=SERVER["chat_template"],
+                                   chat_template_kwargs=SERVER["chat_template_kwargs"])
+    _check(tok, case, reference["cases"][case["id"]])
+
+
+def test_content_format_detection_matches_vllm(tok: PromptTokenizer,
+                                               reference: dict[str, Any]) -> None:
+    """The 'string' / 'openai' content format is detected from the template as vLLM does."""
+    local = [tok._compiled_template(t).content_format for t in DETECTION_TEMPLATES]
+    assert local == reference["formats"]
+    assert {"string", "openai"} <= set(local)
+
+
+def test_model_metadata(tok: PromptTokenizer) -> None:
+    """The tiny model's tokenizer is read as exact, with its named special tokens."""
+    assert tok.exact
+    assert tok.special_tokens == {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+    assert tok.encode_completion("hi")[0] == tok.encode_completion("<s>", False)[0]
+
+
+def test_model_specific_class_is_not_exact(model_dir: Path, tmp_path: Path) -> None:
+    """A tokenizer class that transformers rebuilds in code is flagged, so `auto` asks the
+    engine."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(model_dir / name, tmp_path / name)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config["tokenizer_class"] = "LlamaTokenizer"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    tok = PromptTokenizer.from_dir(tmp_path)
+    assert not tok.exact
+    assert tok.inexact_reason is not None
+    assert "LlamaTokenizer" in tok.inexact_reason
+
+
+@pytest.mark.parametrize("case", CORPUS, ids=[c["id"] for c in CORPUS])
+def test_upper_bound_is_never_below_the_count(tok: PromptTokenizer, case: Case) -> None:
+    """upper_bound of a prompt text is at least its exact token count."""
+    try:
+        _, text = _local(tok, case)
+    except (InvalidChat, UnsupportedLocally):
+        return
+    texts = [text] if text is not None else [
+        p for p in completion_prompts(case["body"]["prompt"]) if isinstance(p, str)]
+    for t in texts:
+        assert tok.upper_bound(t) >= len(tok.encode_completion(t, True))
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(max_size=300))
+def test_upper_bound_holds_for_any_text(tok: PromptTokenizer, text: str) -> None:
+    """The bound holds for arbitrary Unicode, special-token look-alikes included."""
+    for sample in (text, f"<s>{text}<|im_end|>", text * 3):
+        assert tok.upper_bound(sample) >= len(tok.encode_completion(sample, True))
+
+
+def test_decode_inverts_encode(tok: PromptTokenizer) -> None:
+    """decode gives back the text of a plain prompt, special tokens included."""
+    for text in ("Hello, wörld 🙂\n\tx", "<s>a</s>", ""):
+        assert tok.decode(tok.encode_completion(text, False)) == text
+
+
+def test_local_chat_supported_flags_what_needs_the_engine() -> None:
+    """Text-only requests are local; images and kwargs that change the call are not."""
+    text = {"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]}]}
+    image = {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}
+    kwargs = {"messages": [{"role": "user", "content": "x"}],
+              "chat_template_kwargs": {"tokenize": True}}
+    invalid = {"messages": "not a list"}
+    assert local_chat_supported(text)
+    assert not local_chat_supported(image)
+    assert not local_chat_supported(kwargs)
+    assert local_chat_supported(invalid)  # the local path can say what is wrong
+
+
+def test_invalid_chat_names_the_parameter(tok: PromptTokenizer) -> None:
+    """Malformed structures raise InvalidChat with the offending parameter."""
+    with pytest.raises(InvalidChat) as err:
+        tok.render_chat([{"role": "user", "content": 7}])
+    assert err.value.param == "messages"
+    with pytest.raises(InvalidChat) as err:
+        tok.render_chat([{"role": "user", "content": "x"}], tools=[{"function": {}}])
+    assert err.value.param == "tools"
+    with pytest.raises(InvalidChat) as err:
+        tok.render_chat([{"role": "user", "content": "x"}], reasoning_effort="extreme")
+    assert err.value.param == "reasoning_effort"
+
+
+def test_unparsable_template_is_left_to_the_engine(tok: PromptTokenizer) -> None:
+    """A template with a syntax error is the engine's to answer (vLLM fails it outside its
+    template error handling)."""
+    with pytest.raises(UnsupportedLocally):
+        tok.render_chat([{"role": "user", "content": "x"}], chat_template="{% for %}")
+

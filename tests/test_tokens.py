@@ -1,0 +1,375 @@
+"""TokenCounter: exact counts from the local tokenizer or the engine's /tokenize (a fake of it
+here), cheap bounds, vLLM's truncation, and client mistakes as BadRequest."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine.tokenization import PromptTokenizer
+from gateway.config import ConfigError, Policy, TokenSource
+from gateway.errors import BadGateway, BadRequest
+from gateway.tokens import PromptCount, TokenCounter, TokenCounters
+from tests.token_corpus import LONG, MEDIUM, cases
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL_DIR = ROOT / "models" / "tiny"
+MAX_MODEL_LEN = 512
+USER = [{"role": "user", "content": "Hello there"}]
+
+pytestmark = pytest.mark.skipif(not (MODEL_DIR / "tokenizer.json").is_file(),
+                                reason="models/tiny is not made (scripts/make_tiny_model.py)")
+
+# Chat requests of the corpus that count without truncation, rejection or the engine.
+PLAIN_CHATS = [c for c in cases() if c["kind"] == "chat" and not c["id"].startswith(
+    ("bad-", "unsupported-")) and "truncate_prompt_tokens" not in c["body"]]
+
+
+@pytest.fixture(scope="module")
+def tok() -> PromptTokenizer:
+    return PromptTokenizer.from_dir(MODEL_DIR)
+
+
+class FakeTokenize:
+    """The engine's POST /tokenize: counts with the same tokenizer, or gives a set answer.
+    Keeps every payload it was sent."""
+
+    def __init__(self, tok: PromptTokenizer, answer: Mapping[str, object] | None = None):
+        self.tok = tok
+        self.answer = answer
+        self.payloads: list[dict[str, object]] = []
+
+    async def __call__(self, payload: dict[str, object]) -> Mapping[str, object]:
+        self.payloads.append(payload)
+        if self.answer is not None:
+            return self.answer
+        if "messages" in payload:
+            kwargs: Any = payload.get("chat_template_kwargs")
+            template: Any = payload.get("chat_template")
+            ids = self.tok.encode_chat(
+                payload["messages"], add_generation_prompt=bool(payload["add_generation_prompt"]),
+                continue_final_message=bool(payload["continue_final_message"]),
+                tools=payload.get("tools"), chat_template=template,
+                chat_template_kwargs=kwargs, add_special_tokens=bool(payload["add_special_tokens"]))
+        else:
+            ids = self.tok.encode_completion(str(payload["prompt"]),
+                                             bool(payload["add_special_tokens"]))
+        return {"count": len(ids), "max_model_len": MAX_MODEL_LEN, "tokens": ids}
+
+
+def local(tok: PromptTokenizer, remote: FakeTokenize | None = None) -> TokenCounter:
+    return TokenCounter("tiny", tokenizer=tok, remote=remote)
+
+
+def engine(tok: PromptTokenizer, answer: Mapping[str, object] | None = None
+           ) -> tuple[TokenCounter, FakeTokenize]:
+    fake = FakeTokenize(tok, answer)
+    return TokenCounter("tiny", tokenizer=None, remote=fake), fake
+
+
+def _chat_ids(tok: PromptTokenizer, body: Mapping[str, Any]) -> list[int]:
+    kwargs = dict(body.get("chat_template_kwargs") or {})
+    if body.get("documents") is not None:
+        kwargs["documents"] = body["documents"]
+    return tok.encode_chat(
+        body["messages"], add_generation_prompt=body.get("add_generation_prompt", True),
+        continue_final_message=body.get("continue_final_message", False),
+        tools=body.get("tools"), chat_template=body.get("chat_template"),
+        chat_template_kwargs=kwargs, add_special_tokens=body.get("add_special_tokens", False),
+        reasoning_effort=body.get("reasoning_effort"))
+
+
+@pytest.mark.parametrize("case", PLAIN_CHATS, ids=[c["id"] for c in PLAIN_CHATS])
+async def test_local_and_engine_sources_agree(tok: PromptTokenizer, case: dict[str, Any]) -> None:
+    """Both sources give PromptTokenizer's count for every plain chat of the corpus; the
+    /tokenize payload carries documents and reasoning_effort as template kwargs."""
+    expected = len(_chat_ids(tok, case["body"]))
+    assert await local(tok).count_chat(case["body"]) == expected
+    counter, fake = engine(tok)
+    assert await counter.count_chat(case["body"]) == expected
+    assert fake.payloads[0]["model"] == "tiny"
+
+
+async def test_completion_prompt_shapes(tok: PromptTokenizer) -> None:
+    """A string, strings, token ids and token-id lists are counted prompt by prompt; token ids
+    count as their length and never go to the engine."""
+    shapes: list[tuple[object, list[int]]] = [
+        ("Once upon a time", [len(tok.encode_completion("Once upon a time"))]),
+        (["a b", "c"], [len(tok.encode_completion("a b")), len(tok.encode_completion("c"))]),
+        ([5, 6, 7], [3]),
+        ([[1, 2], [3], []], [2, 1, 0]),
+    ]
+    for prompt, expected in shapes:
+        assert await local(tok).count_prompts(prompt) == expected
+        counter, fake = engine(tok)
+        assert await counter.count_prompts(prompt) == expected
+        strings = [prompt] if isinstance(prompt, str) else [p for p in prompt
+                                                            if isinstance(p, str)]
+        assert [p["prompt"] for p in fake.payloads] == strings
+    no_bos = await local(tok).count_prompts("Once upon a time", add_special_tokens=False)
+    assert no_bos == [len(tok.encode_completion("Once upon a time")) - 1]
+
+
+@pytest.mark.parametrize(("body", "max_model_len", "expected"), [
+    ({"messages": [{"role": "user", "content": MEDIUM}], "truncate_prompt_tokens": 7}, None, 7),
+    ({"messages": [{"role": "user", "content": LONG}], "truncate_prompt_tokens": -1}, 512, 512),
+    ({"messages": [{"role": "user", "content": LONG}], "truncate_prompt_tokens": -1,
+      "max_tokens": 10}, 512, 511),
+    ({"prompt": LONG, "truncate_prompt_tokens": -1}, 512, 511),
+    ({"prompt": LONG, "truncate_prompt_tokens": -1, "max_tokens": None}, 512, 511),
+    ({"prompt": [[1, 2, 3, 4], [5]], "truncate_prompt_tokens": 2}, 512, 2),
+    ({"prompt": "short", "truncate_prompt_tokens": 100}, 512, None),
+], ids=["chat-k", "chat-minus-one", "chat-minus-one-limited", "cmpl-minus-one",
+        "cmpl-null-max-tokens", "cmpl-ids", "cmpl-k-above-count"])
+async def test_truncation_is_reflected(tok: PromptTokenizer, body: dict[str, Any],
+                                       max_model_len: int | None, expected: int | None) -> None:
+    """truncate_prompt_tokens: k keeps k tokens; -1 keeps the window (less one when the request
+    has an output limit, as vLLM's max_truncation_tokens)."""
+    counter = local(tok)
+    counts = await counter.count(None, body, max_model_len=max_model_len)
+    if expected is None:
+        assert counts == [len(tok.encode_completion("short"))]
+    else:
+        assert max(counts) == expected
+
+
+async def test_truncation_errors_and_unknown_window(tok: PromptTokenizer) -> None:
+    """k over the window is vLLM's 400; -1 with the window unknown leaves the count whole."""
+    body = {"messages": [{"role": "user", "content": LONG}], "truncate_prompt_tokens": 600}
+    with pytest.raises(BadRequest) as err:
+        await local(tok).count_chat(body, max_model_len=MAX_MODEL_LEN)
+    assert err.value.param == "truncate_prompt_tokens"
+    whole = await local(tok).count_chat({"messages": body["messages"]})
+    minus_one = {"messages": body["messages"], "truncate_prompt_tokens": -1}
+    assert await local(tok).count_chat(minus_one) == whole
+
+
+@pytest.mark.parametrize("case", cases(), ids=[c["id"] for c in cases()])
+async def test_bounds_are_never_below_exact_counts(tok: PromptTokenizer,
+                                                   case: dict[str, Any]) -> None:
+    """upper_bounds is at least count for every request of the corpus it can bound."""
+    counter = local(tok, FakeTokenize(tok, {"count": 1}))
+    bounds = await counter.upper_bounds(None, case["body"], max_model_len=MAX_MODEL_LEN)
+    try:
+        exact = await counter.count(None, case["body"], max_model_len=MAX_MODEL_LEN)
+    except BadRequest:
+        assert bounds is None
+        return
+    if bounds is not None:
+        assert len(bounds) == len(exact)
+        assert all(b >= e for b, e in zip(bounds, exact, strict=True))
+
+
+async def test_within_counts_exactly_only_when_the_bound_could_matter(
+        tok: PromptTokenizer) -> None:
+    """count_*_within answers with the bound when it is at most the limit, else exactly."""
+    body = {"messages": USER}
+    exact = await local(tok).count_chat(body)
+    loose = await local(tok).count_chat_within(body, 10_000)
+    assert loose == PromptCount(loose.tokens, False, "local")
+    assert loose.tokens >= exact
+    assert await local(tok).count_chat_within(body, 1) == PromptCount(exact, True, "local")
+    counts = await local(tok).count_completion_within({"prompt": ["a", LONG]}, 100)
+    assert [c.exact for c in counts] == [False, True]
+    ids = await local(tok).count_completion_within({"prompt": [[1, 2]]}, 100)
+    assert ids == [PromptCount(2, True, "ids")]
+
+
+BAD_BODIES: list[tuple[dict[str, Any], str]] = [
+    ({"messages": "hi"}, "messages"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages"),
+    ({"messages": [{"content": "x"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 1}]}]}, "messages"),
+    ({"messages": [{"role": "user", "content": [7]}]}, "messages"),
+    ({"messages": []}, "messages"),
+    ({"messages": USER, "tools": [{"function": {}}]}, "tools"),
+    ({"messages": USER, "tools": {"a": 1}}, "tools"),
+    ({"messages": USER, "add_generation_prompt": "maybe"}, "add_generation_prompt"),
+    ({"messages": USER, "add_special_tokens": None}, "add_special_tokens"),
+    ({"messages": USER, "continue_final_message": True}, "messages"),
+    ({"messages": USER, "truncate_prompt_tokens": -3}, "truncate_prompt_tokens"),
+    ({"messages": USER, "truncate_prompt_tokens": "x"}, "truncate_prompt_tokens"),
+    ({"messages": USER, "chat_template": 5}, "chat_template"),
+    ({"messages": USER, "chat_template_kwargs": [1]}, "chat_template_kwargs"),
+    ({"messages": USER, "documents": [1]}, "documents"),
+    ({"messages": USER, "reasoning_effort": "extreme"}, "reasoning_effort"),
+    ({"messages": USER, "chat_template": "{{ raise_exception('no') }}"}, "messages"),
+    ({"prompt": []}, "prompt"),
+    ({"prompt": None}, "prompt"),
+    ({"prompt": [1, "a"]}, "prompt"),
+    ({"prompt": [1, -1]}, "prompt"),
+    ({"prompt": [[1], "a"]}, "prompt"),
+    ({"prompt": "x", "add_special_tokens": 2}, "add_special_tokens"),
+]
+
+
+@pytest.mark.parametrize(("body", "param"), BAD_BODIES,
+                         ids=[f"{i}-{p}" for i, (_, p) in enumerate(BAD_BODIES)])
+async def test_malformed_bodies_are_bad_requests(tok: PromptTokenizer, body: dict[str, Any],
+                                                 param: str) -> None:
+    """Malformed structures become BadRequest naming the parameter, never another error; the
+    bounds step says nothing and leaves the message to the exact count."""
+    counter = local(tok, FakeTokenize(tok, {"count": 1}))
+    with pytest.raises(BadRequest) as err:
+        await counter.count(None, body, max_model_len=MAX_MODEL_LEN)
+    assert err.value.param == param
+    assert err.value.message
+    assert await counter.upper_bounds(None, body) is None
+
+
+async def test_what_the_local_path_cannot_count_goes_to_the_engine(tok: PromptTokenizer) -> None:
+    """An image part is counted by the engine even with a local tokenizer; with no engine to
+    ask it is a BadRequest that says why."""
+    body = {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is it?"},
+        {"type": "image_url", "image_url": {"url": "http://example.com/cat.png"}}]}],
+        "documents": [{"title": "t", "text": "x"}], "reasoning_effort": "low"}
+    fake = FakeTokenize(tok, {"count": 42, "max_model_len": MAX_MODEL_LEN})
+    counter = local(tok, fake)
+    assert await counter.upper_bounds(None, body) is None
+    assert await counter.count_chat(body) == 42
+    assert fake.payloads[0]["chat_template_kwargs"] == {
+        "documents": [{"title": "t", "text": "x"}], "reasoning_effort": "low",
+        "enable_thinking": True}
+    with pytest.raises(BadRequest, match="cannot be counted"):
+        await local(tok).count_chat(body)
+
+
+@pytest.mark.parametrize(("answer", "error", "param"), [
+    ({"error": {"message": "bad chat", "type": "BadRequestError", "param": "messages",
+                "code": 400}}, BadRequest, "messages"),
+    ({"object": "error", "message": "old style", "type": "BadRequestError", "code": 400},
+     BadRequest, None),
+    ({"error": {"message": "boom", "type": "InternalServerError", "code": 500}},
+     BadGateway, None),
+    ({"tokens": []}, BadGateway, None),
+    ({"count": "12"}, BadGateway, None),
+])
+async def test_engine_answers_without_a_count(tok: PromptTokenizer, answer: dict[str, Any],
+                                              error: type[Exception], param: str | None) -> None:
+    """An engine 400 is the client's BadRequest with the engine's message; anything else
+    without a count is a BadGateway."""
+    counter, _ = engine(tok, answer)
+    with pytest.raises(error) as err:
+        await counter.count_chat({"messages": USER})
+    if isinstance(err.value, BadRequest):
+        assert err.value.param == param
+
+
+async def test_engine_source_bounds(tok: PromptTokenizer) -> None:
+    """Without a local tokenizer only token-id prompts have a bound, and the engine is not
+    asked for one."""
+    counter, fake = engine(tok)
+    assert await counter.upper_bounds(None, {"messages": USER}) is None
+    assert await counter.upper_bounds(None, {"prompt": [[1, 2], [3]]}) == [2, 1]
+    assert await counter.upper_bounds(None, {"prompt": ["text", [1]]}) is None
+    assert fake.payloads == []
+
+
+class ThreadRecordingTokenizer(PromptTokenizer):
+    """The real tokenizer, noting the thread each encoding runs in."""
+
+    threads: list[int]
+
+    def encode_completion(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
+        self.threads.append(threading.get_ident())
+        return super().encode_completion(prompt, add_special_tokens)
+
+
+async def test_long_texts_are_counted_off_the_event_loop() -> None:
+    """Short requests count inline; long ones in a worker thread, with the same result."""
+    tok = ThreadRecordingTokenizer.from_dir(MODEL_DIR)
+    tok.threads = []
+    counter = TokenCounter("tiny", tokenizer=tok, remote=None, inline_chars=1000)
+    loop_thread = threading.get_ident()
+    await counter.count_chat({"messages": USER})
+    await counter.count_prompts("short")
+    assert tok.threads == [loop_thread, loop_thread]
+    long_chat = await counter.count_chat({"messages": [{"role": "user", "content": LONG}]})
+    await counter.count_prompts(["x", LONG])
+    assert loop_thread not in tok.threads[2:]
+    assert long_chat == len(_chat_ids(tok, {"messages": [{"role": "user", "content": LONG}]}))
+
+
+def _inexact_dir(tmp_path: Path) -> Path:
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(MODEL_DIR / name, tmp_path / name)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config["tokenizer_class"] = "LlamaTokenizer"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return tmp_path
+
+
+@pytest.mark.parametrize(("source", "folder", "expected"), [
+    (TokenSource.AUTO, "tiny", "local"),
+    (TokenSource.AUTO, "missing", "engine"),
+    (TokenSource.AUTO, None, "engine"),
+    (TokenSource.AUTO, "inexact", "engine"),
+    (TokenSource.LOCAL, "tiny", "local"),
+    (TokenSource.LOCAL, "inexact", "local"),
+    (TokenSource.LOCAL, "missing", ConfigError),
+    (TokenSource.LOCAL, None, ConfigError),
+    (TokenSource.ENGINE, "tiny", "engine"),
+])
+def test_source_follows_the_policy(tmp_path: Path, source: TokenSource, folder: str | None,
+                                   expected: str | type[Exception]) -> None:
+    """auto: local when the files load and their encoding is tokenizer.json alone, else the
+    engine; local: the files or a ConfigError; engine: always the engine."""
+    paths = {"tiny": str(MODEL_DIR), "missing": str(tmp_path / "nope"),
+             "inexact": str(_inexact_dir(tmp_path)), None: None}
+    policy = Policy(tokenizer=paths[folder], token_source=source)
+    fake = FakeTokenize(PromptTokenizer.from_dir(MODEL_DIR))
+    if isinstance(expected, str):
+        assert TokenCounter.for_policy("tiny", policy, fake).source == expected
+    else:
+        with pytest.raises(expected):
+            TokenCounter.for_policy("tiny", policy, fake)
+
+
+class FakeUpstream:
+    """gateway.proxy.Upstream's JSON exchange, answering /tokenize with set replies."""
+
+    def __init__(self, status: int, answer: object) -> None:
+        self.status, self.answer = status, answer
+        self.calls: list[tuple[str, str, object]] = []
+
+    async def json(self, method: str, path: str, payload: object | None = None, *,
+                   timeout: float) -> tuple[int, object]:
+        self.calls.append((method, path, payload))
+        return self.status, self.answer
+
+
+async def test_counters_are_per_model_and_follow_reloads() -> None:
+    """One counter per model, kept while its tokenizer settings stay, remade when they change;
+    the engine source goes through the upstream's /tokenize."""
+    upstream = FakeUpstream(200, {"count": 9, "max_model_len": MAX_MODEL_LEN})
+    counters = TokenCounters(upstream)
+    local_policy = Policy(tokenizer=str(MODEL_DIR))
+    first = counters.counter("tiny", local_policy)
+    assert counters.counter("tiny", local_policy) is first
+    assert first.source == "local"
+    remote = counters.counter("tiny", Policy(token_source=TokenSource.ENGINE))
+    assert remote is not first
+    assert await remote.count_chat({"messages": USER}) == 9
+    assert upstream.calls[0][:2] == ("POST", "/tokenize")
+    await counters.close()
+
+
+@pytest.mark.parametrize(("status", "answer", "error"), [
+    (400, {"error": {"message": "nope", "param": "messages", "code": 400}}, BadRequest),
+    (404, {"detail": "Not Found"}, BadGateway),
+    (500, ["not", "an", "object"], BadGateway),
+])
+async def test_counters_map_engine_failures(status: int, answer: object,
+                                            error: type[Exception]) -> None:
+    """A /tokenize 400 is the client's; a missing route or a strange answer is a BadGateway."""
+    counters = TokenCounters(FakeUpstream(status, answer))
+    counter = counters.counter("tiny", Policy(token_source=TokenSource.ENGINE))
+    with pytest.raises(error):
+        await counter.count_prompts("hello")
