@@ -353,29 +353,28 @@ def _text_parts(role: str, content: object, where: str) -> list[tuple[str, dict[
     out: list[tuple[str, dict[str, object]]] = []
     for j, part in enumerate(parts):
         if isinstance(part, str):
-            out.append((part, {}))
-            continue
-        if not isinstance(part, dict):
+            kind, text, extra = "text", part, {}
+        elif isinstance(part, dict):
+            given = part.get("type")
+            if not isinstance(given, str) or given not in _TEXT_PART_FIELDS \
+                    or any(key in part for key in _MEDIA_PART_KEYS):
+                raise UnsupportedLocally(f"{where}.content[{j}]: a {given!r} part")
+            kind = given
+            value = part.get(_TEXT_PART_FIELDS[kind])
+            if value is None:
+                raise UnsupportedLocally(f"{where}.content[{j}]: a text part without text")
+            if not isinstance(value, str):
+                raise InvalidChat(f"{where}.content[{j}] text must be a string", "messages")
+            text = value
+            extra = {k: v for k, v in part.items() if k not in _KNOWN_PART_FIELDS}
+        else:
             raise InvalidChat(f"{where}.content[{j}] must be an object", "messages")
-        kind = part.get("type")
-        if not isinstance(kind, str) or kind not in _TEXT_PART_FIELDS \
-                or any(key in part for key in _MEDIA_PART_KEYS):
-            raise UnsupportedLocally(f"{where}.content[{j}]: a {kind!r} part")
-        text = part.get(_TEXT_PART_FIELDS[kind])
-        if text is None:
-            raise UnsupportedLocally(f"{where}.content[{j}]: a text part without text")
-        if not isinstance(text, str):
-            raise InvalidChat(f"{where}.content[{j}] text must be a string", "messages")
-        out.append((text, {k: v for k, v in part.items() if k not in _KNOWN_PART_FIELDS}))
-    if role == "system":  # _strip_claude_code_billing_header
-        stripped = []
-        for text, extra in out:
-            if text.startswith(_BILLING_HEADER):
-                text = text.partition("\n")[2]
-                if not text:
-                    continue
-            stripped.append((text, extra))
-        out = stripped
+        # _strip_claude_code_billing_header: system text parts drop that first line.
+        if role == "system" and kind == "text" and text.startswith(_BILLING_HEADER):
+            text = text.partition("\n")[2]
+            if not text:
+                continue
+        out.append((text, extra))
     return out
 
 
@@ -687,13 +686,15 @@ class PromptTokenizer:
     def upper_bound(self, text: str) -> int:
         """A cheap count that is never below `len(encode_completion(text, True))`.
 
-        Every token of a byte-level BPE covers at least one byte of the UTF-8 text, and a
-        special token matched in the text covers several; so the tokens of a byte-level
-        tokenizer without a normalizer number at most the UTF-8 length, plus what the
-        post-processor adds (BOS). Other tokenizers (SentencePiece-style, a normalizer, a prefix
-        space) may add one marker per section of text between special tokens, and byte fallback
-        spends one token per byte: twice the UTF-8 length of the normalized text, plus one,
-        bounds them. Counting bytes is linear and far cheaper than BPE.
+        Why it is a bound: a byte-level BPE maps each UTF-8 byte to one symbol and merges only
+        join symbols, so each token covers at least one byte; an added (special) token matched
+        in the text covers at least one byte too. The tokens of a byte-level tokenizer without
+        a normalizer or prefix space are therefore at most the UTF-8 length, plus what the
+        post-processor adds (BOS). Any other tokenizer is bounded after its normalizer (which
+        may lengthen text) by twice the UTF-8 length plus one: byte fallback spends at most one
+        token per byte, and a prefix marker (Metaspace, add_prefix_space) is added at most
+        once per section of text between added tokens, each of which is at least one byte.
+        Counting bytes is linear and far cheaper than BPE.
         """
         if self._bound_normalize and self._tok.normalizer is not None:
             text = str(self._tok.normalizer.normalize_str(text))

@@ -206,6 +206,21 @@ def _text_size(value: object, limit: int) -> int:
     return total
 
 
+def _read_completion(body: Mapping[str, object], max_model_len: int | None
+                     ) -> tuple[Sequence[str | list[int]], bool, int | None]:
+    """A completions request's prompts, add_special_tokens, and how many tokens vLLM keeps."""
+    max_output = _int_field(body, "max_tokens")
+    if body.get("max_tokens") is None:  # CompletionRequest.normalize_null_max_tokens
+        max_output = _COMPLETION_DEFAULT_MAX_TOKENS
+    keep = _truncation(_truncate_field(body), max_output or 0, max_model_len)
+    add_special_tokens = _flag(body, "add_special_tokens", True)
+    try:
+        prompts = completion_prompts(body.get("prompt"))
+    except InvalidChat as err:
+        raise _bad_request(err) from None
+    return prompts, add_special_tokens, keep
+
+
 def _bad_request(err: InvalidChat) -> BadRequest:
     return BadRequest(err.message, param=err.param or "messages")
 
@@ -245,7 +260,7 @@ class TokenCounter:
             raise ConfigError(f"models.{model}: token_source local needs a tokenizer folder")
         return cls(model, tokenizer=tokenizer, remote=remote)
 
-    # -- the brief's primitives ----------------------------------------------------------------
+    # -- counting ------------------------------------------------------------------------------
 
     async def count_chat(self, body: Mapping[str, object], *,
                          max_model_len: int | None = None) -> int:
@@ -256,17 +271,19 @@ class TokenCounter:
         """The exact tokens of each completions prompt: a string, a list of strings, a list of
         token ids or a list of token-id lists (token ids count as their length)."""
         body = {"prompt": prompt, "add_special_tokens": add_special_tokens}
-        counts = await self._completion(body, None, None, engine=True)
-        assert counts is not None
-        return [c.tokens for c in counts]
+        return [c.tokens for c in await self.count_completion_within(body, None)]
 
     async def count_chat_within(self, body: Mapping[str, object], limit: int | None, *,
                                 max_model_len: int | None = None) -> PromptCount:
         """The upper bound when it is at most `limit` (no decision can then depend on the
         exact count), else the exact count. `limit=None` always counts exactly."""
-        count = await self._chat(body, limit, max_model_len, engine=True)
-        assert count is not None  # with engine=True there is always an answer
-        return count
+        chat = _Chat.read(body)
+        keep = _truncation(chat.truncate, chat.max_output, max_model_len)
+        local = await self._chat_local(chat, body, keep, limit)
+        if isinstance(local, PromptCount):
+            return local
+        tokens = await self._ask_engine(chat.tokenize_payload(self.model), local)
+        return _truncated(PromptCount(tokens, True, "engine"), keep)
 
     async def count_completion(self, body: Mapping[str, object], *,
                                max_model_len: int | None = None) -> list[int]:
@@ -278,9 +295,13 @@ class TokenCounter:
         max_model_len: int | None = None,
     ) -> list[PromptCount]:
         """Per prompt of a completions request: its bound when at most `limit`, else exact."""
-        counts = await self._completion(body, limit, max_model_len, engine=True)
-        assert counts is not None
-        return counts
+        prompts, add_special_tokens, keep = _read_completion(body, max_model_len)
+        local = await self._prompts_local(prompts, add_special_tokens, keep, limit)
+        if local is not None:
+            return local
+        counts = await asyncio.gather(*(
+            self._engine_prompt(p, add_special_tokens) for p in prompts))
+        return [_truncated(c, keep) for c in counts]
 
     def upper_bound(self, text: str) -> int | None:
         """A cheap bound on the tokens of `text` as a completion prompt; None without a local
@@ -295,9 +316,12 @@ class TokenCounter:
         the engine (or exact counting, which then names the client's mistake) can say."""
         try:
             if "messages" in body:
-                count = await self._chat(body, math.inf, max_model_len, engine=False)
-                return None if count is None else [count.tokens]
-            counts = await self._completion(body, math.inf, max_model_len, engine=False)
+                chat = _Chat.read(body)
+                keep = _truncation(chat.truncate, chat.max_output, max_model_len)
+                local = await self._chat_local(chat, body, keep, math.inf)
+                return [local.tokens] if isinstance(local, PromptCount) else None
+            prompts, add_special_tokens, keep = _read_completion(body, max_model_len)
+            counts = await self._prompts_local(prompts, add_special_tokens, keep, math.inf)
         except GuardError:
             return None
         return None if counts is None else [c.tokens for c in counts]
@@ -311,53 +335,35 @@ class TokenCounter:
 
     # -- internals -----------------------------------------------------------------------------
     # `limit`: None counts exactly; a number returns the bound when the (truncated) bound is at
-    # most that (math.inf: always). `engine=False` answers None where only the engine can count.
+    # most that (math.inf: always).
 
-    async def _chat(self, body: Mapping[str, object], limit: float | None,
-                    max_model_len: int | None, *, engine: bool) -> PromptCount | None:
-        chat = _Chat.read(body)
-        keep = _truncation(chat.truncate, chat.max_output, max_model_len)
-        if self.tokenizer is not None:
-            size = (_text_size(body.get("messages"), self._inline_chars)
-                    + _text_size(body.get("tools"), self._inline_chars))
-            try:
-                count: PromptCount = await self._off_loop(
-                    size, _local_chat, self.tokenizer, chat, keep, limit)
-                return _truncated(count, keep)
-            except InvalidChat as err:
-                raise _bad_request(err) from None
-            except UnsupportedLocally as err:
-                reason = str(err)
-        else:
-            reason = "the engine counts this model"
-        if not engine:
-            return None
-        tokens = await self._ask_engine(chat.tokenize_payload(self.model), reason)
-        return _truncated(PromptCount(tokens, True, "engine"), keep)
-
-    async def _completion(self, body: Mapping[str, object], limit: float | None,
-                          max_model_len: int | None, *,
-                          engine: bool) -> list[PromptCount] | None:
-        max_output = _int_field(body, "max_tokens")
-        if body.get("max_tokens") is None:  # CompletionRequest.normalize_null_max_tokens
-            max_output = _COMPLETION_DEFAULT_MAX_TOKENS
-        keep = _truncation(_truncate_field(body), max_output or 0, max_model_len)
-        add_special_tokens = _flag(body, "add_special_tokens", True)
+    async def _chat_local(self, chat: _Chat, body: Mapping[str, object], keep: int | None,
+                          limit: float | None) -> PromptCount | str:
+        """The count made here, or why the engine must make it."""
+        if self.tokenizer is None:
+            return "the engine counts this model"
+        size = (_text_size(body.get("messages"), self._inline_chars)
+                + _text_size(body.get("tools"), self._inline_chars))
         try:
-            prompts = completion_prompts(body.get("prompt"))
+            count: PromptCount = await self._off_loop(
+                size, _local_chat, self.tokenizer, chat, keep, limit)
         except InvalidChat as err:
             raise _bad_request(err) from None
+        except UnsupportedLocally as err:
+            return str(err)
+        return _truncated(count, keep)
+
+    async def _prompts_local(self, prompts: Sequence[str | list[int]], add_special_tokens: bool,
+                             keep: int | None, limit: float | None) -> list[PromptCount] | None:
+        """The counts made here; None when a text prompt needs the engine."""
         if self.tokenizer is not None:
             size = sum(len(p) for p in prompts if isinstance(p, str))
             counts: list[PromptCount] = await self._off_loop(
                 size, _local_prompts, self.tokenizer, prompts, add_special_tokens, keep, limit)
-        elif not engine:
-            if any(isinstance(p, str) for p in prompts):
-                return None
-            counts = [PromptCount(len(p), True, "ids") for p in prompts]
+        elif any(isinstance(p, str) for p in prompts):
+            return None
         else:
-            counts = list(await asyncio.gather(*(
-                self._engine_prompt(p, add_special_tokens) for p in prompts)))
+            counts = [PromptCount(len(p), True, "ids") for p in prompts]
         return [_truncated(c, keep) for c in counts]
 
     async def _off_loop(self, size: int, fn: Callable[..., Any], *args: Any) -> Any:

@@ -96,9 +96,10 @@ def start_engine(log_path: Path, *extra: str, timeout: float = 420.0) -> tuple[
     """Start a real vLLM on a free port and wait until it really generated one token."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = log_path.open("wb")
-    proc = subprocess.Popen(engine_argv(port, *extra), stdout=log, stderr=subprocess.STDOUT,
-                            env=engine_env(), start_new_session=True)
+    with log_path.open("wb") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen(engine_argv(port, *extra), stdout=log,
+                                stderr=subprocess.STDOUT, env=engine_env(),
+                                start_new_session=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -1,14 +1,20 @@
 """Requests whose prompt token counts the gateway must get exactly as vLLM does.
 
-`cases()` is a list of {"id": str, "kind": "chat" | "completion", "body": {...}}. Each body is a
-request body for `/v1/chat/completions` or `/v1/completions` without "model" (add the served
-name). Bodies with "chat_template" need the engine started with `--trust-request-chat-template`;
-bodies whose id starts with "long-" have prompts longer than the tiny model's 512-token window
-(count them with /tokenize; a generation request is rejected). Ids starting with "bad-" are
-requests vLLM rejects with 400.
+`from tests.token_corpus import cases`: a list of {"id": str, "kind": "chat" | "completion",
+"body": {...}}. Each body is a request body for `/v1/chat/completions` or `/v1/completions`
+without "model" (add the served name). Ids say what to expect:
 
-The lead's parity test against a running engine and tests/test_tokenization.py (against vLLM's
-renderer, offline) iterate over the same list.
+- "bad-...": vLLM answers 400; "unsupported-...": only the engine can count it (an image part);
+- "long-...": the prompt is longer than the tiny model's 512-token window: count it with
+  /tokenize (a generation request is rejected);
+- bodies with "chat_template" need the engine started with `--trust-request-chat-template`.
+
+/tokenize has no `documents`, `reasoning_effort` or `truncate_prompt_tokens`: to count such a
+body there, move the first two into `chat_template_kwargs` (as `gateway.tokens` does, see
+`_Chat.tokenize_payload`) and apply the truncation yourself (min(count, k)); or compare with
+`usage.prompt_tokens` of a generation.
+
+tests/test_tokenization.py checks every case against vLLM's renderer, offline.
 """
 
 from __future__ import annotations
@@ -124,6 +130,10 @@ def _model_template_cases() -> list[Case]:
         _chat("default-billing-header", [{"role": "system", "content":
                                           "x-anthropic-billing-header: cch=123\nReal system."},
                                          {"role": "user", "content": "u"}]),
+        _chat("default-billing-header-parts", [{"role": "system", "content": [
+            {"type": "text", "text": "x-anthropic-billing-header: a\nkept"},
+            {"type": "input_text", "text": "x-anthropic-billing-header: b\nnot stripped"},
+            "x-anthropic-billing-header: c"]}, {"role": "user", "content": "u"}]),
         _chat("default-kwargs-documents-effort", _user("u"),
               chat_template_kwargs={"unused": True}, documents=[{"title": "t", "text": "x"}],
               reasoning_effort="low"),
