@@ -196,15 +196,13 @@ class Gate:
                 remaining = deadline - self._clock()
                 if remaining <= 0:
                     return False
-                event = self._changed
-                waiters: set[asyncio.Future[object]] = {asyncio.ensure_future(event.wait())}
+                changed = asyncio.ensure_future(self._changed.wait())
+                waiters: list[asyncio.Future[bool]] = [changed]
                 if not probe.done():
-                    waiters.add(probe)  # type: ignore[arg-type]
-                done, pending = await asyncio.wait(waiters, timeout=min(remaining, 0.5),
-                                                   return_when=asyncio.FIRST_COMPLETED)
-                for fut in pending:
-                    if fut is not probe:
-                        fut.cancel()
+                    waiters.append(probe)
+                await asyncio.wait(waiters, timeout=min(remaining, 0.5),
+                                   return_when=asyncio.FIRST_COMPLETED)
+                changed.cancel()
             return True
         finally:
             if not probe.done():
