@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 from engine.settings import EngineConfig
 from engine.supervisor import EngineSupervisor, StateChange
@@ -197,7 +198,7 @@ class Gate:
                 if remaining <= 0:
                     return False
                 changed = asyncio.ensure_future(self._changed.wait())
-                waiters: list[asyncio.Future[bool]] = [changed]
+                waiters: list[asyncio.Future[Any]] = [changed]
                 if not probe.done():
                     waiters.append(probe)
                 await asyncio.wait(waiters, timeout=min(remaining, 0.5),
