@@ -1,0 +1,259 @@
+"""Failure isolation end to end: the gateway supervising the emulator, which fails on demand."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+from engine.supervisor import StateChange
+from gateway.keys import ADMIN_APP, SUPERVISOR
+from tests.conftest import MODEL_DIR, free_port, gateway_config
+
+POISON = "POISON-7f3a"
+HANG = "HANG-91c2"
+
+
+def _engine_section(port: int, *flags: str, **timings: Any) -> dict[str, Any]:
+    return {
+        "url": f"http://127.0.0.1:{port}",
+        "command": [sys.executable, "-m", "engine.emulator", "--port", str(port),
+                    "--served-model-name", "tiny", "--max-model-len", "512",
+                    "--tokenizer", str(MODEL_DIR), *flags],
+        "probe_interval_s": 0.5, "startup_probe_interval_s": 0.1, "probe_timeout_s": 2,
+        "health_failures": 2, "restart_backoff_s": 0.1, "restart_backoff_max_s": 0.5,
+        "stop_grace_s": 2, "wedge_timeout_s": 2, "wedge_check_interval_s": 0.25,
+        "max_restarts": 10, **timings,
+    }
+
+
+def _config(*flags: str, isolation: dict[str, Any] | None = None,
+            policy: dict[str, Any] | None = None, **timings: Any) -> Any:
+    port = free_port()
+    config = gateway_config(
+        f"http://127.0.0.1:{port}",
+        engine=_engine_section(port, *flags, **timings),
+        admin={"enabled": True, "port": free_port()},
+        models={"tiny": {"tokenizer": str(MODEL_DIR), "token_source": "local",
+                         "deadline_s": 90, **(policy or {})}},
+        isolation={"probation_timeout_s": 20, "queue_timeout_s": 60, "queue_max": 512,
+                   **(isolation or {})},
+    )
+    return config
+
+
+class Deaths:
+    """Counts engine failures (READY → anything else) seen by the supervisor."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, change: StateChange) -> None:
+        if change.old.value == "ready" and change.new.value in {"failed", "given_up"}:
+            self.count += 1
+
+
+async def _start(gateway_server: Any, config: Any) -> tuple[TestServer, Deaths, str]:
+    server: TestServer = await gateway_server(config, timeout=60)
+    deaths = Deaths()
+    server.app[SUPERVISOR].subscribe(deaths)
+    return server, deaths, str(server.make_url("")).rstrip("/")
+
+
+def _chat(content: str, *, max_tokens: int | None = 8, stream: bool = False) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": "tiny", "temperature": 0,
+                            "messages": [{"role": "user", "content": content}]}
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    if stream:
+        body["stream"] = True
+    return body
+
+
+async def _send(session: aiohttp.ClientSession, base: str, body: dict[str, Any],
+                timeout: float = 120) -> dict[str, Any]:
+    """One request; for a stream, the text it assembled and whether it ended in an error."""
+    async with asyncio.timeout(timeout), session.post(
+            base + "/v1/chat/completions", json=body) as resp:
+        out: dict[str, Any] = {"status": resp.status, "headers": resp.headers}
+        if resp.content_type != "text/event-stream":
+            out["json"] = await resp.json()
+            return out
+        text, error, done = [], None, False
+        async for line in resp.content:
+            data = line.decode().strip()
+            if not data.startswith("data: "):
+                continue
+            if data == "data: [DONE]":
+                done = True
+                continue
+            event = json.loads(data[6:])
+            if "error" in event:
+                error = event["error"]
+            for choice in event.get("choices", []):
+                text.append(choice["delta"].get("content") or "")
+        out.update(text="".join(text), error=error, done=done)
+        return out
+
+
+async def test_the_original_crash_cannot_happen(gateway_server: Any) -> None:
+    """kserve#3971: behind the gateway, 1,000 chat requests without max_tokens (some
+    concurrent) to an engine with the multi-step bug all succeed and the engine never dies."""
+    server, deaths, base = await _start(
+        gateway_server, _config("--multi-step-bug", "--on-death", "exit",
+                                policy={"default_max_tokens": 4}))
+    epoch = server.app[SUPERVISOR].epoch
+    statuses: list[int] = []
+
+    async def worker(session: aiohttp.ClientSession, n: int, w: int) -> None:
+        for i in range(n):
+            result = await _send(session, base, _chat(f"hello {w}-{i}", max_tokens=None), 30)
+            statuses.append(result["status"])
+
+    async with aiohttp.ClientSession() as session:
+        # 200 one at a time, then 800 by 16 concurrent clients.
+        await worker(session, 200, -1)
+        await asyncio.gather(*(worker(session, 50, w) for w in range(16)))
+    assert len(statuses) == 1000
+    assert set(statuses) == {200}
+    assert deaths.count == 0
+    assert server.app[SUPERVISOR].epoch == epoch
+
+
+async def _expected_answers(base: str, bodies: Sequence[dict[str, Any]]) -> list[str]:
+    """What the (healthy, deterministic) engine answers to each body, asked afterwards."""
+    answers = []
+    async with aiohttp.ClientSession() as session:
+        for body in bodies:
+            result = await _send(session, base, {**body, "stream": False})
+            assert result["status"] == 200
+            answers.append(result["json"]["choices"][0]["message"]["content"])
+    return answers
+
+
+async def test_a_query_of_death_is_quarantined_and_the_innocent_are_saved(
+        gateway_server: Any) -> None:
+    """50 innocent requests (half streamed) while one poison request is sent 5 times: the
+    engine dies at most twice, the poison ends quarantined, every non-streamed innocent and
+    every stream that had not started gets its complete answer, no stream hangs."""
+    server, deaths, base = await _start(
+        gateway_server, _config("--die-on", POISON, "--tokens-per-second", "40"))
+    innocents = [_chat(f"innocent number {i}", max_tokens=20, stream=i % 2 == 1)
+                 for i in range(50)]
+    poison = _chat(f"please {POISON} now", max_tokens=20)
+
+    async with aiohttp.ClientSession() as session:
+        async def poison_later(delay: float) -> dict[str, Any]:
+            await asyncio.sleep(delay)
+            return await _send(session, base, poison)
+
+        results = await asyncio.gather(
+            *(_send(session, base, body) for body in innocents),
+            *(poison_later(0.2 + 0.3 * k) for k in range(5)))
+    innocent_results, poison_results = results[:50], results[50:]
+
+    assert deaths.count <= 2
+    assert deaths.count >= 1
+    expected = await _expected_answers(base, innocents)
+    cut_streams = 0
+    for body, result, answer in zip(innocents, innocent_results, expected, strict=True):
+        assert result["status"] == 200, result
+        if not body.get("stream"):
+            assert result["json"]["choices"][0]["message"]["content"] == answer
+            assert result["json"]["usage"]["completion_tokens"] == 20
+        elif result["error"] is None:
+            assert result["text"] == answer
+            assert result["done"]
+        else:  # a stream the death cut after it had started: a readable error, then the end
+            cut_streams += 1
+            assert result["error"]["code"] == 503
+            assert result["done"]
+    assert all(r["status"] in {422, 503} for r in poison_results), poison_results
+    assert any(r["status"] == 422 for r in poison_results)
+
+    # From now on the poison is answered at once, without reaching (and killing) the engine.
+    epoch = server.app[SUPERVISOR].epoch
+    async with aiohttp.ClientSession() as session:
+        again = await _send(session, base, {**poison, "user": "someone-else", "stream": True})
+    assert again["status"] == 422
+    assert again["json"]["error"]["type"] == "QuarantinedRequestError"
+    assert "quarantined" in again["json"]["error"]["message"]
+    assert server.app[SUPERVISOR].epoch == epoch
+    assert deaths.count <= 2
+    print(f"engine deaths: {deaths.count}, streams cut after start: {cut_streams}")
+
+
+async def test_a_wedge_is_detected_and_its_culprit_quarantined(gateway_server: Any) -> None:
+    """An engine that hangs (health still 200) on one request is detected as wedged and
+    restarted; the culprit is quarantined and the innocent requests are served."""
+    server, deaths, base = await _start(
+        gateway_server, _config("--hang-on", HANG, "--tokens-per-second", "40"))
+    innocents = [_chat(f"bystander {i}", max_tokens=10) for i in range(6)]
+    culprit = _chat(f"now {HANG} forever", max_tokens=10)
+    async with aiohttp.ClientSession() as session:
+        async def culprit_later() -> dict[str, Any]:
+            await asyncio.sleep(0.1)
+            return await _send(session, base, culprit)
+        results = await asyncio.gather(*(_send(session, base, b) for b in innocents),
+                                       culprit_later())
+    assert deaths.count >= 1
+    assert all(r["status"] == 200 for r in results[:-1]), results
+    assert results[-1]["status"] in {422, 503}
+    async with aiohttp.ClientSession() as session:
+        again = await _send(session, base, culprit)
+    assert again["status"] == 422
+    # The operator sees it on the admin listener, without the prompt text, and can clear it.
+    admin = TestServer(server.app[ADMIN_APP], host="127.0.0.1", port=free_port())
+    await admin.start_server()
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(admin.make_url("/quarantine")) as resp:
+                listing = await resp.json()
+            assert len(listing["quarantine"]) == 1
+            assert HANG not in json.dumps(listing)
+            assert listing["quarantine"][0]["model"] == "tiny"
+            async with session.delete(admin.make_url("/quarantine")) as resp:
+                assert (await resp.json())["cleared"] == 1
+    finally:
+        await admin.close()
+
+
+async def test_overload_gets_429_and_nothing_is_lost(gateway_server: Any) -> None:
+    """Beyond the bulkhead and its queue, requests get 429 with Retry-After; every request
+    gets an answer."""
+    server, _, base = await _start(
+        gateway_server,
+        _config("--tokens-per-second", "20", isolation={"queue_max": 3, "queue_timeout_s": 30},
+                policy={"max_in_flight": 2}))
+    async with aiohttp.ClientSession() as session:
+        results = await asyncio.gather(*(_send(session, base, _chat(f"load {i}", max_tokens=10))
+                                         for i in range(12)))
+    statuses = sorted(r["status"] for r in results)
+    assert set(statuses) <= {200, 429}
+    assert statuses.count(200) >= 5  # 2 in flight + 3 queued at least
+    rejected = [r for r in results if r["status"] == 429]
+    assert rejected, statuses
+    for r in rejected:
+        assert int(r["headers"]["Retry-After"]) >= 1
+        assert r["json"]["error"]["type"] == "RateLimitError"
+
+
+async def test_requests_are_held_while_the_engine_restarts(gateway_server: Any) -> None:
+    """A request that arrives while the engine restarts waits and is answered, not failed."""
+    server, deaths, base = await _start(gateway_server, _config("--die-on", POISON))
+    async with aiohttp.ClientSession() as session:
+        killed = asyncio.ensure_future(_send(session, base, _chat(POISON)))
+        deadline = time.monotonic() + 20
+        while deaths.count == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert deaths.count == 1
+        held = await _send(session, base, _chat("patient request"))
+        await killed
+    assert held["status"] == 200
