@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
-import pytest
 from aiohttp.test_utils import TestServer
 
 from engine.supervisor import StateChange
@@ -37,7 +36,7 @@ def _engine_section(port: int, *flags: str, **timings: Any) -> dict[str, Any]:
 def _config(*flags: str, isolation: dict[str, Any] | None = None,
             policy: dict[str, Any] | None = None, **timings: Any) -> Any:
     port = free_port()
-    config = gateway_config(
+    return gateway_config(
         f"http://127.0.0.1:{port}",
         engine=_engine_section(port, *flags, **timings),
         admin={"enabled": True, "port": free_port()},
@@ -46,7 +45,6 @@ def _config(*flags: str, isolation: dict[str, Any] | None = None,
         isolation={"probation_timeout_s": 20, "queue_timeout_s": 60, "queue_max": 512,
                    **(isolation or {})},
     )
-    return config
 
 
 class Deaths:
@@ -228,7 +226,7 @@ async def test_a_wedge_is_detected_and_its_culprit_quarantined(gateway_server: A
 async def test_overload_gets_429_and_nothing_is_lost(gateway_server: Any) -> None:
     """Beyond the bulkhead and its queue, requests get 429 with Retry-After; every request
     gets an answer."""
-    server, _, base = await _start(
+    _server, _, base = await _start(
         gateway_server,
         _config("--tokens-per-second", "20", isolation={"queue_max": 3, "queue_timeout_s": 30},
                 policy={"max_in_flight": 2}))
@@ -247,7 +245,7 @@ async def test_overload_gets_429_and_nothing_is_lost(gateway_server: Any) -> Non
 
 async def test_requests_are_held_while_the_engine_restarts(gateway_server: Any) -> None:
     """A request that arrives while the engine restarts waits and is answered, not failed."""
-    server, deaths, base = await _start(gateway_server, _config("--die-on", POISON))
+    _server, deaths, base = await _start(gateway_server, _config("--die-on", POISON))
     async with aiohttp.ClientSession() as session:
         killed = asyncio.ensure_future(_send(session, base, _chat(POISON)))
         deadline = time.monotonic() + 20
