@@ -95,8 +95,7 @@ async def _send(session: aiohttp.ClientSession, base: str, body: dict[str, Any],
             event = json.loads(data[6:])
             if "error" in event:
                 error = event["error"]
-            for choice in event.get("choices", []):
-                text.append(choice["delta"].get("content") or "")
+            text.extend(c["delta"].get("content") or "" for c in event.get("choices", []))
         out.update(text="".join(text), error=error, done=done)
         return out
 
