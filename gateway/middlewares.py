@@ -61,6 +61,7 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
     except (asyncio.CancelledError, ConnectionResetError):
         # The client went away; the relay has already dropped the engine's side.
         record.outcome = "client_gone"
+        record.status = 499  # nginx's "client closed request": no status reached anyone
         log.info("request_finished", **record.log_fields(None))
         raise
     except Exception:
