@@ -631,12 +631,15 @@ async def test_hang_stalls_all_generation_while_health_stays_200(
             for _ in range(10):  # drain what was sent before the hang
                 await asyncio.wait_for(stream.content.readline(), 0.3)
         frozen = await metric(client, "vllm:generation_tokens_total")
+        frozen_prompts = await metric(client, "vllm:prompt_tokens_total")
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(stream.content.readline(), 0.3)
         with pytest.raises(TimeoutError):
             async with asyncio.timeout(0.3):
                 await client.post("/v1/completions", json={"prompt": "b", "max_tokens": 1})
         assert await metric(client, "vllm:generation_tokens_total") == frozen
+        # A prompt counts once prefilled: one that arrives after the hang moves nothing.
+        assert await metric(client, "vllm:prompt_tokens_total") == frozen_prompts
         assert (await client.get("/health")).status == 200
         assert not marker.done()
     finally:

@@ -16,12 +16,7 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
-from engine.process import EngineProcess
-from engine.settings import EngineConfig
-from engine.supervisor import (
-    EngineState,
-    EngineSupervisor,
-    StateChange,
+from engine.detect import (
     backoff_delay,
     decide_wedge,
     parse_counters,
@@ -29,6 +24,9 @@ from engine.supervisor import (
     retry_after,
     should_give_up,
 )
+from engine.process import EngineProcess
+from engine.settings import EngineConfig
+from engine.supervisor import EngineState, EngineSupervisor, StateChange
 from tests.fake_engine import LORA, MAX_MODEL_LEN, MODEL, fake_argv, free_port, pid_alive, until
 
 # The decisions.

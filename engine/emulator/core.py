@@ -127,7 +127,6 @@ class EngineCore:
             self._waiting.dec()
         self._running.inc()
         try:
-            self._prompt_tokens.inc(prompt_tokens)
             first_delay = self._settings.ttft_ms / 1000
             rate = self._settings.tokens_per_second
             delay = 1 / rate if rate > 0 else 0.0
@@ -135,6 +134,10 @@ class EngineCore:
                 await asyncio.sleep(first_delay if k == 0 else delay)
                 await self._flowing.wait()
                 self.check_alive()
+                if k == 0:
+                    # As vLLM: a prompt counts once its prefill is done, with its first token;
+                    # a request stalled before that (a hang) moves no counter.
+                    self._prompt_tokens.inc(prompt_tokens)
                 step = [
                     Token(c.index, generated_token(c.start, k), k == c.length - 1)
                     for c in choices
