@@ -39,5 +39,9 @@ pytest: venv model
 
 test: lint typecheck pytest
 
+# Figures, not assertions: CPU per admitted request against the emulator (about a minute).
+bench: venv model
+	$(VENV)/bin/python bench/admission_cost.py
+
 clean:
 	rm -rf $(VENV) $(ENGINE_VENV) $(MODEL_DIR) .pytest_cache .mypy_cache .ruff_cache

@@ -20,7 +20,8 @@ kept), so the count is min(count, k); k = -1 means the model's `max_model_len`, 
 request sets an output limit (`TokenizeParams.max_truncation_tokens`).
 
 Counting never blocks the event loop for long: a request with more than `inline_chars`
-characters of text is counted in a worker thread (`asyncio.to_thread`), a short one inline.
+characters of text, or with a chat template of its own, is counted in a worker thread
+(`asyncio.to_thread`), a short one inline.
 
 This module does not import aiohttp.web. Client mistakes become `errors.BadRequest` naming the
 parameter; an engine that cannot be asked raises what its `json` exchange raises.
@@ -43,6 +44,7 @@ from engine.tokenization import (
 )
 from gateway.config import ConfigError, Policy, TokenSource
 from gateway.errors import BadGateway, BadRequest, GuardError
+from gateway.schemas import ChatView, CompletionView
 
 Remote = Callable[[dict[str, object]], Awaitable[Mapping[str, object]]]
 """POST a payload to the engine's /tokenize; the engine's JSON answer (a count or an error)."""
@@ -51,6 +53,9 @@ INLINE_CHARS = 16_384
 """Requests with more text than this are counted in a worker thread."""
 
 TOKENIZE_TIMEOUT_S = 30.0
+
+_RENDERED_FIELDS = ("messages", "tools", "documents", "chat_template_kwargs")
+"""Chat fields whose text the template may render into the prompt."""
 
 # pydantic's lax booleans, which vLLM's request models accept.
 _TRUE = frozenset({"1", "on", "t", "true", "y", "yes"})
@@ -315,7 +320,7 @@ class TokenCounter:
         """Per prompt, a count never below vLLM's, without asking the engine; None when only
         the engine (or exact counting, which then names the client's mistake) can say."""
         try:
-            if "messages" in body:
+            if _is_chat(view, body):
                 chat = _Chat.read(body)
                 keep = _truncation(chat.truncate, chat.max_output, max_model_len)
                 local = await self._chat_local(chat, body, keep, math.inf)
@@ -329,7 +334,7 @@ class TokenCounter:
     async def count(self, view: object, body: Mapping[str, object], *,
                     max_model_len: int | None = None) -> list[int]:
         """Per prompt, vLLM's exact count (one for a chat)."""
-        if "messages" in body:
+        if _is_chat(view, body):
             return [await self.count_chat(body, max_model_len=max_model_len)]
         return await self.count_completion(body, max_model_len=max_model_len)
 
@@ -342,8 +347,12 @@ class TokenCounter:
         """The count made here, or why the engine must make it."""
         if self.tokenizer is None:
             return "the engine counts this model"
-        size = (_text_size(body.get("messages"), self._inline_chars)
-                + _text_size(body.get("tools"), self._inline_chars))
+        size = sum(_text_size(body.get(key), self._inline_chars) for key in _RENDERED_FIELDS)
+        own = self.tokenizer.chat_template
+        if chat.chat_template is not None and not (isinstance(own, dict)
+                                                   and chat.chat_template in own):
+            # The client's own template: its loops can make a short request slow to render.
+            size = self._inline_chars + 1
         try:
             count: PromptCount = await self._off_loop(
                 size, _local_chat, self.tokenizer, chat, keep, limit)
@@ -397,6 +406,17 @@ class TokenCounter:
         if isinstance(message, str) and code in (None, 400, "400"):
             raise BadRequest(message, param=param if isinstance(param, str) else None)
         raise BadGateway(f"The engine's /tokenize gave no count ({message or 'no message'}).")
+
+
+def _is_chat(view: object, body: Mapping[str, object]) -> bool:
+    """Whether to count `body` as a chat. The endpoint's view decides: vLLM ignores a stray
+    `messages` field in a completions request, so the prompt is what counts there. Without a
+    view, the body's shape says."""
+    if isinstance(view, ChatView):
+        return True
+    if isinstance(view, CompletionView):
+        return False
+    return "messages" in body
 
 
 def _within(bound: int, keep: int | None, limit: float | None) -> bool:

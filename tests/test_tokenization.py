@@ -108,7 +108,8 @@ def _variant_dir(root: Path) -> Path:
 def model_dir() -> Path:
     if not (MODEL_DIR / ".tiny-model-complete").is_file():
         if not ENGINE_PYTHON.is_file():
-            pytest.skip("no models/tiny and no engine environment to make it")
+            pytest.fail("models/tiny is missing and so is the engine environment that makes "
+                        "it: run `make engine model` (make test does)")
         subprocess.run([str(ENGINE_PYTHON), str(ROOT / "scripts" / "make_tiny_model.py"),
                         str(MODEL_DIR)], check=True, timeout=300)
     return MODEL_DIR
@@ -124,7 +125,8 @@ def reference(model_dir: Path, variant_dir: Path) -> dict[str, Any]:
     """vLLM's answers for the corpus, the variant model and the server defaults (one run of
     the helper: importing vLLM takes a while)."""
     if not ENGINE_PYTHON.is_file():
-        pytest.skip("the engine environment (.venv-engine) is not installed")
+        pytest.fail("the engine environment (.venv-engine) is missing: run `make engine` "
+                    "(make test does)")
     request = {
         "runs": [
             {"model_dir": str(model_dir), "cases": CORPUS},

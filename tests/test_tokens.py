@@ -15,6 +15,7 @@ import pytest
 from engine.tokenization import PromptTokenizer
 from gateway.config import ConfigError, Policy, TokenSource
 from gateway.errors import BadGateway, BadRequest
+from gateway.schemas import parse_chat, parse_completion
 from gateway.tokens import PromptCount, TokenCounter, TokenCounters
 from tests.token_corpus import LONG, MEDIUM, cases
 
@@ -23,9 +24,6 @@ MODEL_DIR = ROOT / "models" / "tiny"
 MAX_MODEL_LEN = 512
 USER = [{"role": "user", "content": "Hello there"}]
 
-pytestmark = pytest.mark.skipif(not (MODEL_DIR / "tokenizer.json").is_file(),
-                                reason="models/tiny is not made (scripts/make_tiny_model.py)")
-
 # Chat requests of the corpus that count without truncation, rejection or the engine.
 PLAIN_CHATS = [c for c in cases() if c["kind"] == "chat" and not c["id"].startswith(
     ("bad-", "unsupported-")) and "truncate_prompt_tokens" not in c["body"]]
@@ -33,6 +31,8 @@ PLAIN_CHATS = [c for c in cases() if c["kind"] == "chat" and not c["id"].startsw
 
 @pytest.fixture(scope="module")
 def tok() -> PromptTokenizer:
+    if not (MODEL_DIR / "tokenizer.json").is_file():
+        pytest.fail("models/tiny is missing: run `make model` (make test does)")
     return PromptTokenizer.from_dir(MODEL_DIR)
 
 
@@ -262,6 +262,21 @@ async def test_engine_answers_without_a_count(tok: PromptTokenizer, answer: dict
         assert err.value.param == param
 
 
+async def test_the_endpoint_decides_what_is_counted(tok: PromptTokenizer) -> None:
+    """A completions body with a stray `messages` field (vLLM ignores it there) is counted by
+    its prompts, one count each; a chat body by its messages."""
+    body = {"prompt": ["one prompt", LONG], "messages": USER}
+    expected = [len(tok.encode_completion(p)) for p in body["prompt"]]
+    counter = local(tok)
+    assert await counter.count(parse_completion(body), body) == expected
+    bounds = await counter.upper_bounds(parse_completion(body), body)
+    assert bounds is not None
+    assert len(bounds) == 2
+    assert all(b >= e for b, e in zip(bounds, expected, strict=True))
+    chat = {"messages": USER, "prompt": LONG}
+    assert await counter.count(parse_chat(chat), chat) == [len(_chat_ids(tok, chat))]
+
+
 async def test_engine_source_bounds(tok: PromptTokenizer) -> None:
     """Without a local tokenizer only token-id prompts have a bound, and the engine is not
     asked for one."""
@@ -295,6 +310,25 @@ async def test_long_texts_are_counted_off_the_event_loop() -> None:
     await counter.count_prompts(["x", LONG])
     assert loop_thread not in tok.threads[2:]
     assert long_chat == len(_chat_ids(tok, {"messages": [{"role": "user", "content": LONG}]}))
+
+
+async def test_what_may_render_slowly_is_counted_off_the_event_loop() -> None:
+    """A short chat with a template of its own (whose loops may run long), or with long
+    documents, is counted in a worker thread; the model's own template inline."""
+    tok = ThreadRecordingTokenizer.from_dir(MODEL_DIR)
+    tok.threads = []
+    expected = len(tok.encode_completion("Hello there" * 3, add_special_tokens=False))
+    tok.threads.clear()
+    counter = TokenCounter("tiny", tokenizer=tok, remote=None, inline_chars=1000)
+    loop_thread = threading.get_ident()
+    await counter.count_chat({"messages": USER})
+    assert tok.threads == [loop_thread]
+    template = "{% for i in range(3) %}{{ messages[0].content }}{% endfor %}"
+    assert await counter.count_chat({"messages": USER, "chat_template": template}) == expected
+    await counter.count_chat({"messages": USER, "documents": [{"title": "t", "text": LONG}]})
+    assert tok.threads[0] == loop_thread
+    assert loop_thread not in tok.threads[1:]
+    assert len(tok.threads) == 3
 
 
 def _inexact_dir(tmp_path: Path) -> Path:
