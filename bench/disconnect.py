@@ -23,9 +23,9 @@ from aiohttp.test_utils import TestServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.app import create_app  # noqa: E402
-from gateway.keys import SUPERVISOR  # noqa: E402
-from tests.conftest import (  # noqa: E402
+from gateway.app import create_app
+from gateway.keys import SUPERVISOR
+from tests.conftest import (
     RealEngine,
     free_port,
     gateway_config,

@@ -18,10 +18,18 @@ from aiohttp import web
 from gateway.config import Policy
 from gateway.errors import EngineFailed, EngineUnavailable, GuardError, NotFound, StreamCut
 from gateway.handlers import canonical_path, read_json_object
+from gateway.inflight import Inflight
 from gateway.isolation import fingerprint
 from gateway.keys import CONFIG, GATE, LIFECYCLE, RECORD, SUPERVISOR, TOKENS, UPSTREAM
 from gateway.policy import Admit, Reject, context_length_for, decide, needs_exact_count, precheck
-from gateway.proxy import forward_headers, relay_response
+from gateway.proxy import continue_stream, end_stream_with_error, forward_headers, relay_response
+from gateway.resume import (
+    EventRewriter,
+    StreamLog,
+    continuation,
+    partial_answer,
+    resumable,
+)
 from gateway.schemas import ChatView, CompletionView, parse_chat, parse_completion
 from gateway.tokens import TokenCounter
 
@@ -69,8 +77,8 @@ async def generation(request: web.Request) -> web.StreamResponse:
         _reject(record.fields, decision)
     record.fields.update(decision.log_fields)
     record.fields["prompt_tokens"] = max(prompt_tokens)
-    payload = json.dumps(decision.rewrite(body), ensure_ascii=False).encode()
-    return await _attempts(request, path, payload, decision, model, fp, policy, deadline)
+    return await _attempts(request, path, decision.rewrite(body), decision, model, fp, policy,
+                           deadline)
 
 
 def _reject(fields: dict[str, Any], refusal: Reject) -> NoReturn:
@@ -99,29 +107,62 @@ async def _prompt_tokens(counter: TokenCounter, view: ChatView | CompletionView,
     return await counter.count(view, body, max_model_len=max_model_len)
 
 
-async def _attempts(request: web.Request, path: str, payload: bytes, decision: Admit,
+async def _attempts(request: web.Request, path: str, body: dict[str, Any], decision: Admit,
                     model: str, fp: str, policy: Policy, deadline: float) -> web.StreamResponse:
+    """Send the admitted request until an attempt answers. An engine failure before the
+    client saw a byte is retried (as a suspect: probation decides); a stream cut after that
+    is resumed where it stopped (gateway.resume), or ended with vLLM's error event."""
     app = request.app
     record = request[RECORD]
     gate = app[GATE]
+    chat = path.endswith("/chat/completions")
     headers = forward_headers(request.headers, record.request_id)
     headers["Content-Type"] = "application/json"
     extra = {**decision.headers, "X-Request-Id": record.request_id}
+    payload = json.dumps(body, ensure_ascii=False).encode()
+    log = StreamLog() if resumable(body, chat) else None
+    stream: web.StreamResponse | None = None  # the client's, once a cut stream is resumed
+    rewriter: EventRewriter | None = None
     attempt = 0
     while True:
         attempt += 1
-        ticket = await gate.enter(record.request_id, model, fp, policy.max_in_flight, deadline)
+        try:
+            ticket = await gate.enter(record.request_id, model, fp, policy.max_in_flight,
+                                      deadline)
+        except GuardError as err:
+            if stream is None:
+                raise
+            await end_stream_with_error(stream, err.message)
+            return stream
         answered = False
 
-        def on_progress(nbytes: int, ticket: Any = ticket) -> None:
+        def on_progress(chunk: bytes, ticket: Inflight = ticket) -> None:
             record.mark_first_byte()
-            gate.ledger.progress(ticket, nbytes)
+            gate.ledger.progress(ticket, len(chunk))
+            if log is not None:
+                log.append(chunk)
 
         try:
+            if stream is not None:  # resume: ask for the rest of what the client has
+                partial = partial_answer(log, chat) if log is not None else None
+                assert partial is not None  # checked when the stream was cut
+                rest = continuation(body, partial, chat)
+                if rest is None:  # nothing left to generate: just end the stream
+                    await stream.write(b"data: [DONE]\n\n")
+                    await stream.write_eof()
+                    answered = True
+                    return stream
+                payload = json.dumps(rest, ensure_ascii=False).encode()
+                rewriter = EventRewriter(partial, chat)
             limit = gate.solo_limit() if ticket.solo else None
             async with asyncio.timeout(limit):
                 upstream = await app[UPSTREAM].open("POST", path, payload, headers)
-                resp = await relay_response(request, upstream, extra, on_progress)
+                if stream is None:
+                    resp = await relay_response(request, upstream, extra, on_progress)
+                else:
+                    assert rewriter is not None
+                    await continue_stream(stream, upstream, rewriter.feed, on_progress)
+                    resp = stream
             answered = True
             record.fields["attempts"] = attempt
             return resp
@@ -129,6 +170,9 @@ async def _attempts(request: web.Request, path: str, payload: bytes, decision: A
             if not await gate.settle(ticket):
                 # The engine is fine: this was about this request alone. Relay the engine's
                 # own answer when it gave one.
+                if stream is not None:
+                    await end_stream_with_error(stream, err.message)
+                    return stream
                 if isinstance(err.fallback, web.StreamResponse):
                     answered = True
                     return err.fallback
@@ -136,17 +180,26 @@ async def _attempts(request: web.Request, path: str, payload: bytes, decision: A
                     raise err.fallback from None
                 raise EngineUnavailable(err.message,
                                         retry_after_s=app[SUPERVISOR].retry_after_s()) from None
-            # The engine failed with this request in flight and the client has seen nothing:
-            # it is now a suspect; the next round waits for the engine and for probation.
+            # The engine failed with this request in flight and the client has seen nothing
+            # (more): it is now a suspect; the next round waits for the engine and probation.
             record.fields["engine_failures"] = record.fields.get("engine_failures", 0) + 1
-            continue
         except StreamCut as cut:
-            await gate.settle(ticket)
-            record.outcome = "stream_cut"
-            return cut.response
+            stream = cut.response
+            record.fields["engine_failures"] = record.fields.get("engine_failures", 0) + 1
+            failed = await gate.settle(ticket)
+            if not failed or log is None or partial_answer(log, chat) is None:
+                record.outcome = "stream_cut"
+                await end_stream_with_error(
+                    stream, "The engine failed during the stream; the answer is incomplete.")
+                return stream
+            record.fields["resumed"] = record.fields.get("resumed", 0) + 1
         except TimeoutError:
-            raise EngineUnavailable(
-                "The request is a suspect of an engine failure and did not finish alone on "
-                "probation in time.", retry_after_s=app[SUPERVISOR].retry_after_s()) from None
+            message = ("The request is a suspect of an engine failure and did not finish alone "
+                       "on probation in time.")
+            if stream is not None:
+                await end_stream_with_error(stream, message)
+                return stream
+            raise EngineUnavailable(message,
+                                    retry_after_s=app[SUPERVISOR].retry_after_s()) from None
         finally:
             gate.leave(ticket, answered=answered)

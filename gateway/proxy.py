@@ -8,8 +8,9 @@ which is how vLLM learns to stop generating.
 
 from __future__ import annotations
 
+import io
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Final
 
 import aiohttp
@@ -30,6 +31,7 @@ HOP_BY_HOP: Final = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
     "trailers", "transfer-encoding", "upgrade", "host", "content-length",
 })
+_STREAM_BODY_BYTES: Final = 1 << 20  # aiohttp's TOO_LARGE_BYTES_BODY
 # Response headers the gateway sets itself.
 _RESPONSE_DROP: Final = HOP_BY_HOP | {"date", "server", "x-request-id"}
 
@@ -60,7 +62,9 @@ def response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
     return out
 
 
-ProgressCallback = Callable[[int], None]
+ProgressCallback = Callable[[bytes], None]
+"""Told of every piece of the answer relayed to the client."""
+Transform = Callable[[bytes], bytes]
 
 
 class Upstream:
@@ -77,7 +81,7 @@ class Upstream:
         """Send the request and return the engine's response once its headers arrived."""
         try:
             return await self._session.request(
-                method, self.base_url + path, data=body, headers=headers,
+                method, self.base_url + path, data=_body_data(body), headers=headers,
                 allow_redirects=False,
             )
         except aiohttp.ClientConnectorError as err:
@@ -97,7 +101,7 @@ class Upstream:
         headers = {"Content-Type": "application/json"} if body is not None else {}
         try:
             async with self._session.request(
-                method, self.base_url + path, data=body, headers=headers,
+                method, self.base_url + path, data=_body_data(body), headers=headers,
                 timeout=aiohttp.ClientTimeout(total=timeout),
             ) as resp:
                 raw = await resp.read()
@@ -114,6 +118,12 @@ class Upstream:
         except ValueError:
             raise BadGateway(f"The engine answered {resp.status} with a body that is not "
                              "JSON.") from None
+
+
+def _body_data(body: bytes | None) -> bytes | io.BytesIO | None:
+    """A body over 1 MB given as bytes makes aiohttp warn (ResourceWarning) that writing it in
+    one go may block the loop; as a stream it is written in chunks."""
+    return io.BytesIO(body) if body is not None and len(body) > _STREAM_BODY_BYTES else body
 
 
 async def relay_response(
@@ -160,7 +170,7 @@ async def _relay_whole(
         raise EngineFailed(
             f"The engine failed while answering ({type(err).__name__}).") from None
     if on_progress is not None:
-        on_progress(len(body))
+        on_progress(body)
     failure: GuardError | None = None
     if upstream.status >= 400 and not _is_json(body):
         failure = BadGateway(
@@ -183,6 +193,35 @@ async def _relay_stream(
     # Nothing goes to the client before the engine's first chunk: a stream the engine cuts
     # before that can still be retried as if it never started.
     chunks = upstream.content.iter_any()
+    first = await _first_chunk(chunks)
+    resp = web.StreamResponse(status=upstream.status, headers=headers)
+    await resp.prepare(request)
+    await _pump(resp, upstream, chunks, first, None, on_progress)
+    await resp.write_eof()
+    return resp
+
+
+async def continue_stream(
+    resp: web.StreamResponse, upstream: aiohttp.ClientResponse, transform: Transform,
+    on_progress: ProgressCallback | None,
+) -> None:
+    """Relay a continuation into a stream the client already has open (see gateway.resume).
+    Raises like `relay_response`; always releases or closes the upstream connection."""
+    completed = False
+    try:
+        chunks = upstream.content.iter_any()
+        first = await _first_chunk(chunks)
+        await _pump(resp, upstream, chunks, first, transform, on_progress)
+        completed = True
+        await resp.write_eof()
+    finally:
+        if completed:
+            upstream.release()
+        else:
+            upstream.close()
+
+
+async def _first_chunk(chunks: AsyncIterator[bytes]) -> bytes:
     try:
         first = await anext(chunks, b"")
     except _ENGINE_CUT as err:
@@ -190,26 +229,33 @@ async def _relay_stream(
             f"The engine failed before the stream began ({type(err).__name__}).") from None
     if not first:
         raise EngineFailed("The engine ended the stream before sending anything.")
-    resp = web.StreamResponse(status=upstream.status, headers=headers)
-    await resp.prepare(request)
+    return first
+
+
+async def _pump(resp: web.StreamResponse, upstream: aiohttp.ClientResponse,
+                chunks: AsyncIterator[bytes], first: bytes, transform: Transform | None,
+                on_progress: ProgressCallback | None) -> None:
     chunk = first
     try:
         while chunk:
+            out = chunk if transform is None else transform(chunk)
             if on_progress is not None:
-                on_progress(len(chunk))
-            await resp.write(chunk)
+                on_progress(out)
+            if out:
+                await resp.write(out)
             chunk = await anext(chunks, b"")
-    except _ENGINE_CUT as err:
-        # The engine died mid-stream: end the stream the way vLLM reports an error inside a
-        # started stream, so the client reads a reason instead of a cut connection.
-        message = (f"The engine failed during the stream ({type(err).__name__}); "
-                   "the answer is incomplete.")
-        await resp.write(b"data: " + error_bytes(message, "ServiceUnavailableError", None, 503)
-                         + b"\n\ndata: [DONE]\n\n")
-        await resp.write_eof()
+    except _ENGINE_CUT:
+        # The engine died mid-stream: the caller resumes the stream or ends it with an error.
+        upstream.close()
         raise StreamCut(resp) from None
+
+
+async def end_stream_with_error(resp: web.StreamResponse, message: str) -> None:
+    """End a started stream the way vLLM reports an error inside one: a `data:` event with
+    the error envelope, then `[DONE]`, so the client reads a reason, not a cut connection."""
+    await resp.write(b"data: " + error_bytes(message, "ServiceUnavailableError", None, 503)
+                     + b"\n\ndata: [DONE]\n\n")
     await resp.write_eof()
-    return resp
 
 
 def _is_json(body: bytes) -> bool:

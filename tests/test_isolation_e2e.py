@@ -84,7 +84,7 @@ async def _send(session: aiohttp.ClientSession, base: str, body: dict[str, Any],
         if resp.content_type != "text/event-stream":
             out["json"] = await resp.json()
             return out
-        text, error, done = [], None, False
+        text, error, done, ids, roles = [], None, False, set(), 0
         async for line in resp.content:
             data = line.decode().strip()
             if not data.startswith("data: "):
@@ -95,8 +95,13 @@ async def _send(session: aiohttp.ClientSession, base: str, body: dict[str, Any],
             event = json.loads(data[6:])
             if "error" in event:
                 error = event["error"]
+                continue
+            ids.add(event["id"])
+            roles += sum("role" in c.get("delta", {}) for c in event.get("choices", []))
+            if event.get("usage"):
+                out["usage"] = event["usage"]
             text.extend(c["delta"].get("content") or "" for c in event.get("choices", []))
-        out.update(text="".join(text), error=error, done=done)
+        out.update(text="".join(text), error=error, done=done, ids=ids, roles=roles)
         return out
 
 
@@ -165,9 +170,11 @@ async def test_a_query_of_death_is_quarantined_and_the_innocent_are_saved(
         if not body.get("stream"):
             assert result["json"]["choices"][0]["message"]["content"] == answer
             assert result["json"]["usage"]["completion_tokens"] == 20
-        elif result["error"] is None:
+        elif result["error"] is None:  # whole, or resumed after the death: one answer
             assert result["text"] == answer
             assert result["done"]
+            assert len(result["ids"]) == 1
+            assert result["roles"] == 1
         else:  # a stream the death cut after it had started: a readable error, then the end
             cut_streams += 1
             assert result["error"]["code"] == 503
@@ -254,3 +261,28 @@ async def test_requests_are_held_while_the_engine_restarts(gateway_server: Any) 
         held = await _send(session, base, _chat("patient request"))
         await killed
     assert held["status"] == 200
+
+
+async def test_a_started_stream_is_resumed_after_the_engine_dies(gateway_server: Any) -> None:
+    """A stream the engine's death cuts after the client had bytes is resumed: the client sees
+    a pause, then the rest of one answer: same text as uninterrupted, one id, one role chunk,
+    the whole budget in its usage, no error event."""
+    _server, deaths, base = await _start(
+        gateway_server, _config("--die-on", POISON, "--tokens-per-second", "20"))
+    body = {**_chat("tell me a long story", max_tokens=40, stream=True),
+            "stream_options": {"include_usage": True}}
+    async with aiohttp.ClientSession() as session:
+        expected = (await _send(session, base, body))["text"]
+        stream = asyncio.ensure_future(_send(session, base, body))
+        await asyncio.sleep(0.6)  # about a dozen tokens in
+        killer = await _send(session, base, _chat(POISON))
+        resumed = await stream
+    assert deaths.count == 2  # the poison's first run, and its run alone on probation
+    assert killer["status"] == 422
+    assert resumed["status"] == 200
+    assert resumed["error"] is None
+    assert resumed["done"]
+    assert resumed["text"] == expected
+    assert len(resumed["ids"]) == 1
+    assert resumed["roles"] == 1
+    assert resumed["usage"]["completion_tokens"] == 40

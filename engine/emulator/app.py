@@ -8,7 +8,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final
 
 from aiohttp import web
@@ -40,7 +40,13 @@ from engine.emulator.responses import (
     usage_chunk,
 )
 from engine.emulator.settings import EmulatorSettings
-from engine.emulator.tokens import Tokenizer, load_tokenizer, messages_text, prompt_seed
+from engine.emulator.tokens import (
+    Tokenizer,
+    content_text,
+    load_tokenizer,
+    messages_text,
+    prompt_seed,
+)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CHOICE_STRIDE = 7
@@ -64,6 +70,9 @@ class Prompt:
     from_text: bool
     texts: list[str]
     """What --die-on and --hang-on look into."""
+    seed_ids: list[int] | None = None
+    """What the answer's words derive from, when not `ids` (a continued message)."""
+    offset: int = 0
 
 
 def create_emulator_app(settings: EmulatorSettings) -> web.Application:
@@ -239,6 +248,15 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
     model = resolve_model(req.model, emulator.settings.served_model_names)
     emulator.core.check_alive()
     prompt = Prompt(_encode_chat(emulator.tokenizer, req), True, messages_text(req.messages))
+    last = req.messages[-1] if req.messages else None
+    if req.continue_final_message and last is not None and last.get("role") == "assistant":
+        # Greedy decoding continues the message it is given: derive the words from the
+        # conversation before it and start after the words it already holds.
+        before = req.model_copy(update={"messages": req.messages[:-1],
+                                        "add_generation_prompt": True,
+                                        "continue_final_message": False})
+        prompt = replace(prompt, seed_ids=_encode_chat(emulator.tokenizer, before),
+                         offset=len(content_text(last.get("content")).split()))
     header = Header.new("chat", model)
     return await _generate(request, header, req, [prompt], req.requested_max_tokens)
 
@@ -304,8 +322,10 @@ async def _generate(
     for i, (prompt, budget) in enumerate(zip(prompts, budgets, strict=True)):
         if budget is None:
             core.kill()
-        start = req.seed if req.seed is not None else prompt_seed(prompt.ids)
-        choices += [Choice(i * req.n + j, start + CHOICE_STRIDE * j, budget) for j in range(req.n)]
+        seed_ids = prompt.ids if prompt.seed_ids is None else prompt.seed_ids
+        start = req.seed if req.seed is not None else prompt_seed(seed_ids)
+        choices += [Choice(i * req.n + j, start + CHOICE_STRIDE * j, budget, prompt.offset)
+                    for j in range(req.n)]
     prompt_tokens = sum(len(p.ids) for p in prompts)
     if req.stream:
         return await _stream(request, core, header, choices, prompt_tokens, req.include_usage)

@@ -43,6 +43,9 @@ class Choice:
     index: int
     start: int
     length: int
+    offset: int = 0
+    """Words of this answer the client already has (a continued assistant message): greedy
+    decoding carries on from there, so a continuation reads as the rest of one answer."""
 
 
 @dataclass(frozen=True)
@@ -139,7 +142,7 @@ class EngineCore:
                     # a request stalled before that (a hang) moves no counter.
                     self._prompt_tokens.inc(prompt_tokens)
                 step = [
-                    Token(c.index, generated_token(c.start, k), k == c.length - 1)
+                    Token(c.index, generated_token(c.start, c.offset + k), k == c.length - 1)
                     for c in choices
                     if k < c.length
                 ]
