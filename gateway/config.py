@@ -113,6 +113,10 @@ class PolicyOverride(_Frozen):
     """How long a request may take in all, retries after an engine restart included."""
     max_in_flight: PositiveInt | None = None
     """Admission bulkhead: requests of this model in flight to the engine at once."""
+    trust_request_chat_template: bool | None = None
+    """Mirror of the engine's --trust-request-chat-template: when false, a request carrying
+    its own chat template is refused by the gateway as the engine would refuse it (and the
+    gateway never renders it)."""
 
 
 class Policy(_Frozen):
@@ -131,6 +135,7 @@ class Policy(_Frozen):
     token_source: TokenSource = TokenSource.AUTO
     deadline_s: PositiveFloat = 300.0
     max_in_flight: PositiveInt = 64
+    trust_request_chat_template: bool = False
 
 
 class IsolationConfig(_Frozen):

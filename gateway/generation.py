@@ -16,7 +16,14 @@ from typing import Any, NoReturn
 from aiohttp import web
 
 from gateway.config import Policy
-from gateway.errors import EngineFailed, EngineUnavailable, GuardError, NotFound, StreamCut
+from gateway.errors import (
+    BadRequest,
+    EngineFailed,
+    EngineUnavailable,
+    GuardError,
+    NotFound,
+    StreamCut,
+)
 from gateway.handlers import canonical_path, read_json_object
 from gateway.inflight import Inflight
 from gateway.isolation import fingerprint
@@ -43,7 +50,7 @@ async def generation(request: web.Request) -> web.StreamResponse:
     _, body = await read_json_object(request)
     view: ChatView | CompletionView = (
         parse_chat(body) if path.endswith("/chat/completions") else parse_completion(body))
-    record.model = view.model
+    record.model = view.model[:MODEL_NAME_LOGGED] if view.model else view.model
     if app[LIFECYCLE].draining:
         raise EngineUnavailable("The gateway is shutting down.", retry_after_s=5)
 
@@ -69,6 +76,8 @@ async def generation(request: web.Request) -> web.StreamResponse:
         raise EngineUnavailable("The engine's context length is not known yet.",
                                 retry_after_s=supervisor.retry_after_s())
 
+    if not policy.trust_request_chat_template and _brings_a_template(body):
+        raise BadRequest(UNTRUSTED_TEMPLATE)
     counter = app[TOKENS].counter(model, policy)
     prompt_tokens = await _prompt_tokens(counter, view, body, policy, context_length,
                                          supervisor.models.get(model))
@@ -81,9 +90,25 @@ async def generation(request: web.Request) -> web.StreamResponse:
                            deadline)
 
 
+UNTRUSTED_TEMPLATE = (
+    "Chat template is passed with request, but --trust-request-chat-template is not set. "
+    "Refused request with untrusted chat template.")
+"""vLLM's own refusal (vllm/renderers/online_renderer.py), given before the engine sees it."""
+
+
+def _brings_a_template(body: Mapping[str, Any]) -> bool:
+    kwargs = body.get("chat_template_kwargs")
+    return body.get("chat_template") is not None or (
+        isinstance(kwargs, Mapping) and kwargs.get("chat_template") is not None)
+
+
 def _reject(fields: dict[str, Any], refusal: Reject) -> NoReturn:
     fields.update(refusal.log_fields)
     raise refusal.error
+
+
+MODEL_NAME_LOGGED = 256
+"""A client's model name is cut to this in logs and messages (it is client input)."""
 
 
 def _served_model(requested: str | None, served: Mapping[str, int]) -> str:
@@ -92,7 +117,9 @@ def _served_model(requested: str | None, served: Mapping[str, int]) -> str:
         return next(iter(served))
     if requested not in served:
         aliases = ", ".join(served)
-        raise NotFound(f"The model `{requested}` does not exist. Valid aliases: {aliases}.",
+        name = requested if len(requested) <= MODEL_NAME_LOGGED else \
+            requested[:MODEL_NAME_LOGGED] + "..."
+        raise NotFound(f"The model `{name}` does not exist. Valid aliases: {aliases}.",
                        param="model")
     return requested
 

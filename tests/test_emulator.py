@@ -738,18 +738,19 @@ async def test_die_on_marker_kills_the_process_and_everything_in_flight() -> Non
 # --- with the model's own tokenizer ------------------------------------------------------
 
 MODEL_DIR = REPO / "models" / "tiny"
-needs_model = pytest.mark.skipif(
-    not (MODEL_DIR / "tokenizer.json").exists(), reason="models/tiny not built (make model)"
-)
+
+def _model_dir() -> Path:
+    if not (MODEL_DIR / "tokenizer.json").exists():
+        pytest.fail("models/tiny is missing: run `make model` (make test does)")
+    return MODEL_DIR
 
 
-@needs_model
 async def test_tokenizer_mode_counts_with_the_model_tokenizer(make_client: MakeClient) -> None:
     """With a model folder, /tokenize and usage count with PromptTokenizer, template and BOS."""
     from engine.tokenization import PromptTokenizer
 
-    tok = PromptTokenizer.from_dir(MODEL_DIR)
-    client = await make_client(tokenizer=MODEL_DIR)
+    tok = PromptTokenizer.from_dir(_model_dir())
+    client = await make_client(tokenizer=_model_dir())
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
     expected_chat = tok.encode_chat(messages, add_generation_prompt=True)
     counted = await client.post("/tokenize", json={"model": "tiny", "messages": messages})
@@ -764,10 +765,9 @@ async def test_tokenizer_mode_counts_with_the_model_tokenizer(make_client: MakeC
     assert (await detok.json())["prompt"] == tok.decode(expected_text)
 
 
-@needs_model
 async def test_tokenizer_mode_rejects_a_broken_chat_template(make_client: MakeClient) -> None:
     """A chat template that fails on the request is a 400, as vLLM answers it."""
-    client = await make_client(tokenizer=MODEL_DIR)
+    client = await make_client(tokenizer=_model_dir())
     payload = chat("hi", max_tokens=1, chat_template="{{ raise_exception('no way') }}")
     resp = await client.post("/v1/chat/completions", json=payload)
     assert resp.status == 400

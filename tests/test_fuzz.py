@@ -34,7 +34,6 @@ from tests.conftest import MODEL_DIR, gateway_config, run_fake_upstream
 PATHS = ("/v1/chat/completions", "/v1/completions")
 ANSWER_TIMEOUT_S = 60.0
 """A request not answered within this is a hang (the slowest fuzzed body takes about 1 s)."""
-EMULATOR_MAX_BODY_BYTES = 64 << 20
 SETTINGS = settings(deadline=None, print_blob=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -246,9 +245,6 @@ async def stack(gateway_server: Any) -> AsyncIterator[Stack]:
     if not (MODEL_DIR / "tokenizer.json").is_file():
         pytest.fail("models/tiny is missing: run `make model` (make test does)")
     emulator_app = create_emulator_app(EmulatorSettings(tokenizer=MODEL_DIR))
-    # vLLM (uvicorn) takes bodies of any size; aiohttp's default cap of 1 MB would answer the
-    # gateway's larger forwards with a plain-text 413 (a 502 at the gateway). No public knob.
-    emulator_app._client_max_size = EMULATOR_MAX_BODY_BYTES
     emulator: TestServer = await run_fake_upstream(emulator_app)
     config = gateway_config(
         str(emulator.make_url("")).rstrip("/"),

@@ -365,7 +365,9 @@ async def test_counts_agree_through_the_gateway(gateway_server: Any,
     config = gateway_config(real_engine.url, defaults={"max_tokens_limit": 4096,
                                                       "on_exceed": "reject"},
                             models={MODEL_NAME: {"tokenizer": str(MODEL_DIR),
-                                                 "token_source": "local"}})
+                                                 "token_source": "local",
+                                                 # as the engine: --trust-request-chat-template
+                                                 "trust_request_chat_template": True}})
     base = str((await gateway_server(config)).make_url("")).rstrip("/")
     every = [p for t in _template_names() for p in probes(t)]
     failures, sent = [], 0

@@ -211,3 +211,28 @@ async def test_engine_down_gets_503_with_retry_after_at_once(gateway_server: Any
             assert r.status == 503
         async with s.get(server.make_url("/health")) as r:
             assert r.status == 200
+
+
+@pytest.mark.parametrize("template_field", [
+    {"chat_template": "{{ messages }}"},
+    {"chat_template_kwargs": {"chat_template": "{{ messages }}"}},
+])
+async def test_untrusted_request_templates_are_refused_as_vllm_does(
+        gateway_server: Any, fake_engine: FakeEngine, template_field: dict[str, Any]) -> None:
+    """A request bringing its own chat template gets vLLM's own 400 from the gateway (never
+    rendered, never forwarded) unless the policy trusts request templates, as the engine's
+    --trust-request-chat-template does."""
+    body = {"model": "tiny", "max_tokens": 3,
+            "messages": [{"role": "user", "content": "hi"}], **template_field}
+    server = await gateway_server(gateway_config(fake_engine.url))
+    status, _, answer = await _post(str(server.make_url("/v1/chat/completions")),
+                                    json.dumps(body), {"Content-Type": "application/json"})
+    assert status == 400
+    assert "--trust-request-chat-template is not set" in answer["error"]["message"]
+    assert fake_engine.generation_requests() == []
+    trusting = await gateway_server(gateway_config(
+        fake_engine.url, defaults={"trust_request_chat_template": True}))
+    status, _, _ = await _post(str(trusting.make_url("/v1/chat/completions")),
+                               json.dumps(body), {"Content-Type": "application/json"})
+    assert status == 200
+    assert len(fake_engine.generation_requests()) == 1

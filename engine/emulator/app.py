@@ -62,6 +62,7 @@ class Emulator:
 
 
 EMULATOR: Final = web.AppKey("emulator", Emulator)
+MAX_BODY_BYTES: Final = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,8 @@ def create_emulator_app(settings: EmulatorSettings) -> web.Application:
     emulator = Emulator(
         settings, load_tokenizer(settings.tokenizer), EngineCore(settings, registry), registry
     )
-    app = web.Application(middlewares=[_errors, _latency])
+    # vLLM (uvicorn) takes bodies of any size; aiohttp would cap them at 1 MB.
+    app = web.Application(middlewares=[_errors, _latency], client_max_size=MAX_BODY_BYTES)
     app[EMULATOR] = emulator
     if settings.log_requests:
         app.on_response_prepare.append(_access_log)
