@@ -24,7 +24,7 @@ from engine.tokenization import (
     completion_prompts,
     local_chat_supported,
 )
-from tests.token_corpus import TEMPLATES_DIR, Case, cases, template
+from tests.token_corpus import TEMPLATES_DIR, Case, cases, template, template_paths
 
 ROOT = Path(__file__).resolve().parent.parent
 ENGINE_PYTHON = ROOT / ".venv-engine" / "bin" / "python"
@@ -67,7 +67,7 @@ SERVER_CASES: list[Case] = [
         "chat_template": template("vllm_chatml")}},
 ]
 DETECTION_TEMPLATES = [
-    *(p.read_text(encoding="utf-8") for p in sorted(TEMPLATES_DIR.glob("*.jinja"))),
+    *(p.read_text(encoding="utf-8") for p in template_paths()),
     "{% set msgs = messages %}{% for m in msgs %}{% for c in m.content %}{{ c.text }}"
     "{% endfor %}{% endfor %}",
     "{% for m in messages[1:] %}{% for c in m['content'] | selectattr('type') %}{{ c }}"

@@ -24,13 +24,34 @@ from pathlib import Path
 from typing import Any
 
 TEMPLATES_DIR = Path(__file__).parent / "data" / "templates"
+"""Templates written for these tests."""
+VLLM_TEMPLATES_GLOB = (
+    ".venv-engine/lib/python3*/site-packages/vllm/transformers_utils/chat_templates")
+"""The example templates that ship inside the vLLM package (read from the engine's venv, not
+copied into this repository); `vllm_<name>` names `template_<name>.jinja` there."""
 
 Case = dict[str, Any]
 
 
+def vllm_templates_dir() -> Path:
+    found = sorted(Path(__file__).resolve().parent.parent.glob(VLLM_TEMPLATES_GLOB))
+    if not found:
+        raise RuntimeError("the engine's venv is missing: run `make engine` (make test does)")
+    return found[-1]
+
+
+def template_paths() -> list[Path]:
+    """Every template the tests render: ours and vLLM's."""
+    return sorted(TEMPLATES_DIR.glob("*.jinja")) + sorted(vllm_templates_dir().glob("*.jinja"))
+
+
 @cache
 def template(name: str) -> str:
-    return (TEMPLATES_DIR / f"{name}.jinja").read_text(encoding="utf-8")
+    if name.startswith("vllm_"):
+        path = vllm_templates_dir() / f"template_{name.removeprefix('vllm_')}.jinja"
+    else:
+        path = TEMPLATES_DIR / f"{name}.jinja"
+    return path.read_text(encoding="utf-8")
 
 
 def _long_text(words: int) -> str:
