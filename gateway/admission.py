@@ -19,18 +19,33 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from engine.settings import EngineConfig
-from engine.supervisor import EngineSupervisor, StateChange
+from engine.supervisor import EngineState, StateChange
 from gateway.config import IsolationConfig
 from gateway.errors import EngineUnavailable, Overloaded, Quarantined
 from gateway.inflight import Inflight, InflightLedger
 from gateway.isolation import Quarantine, QuarantineEntry, SuspectBook, attribute_failure
 
 
+class EngineView(Protocol):
+    """What the gate needs of the engine supervisor."""
+
+    @property
+    def state(self) -> EngineState: ...
+    @property
+    def epoch(self) -> int: ...
+    def is_ready(self) -> bool: ...
+    def restart_expected(self) -> bool: ...
+    def retry_after_s(self) -> float: ...
+    def subscribe(self, callback: Callable[[StateChange], None]) -> None: ...
+    def report_engine_failure(self, reason: str) -> None: ...
+    async def settle(self, suspicion: str) -> bool: ...
+
+
 class Gate:
-    def __init__(self, config: IsolationConfig, supervisor: EngineSupervisor,
+    def __init__(self, config: IsolationConfig, supervisor: EngineView,
                  ledger: InflightLedger, engine: EngineConfig, *,
                  wall_clock: Callable[[], float] = time.time,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -60,7 +75,7 @@ class Gate:
         self._changed = asyncio.Event()
 
     def _on_state_change(self, change: StateChange) -> None:
-        if change.old.value == "ready" and change.new.value != "ready":
+        if change.old is EngineState.READY and change.new is not EngineState.READY:
             self._attribute()
         self._notify()
 

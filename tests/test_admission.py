@@ -1,0 +1,155 @@
+"""The gate alone, with a fake engine supervisor: queue bounds, probation order, blame."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import pytest
+
+from engine.settings import EngineConfig
+from engine.supervisor import EngineState, StateChange
+from gateway.admission import Gate
+from gateway.config import IsolationConfig
+from gateway.errors import EngineUnavailable, Overloaded, Quarantined
+from gateway.inflight import InflightLedger
+
+
+class FakeSupervisor:
+    """An engine whose state the test sets."""
+
+    def __init__(self, *, ready: bool = True, restart: bool = True) -> None:
+        self.state = EngineState.READY if ready else EngineState.RESTARTING
+        self.epoch = 1
+        self.restart = restart
+        self.subscribers: list[Callable[[StateChange], None]] = []
+
+    def is_ready(self) -> bool:
+        return self.state is EngineState.READY
+
+    def restart_expected(self) -> bool:
+        return self.restart
+
+    def retry_after_s(self) -> float:
+        return 7.0
+
+    def subscribe(self, callback: Callable[[StateChange], None]) -> None:
+        self.subscribers.append(callback)
+
+    def report_engine_failure(self, reason: str) -> None:
+        pass
+
+    async def settle(self, suspicion: str) -> bool:
+        return self.is_ready()
+
+    def become(self, state: EngineState) -> None:
+        old, self.state = self.state, state
+        if state is EngineState.READY:
+            self.epoch += 1
+        for callback in self.subscribers:
+            callback(StateChange(old, state, "test", self.epoch))
+
+
+def _gate(fake: FakeSupervisor, supervised: bool = True, **isolation: float) -> Gate:
+    engine = EngineConfig(command=("engine",) if supervised else None)
+    return Gate(IsolationConfig(**isolation), fake, InflightLedger(), engine)
+
+
+def _deadline(seconds: float = 10) -> float:
+    return time.monotonic() + seconds
+
+
+async def test_bulkhead_queue_then_429() -> None:
+    """Past max_in_flight requests wait; past queue_max they get 429 with Retry-After."""
+    gate = _gate(FakeSupervisor(), queue_max=1, queue_timeout_s=5)
+    first = await gate.enter("a", "m", "fa", 1, _deadline())
+    waiter = asyncio.ensure_future(gate.enter("b", "m", "fb", 1, _deadline()))
+    await asyncio.sleep(0.05)
+    with pytest.raises(Overloaded) as info:
+        await gate.enter("c", "m", "fc", 1, _deadline())
+    assert info.value.headers["Retry-After"]
+    assert not waiter.done()
+    gate.leave(first, answered=True)
+    second = await asyncio.wait_for(waiter, 5)
+    assert second.fingerprint == "fb"
+
+
+async def test_no_restart_coming_means_503_at_once() -> None:
+    """An engine that is down with no restart coming (sidecar, or given up) is 503 at once,
+    with the supervisor's Retry-After."""
+    gate = _gate(FakeSupervisor(ready=False), supervised=False)
+    with pytest.raises(EngineUnavailable) as info:
+        await asyncio.wait_for(gate.enter("a", "m", "f", 4, _deadline()), 1)
+    assert info.value.headers["Retry-After"] == "7"
+
+
+async def test_held_while_restarting_then_admitted() -> None:
+    """A supervised engine that restarts holds requests, which go once it is ready."""
+    fake = FakeSupervisor(ready=False)
+    gate = _gate(fake)
+    waiter = asyncio.ensure_future(gate.enter("a", "m", "f", 4, _deadline()))
+    await asyncio.sleep(0.05)
+    assert not waiter.done()
+    fake.become(EngineState.READY)
+    ticket = await asyncio.wait_for(waiter, 5)
+    assert not ticket.solo
+
+
+async def test_failure_makes_suspects_that_run_alone_and_nothing_overtakes_them() -> None:
+    """Requests in flight at a failure become suspects; after the restart a suspect runs
+    alone, fresh requests wait behind it, and its answer acquits it."""
+    fake = FakeSupervisor()
+    gate = _gate(fake)
+    a = await gate.enter("1", "m", "fa", 8, _deadline())
+    b = await gate.enter("2", "m", "fb", 8, _deadline())
+    fake.become(EngineState.FAILED)
+    assert a.engine_failed
+    assert b.engine_failed
+    gate.leave(a, answered=False)
+    gate.leave(b, answered=False)
+    fake.become(EngineState.READY)
+    solo = await gate.enter("1", "m", "fa", 8, _deadline())
+    assert solo.solo
+    other_suspect = asyncio.ensure_future(gate.enter("2", "m", "fb", 8, _deadline()))
+    fresh = asyncio.ensure_future(gate.enter("3", "m", "fresh", 8, _deadline()))
+    await asyncio.sleep(0.05)
+    assert not other_suspect.done()
+    assert not fresh.done()
+    gate.leave(solo, answered=True)
+    assert not gate.suspects.is_suspect("fa", time.time())
+    second = await asyncio.wait_for(other_suspect, 5)
+    assert second.solo
+    await asyncio.sleep(0.05)
+    assert not fresh.done()
+    gate.leave(second, answered=True)
+    assert not (await asyncio.wait_for(fresh, 5)).solo
+
+
+async def test_death_during_a_solo_run_quarantines_the_culprit() -> None:
+    """The engine failing while a suspect runs alone quarantines it: copies get 422."""
+    fake = FakeSupervisor()
+    gate = _gate(fake)
+    ticket = await gate.enter("1", "m", "poison", 8, _deadline())
+    fake.become(EngineState.FAILED)
+    gate.leave(ticket, answered=False)
+    fake.become(EngineState.READY)
+    solo = await gate.enter("1", "m", "poison", 8, _deadline())
+    assert solo.solo
+    fake.become(EngineState.FAILED)
+    gate.leave(solo, answered=False)
+    fake.become(EngineState.READY)
+    with pytest.raises(Quarantined) as info:
+        await gate.enter("2", "m", "poison", 8, _deadline())
+    assert "quarantined" in info.value.message
+    assert [e.fingerprint for e in gate.quarantine.entries(time.time())] == ["poison"]
+
+
+async def test_waiting_for_a_restart_is_bounded_by_queue_timeout() -> None:
+    """A request held for an engine that does not come back gets 503 at queue_timeout_s,
+    well before its own deadline."""
+    gate = _gate(FakeSupervisor(ready=False), queue_timeout_s=0.2)
+    started = time.monotonic()
+    with pytest.raises(EngineUnavailable):
+        await asyncio.wait_for(gate.enter("1", "m", "fresh", 8, _deadline(60)), 10)
+    assert time.monotonic() - started < 10
