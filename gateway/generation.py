@@ -28,7 +28,7 @@ from gateway.handlers import canonical_path, read_json_object
 from gateway.inflight import Inflight
 from gateway.isolation import fingerprint
 from gateway.keys import CONFIG, GATE, LIFECYCLE, RECORD, SUPERVISOR, TOKENS, UPSTREAM
-from gateway.policy import Admit, Reject, context_length_for, decide, needs_exact_count, precheck
+from gateway.policy import Admit, Reject, context_length_for, decide, exact_count_above, precheck
 from gateway.proxy import continue_stream, end_stream_with_error, forward_headers, relay_response
 from gateway.resume import (
     EventRewriter,
@@ -127,11 +127,14 @@ def _served_model(requested: str | None, served: Mapping[str, int]) -> str:
 async def _prompt_tokens(counter: TokenCounter, view: ChatView | CompletionView,
                          body: dict[str, Any], policy: Policy, context_length: int,
                          max_model_len: int | None) -> list[int]:
-    """Exact counts only where a cheap upper bound could change the decision."""
-    bound = await counter.upper_bounds(view, body, max_model_len=max_model_len)
-    if bound is not None and not needs_exact_count(view, policy, max(bound), context_length):
-        return bound
-    return await counter.count(view, body, max_model_len=max_model_len)
+    """Per prompt, a count that decides as the exact one would: the cheap upper bound when
+    it is below every threshold of the policy, else the exact count (one render either way)."""
+    limit = exact_count_above(view, policy, context_length)
+    if isinstance(view, ChatView):
+        count = await counter.count_chat_within(body, limit, max_model_len=max_model_len)
+        return [count.tokens]
+    counts = await counter.count_completion_within(body, limit, max_model_len=max_model_len)
+    return [c.tokens for c in counts]
 
 
 async def _attempts(request: web.Request, path: str, body: dict[str, Any], decision: Admit,

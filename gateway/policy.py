@@ -220,12 +220,20 @@ def needs_exact_count(
     exact counts answers the same and the caller may skip exact counting; the log line then
     shows the bound, not the count. True means: count exactly.
     """
+    return upper_bound > exact_count_above(view, policy, context_length)
+
+
+def exact_count_above(view: RequestView, policy: Policy, context_length: int) -> int:
+    """The largest upper bound that settles the decision without an exact count (see
+    `needs_exact_count`): a counter may answer with its bound up to this, and must count
+    exactly past it."""
     requested = view.requested_max_tokens
     budget = requested if requested is not None else min(
         policy.default_max_tokens, policy.max_tokens_limit)
-    if upper_bound > context_length - budget:
-        return True
-    return policy.max_prompt_tokens is not None and upper_bound > policy.max_prompt_tokens
+    limit = context_length - budget
+    if policy.max_prompt_tokens is not None:
+        limit = min(limit, policy.max_prompt_tokens)
+    return limit
 
 
 def context_length_for(policy: Policy, max_model_len: int | None) -> int | None:
