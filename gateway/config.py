@@ -109,6 +109,11 @@ class PolicyOverride(_Frozen):
     tokenizer: str | None = None
     """Folder with the model's tokenizer.json and tokenizer_config.json."""
     token_source: TokenSource | None = None
+    chat_template: str | None = None
+    """The file given to the engine's --chat-template, when it was started with one: the
+    local count must render the same template."""
+    default_chat_template_kwargs: Mapping[str, Any] | None = None
+    """The engine's --default-chat-template-kwargs, when it was started with them."""
     deadline_s: PositiveFloat | None = None
     """How long a request may take in all, retries after an engine restart included."""
     max_in_flight: PositiveInt | None = None
@@ -133,6 +138,8 @@ class Policy(_Frozen):
     mode: PolicyMode = PolicyMode.ENFORCE
     tokenizer: str | None = None
     token_source: TokenSource = TokenSource.AUTO
+    chat_template: str | None = None
+    default_chat_template_kwargs: Mapping[str, Any] | None = None
     deadline_s: PositiveFloat = 300.0
     max_in_flight: PositiveInt = 64
     trust_request_chat_template: bool = False

@@ -253,7 +253,11 @@ class TokenCounter:
         tokenizer = None
         if policy.token_source is not TokenSource.ENGINE and policy.tokenizer is not None:
             try:
-                tokenizer = PromptTokenizer.from_dir(Path(policy.tokenizer))
+                template = (None if policy.chat_template is None
+                            else Path(policy.chat_template).read_text(encoding="utf-8"))
+                tokenizer = PromptTokenizer.from_dir(
+                    Path(policy.tokenizer), chat_template=template,
+                    chat_template_kwargs=policy.default_chat_template_kwargs)
             except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception
                 if policy.token_source is TokenSource.LOCAL:
                     raise ConfigError(f"models.{model}.tokenizer: cannot load the tokenizer in "
@@ -467,10 +471,11 @@ class TokenCounters:
                  timeout_s: float = TOKENIZE_TIMEOUT_S) -> None:
         self._upstream = upstream
         self._timeout_s = timeout_s
-        self._counters: dict[str, tuple[tuple[str | None, TokenSource], TokenCounter]] = {}
+        self._counters: dict[str, tuple[tuple[object, ...], TokenCounter]] = {}
 
     def counter(self, model: str, policy: Policy) -> TokenCounter:
-        key = (policy.tokenizer, policy.token_source)
+        key: tuple[object, ...] = (policy.tokenizer, policy.token_source, policy.chat_template,
+                                   policy.default_chat_template_kwargs)
         known = self._counters.get(model)
         if known is not None and known[0] == key:
             return known[1]

@@ -18,6 +18,7 @@ from gateway.errors import BadGateway, BadRequest
 from gateway.schemas import parse_chat, parse_completion
 from gateway.tokens import PromptCount, TokenCounter, TokenCounters
 from tests.token_corpus import LONG, MEDIUM, cases
+from tests.token_corpus import template as template_text
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = ROOT / "models" / "tiny"
@@ -407,3 +408,23 @@ async def test_counters_map_engine_failures(status: int, answer: object,
     counter = counters.counter("tiny", Policy(token_source=TokenSource.ENGINE))
     with pytest.raises(error):
         await counter.count_prompts("hello")
+
+
+async def test_engine_chat_template_setting_is_rendered(tmp_path: Path) -> None:
+    """A model whose engine runs with --chat-template (policy chat_template) is counted with
+    that template, as a request carrying the same template is, and not with the model's own."""
+    template = template_text("vllm_chatml")
+    path = tmp_path / "engine-template.jinja"
+    path.write_text(template, encoding="utf-8")
+    messages = [{"role": "system", "content": "Be brief."}, *USER]
+    server_side = TokenCounter.for_policy(
+        "tiny", Policy(tokenizer=str(MODEL_DIR), token_source=TokenSource.LOCAL,
+                       chat_template=str(path)), None)
+    plain = TokenCounter.for_policy(
+        "tiny", Policy(tokenizer=str(MODEL_DIR), token_source=TokenSource.LOCAL), None)
+    with_server_template = await server_side.count_chat({"messages": messages})
+    with_request_template = await plain.count_chat({"messages": messages,
+                                                    "chat_template": template})
+    own = await plain.count_chat({"messages": messages})
+    assert with_server_template == with_request_template
+    assert with_server_template != own
