@@ -115,9 +115,9 @@ class Gate:
         def try_take() -> bool:
             self.check_quarantine(fp)
             is_suspect = self.config.enabled and self.suspects.is_suspect(fp, self.wall_clock())
-            if is_suspect and not suspect[0]:
-                suspect[0] = True
-                self._suspects_waiting += 1
+            if is_suspect != suspect[0]:  # became a suspect, or was acquitted while waiting
+                suspect[0] = is_suspect
+                self._suspects_waiting += 1 if is_suspect else -1
             if not self.supervisor.is_ready() or self._solo is not None:
                 return False
             if is_suspect:

@@ -153,3 +153,23 @@ async def test_waiting_for_a_restart_is_bounded_by_queue_timeout() -> None:
     with pytest.raises(EngineUnavailable):
         await asyncio.wait_for(gate.enter("1", "m", "fresh", 8, _deadline(60)), 10)
     assert time.monotonic() - started < 10
+
+
+async def test_a_copy_waiting_behind_an_acquitted_suspect_goes_on() -> None:
+    """Two copies of a suspect: the first runs alone and answers; the second, no longer a
+    suspect, is admitted at once rather than left waiting behind its own suspicion."""
+    fake = FakeSupervisor()
+    gate = _gate(fake, queue_timeout_s=30)
+    ticket = await gate.enter("1", "m", "fp", 8, _deadline())
+    fake.become(EngineState.FAILED)
+    gate.leave(ticket, answered=False)
+    fake.become(EngineState.READY)
+    first = await gate.enter("1", "m", "fp", 8, _deadline())
+    copy = asyncio.ensure_future(gate.enter("2", "m", "fp", 8, _deadline()))
+    await asyncio.sleep(0.05)
+    assert not copy.done()
+    gate.leave(first, answered=True)
+    second = await asyncio.wait_for(copy, 5)
+    assert not second.solo
+    fresh = await asyncio.wait_for(gate.enter("3", "m", "other", 8, _deadline()), 5)
+    assert not fresh.solo
