@@ -3,14 +3,11 @@ gateway app in front of any upstream."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -26,18 +23,13 @@ from aiohttp.test_utils import TestServer
 from gateway.app import create_app
 from gateway.config import Config, parse_config
 from gateway.keys import SUPERVISOR
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ENGINE_PYTHON = ROOT / ".venv-engine" / "bin" / "python"
 MODEL_DIR = ROOT / "models" / "tiny"
 MODEL_NAME = "tiny"
 MAX_MODEL_LEN = 512
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def engine_env() -> dict[str, str]:
@@ -163,9 +155,6 @@ def gateway_config(engine_url: str, **sections: Any) -> Config:
     return parse_config(data)
 
 
-GatewayFactory = Callable[..., "asyncio.Future[TestServer]"]
-
-
 @pytest.fixture
 async def gateway_server() -> AsyncIterator[Callable[..., Any]]:
     """Start gateways on free loopback ports (real sockets, handler cancellation on as in
@@ -194,6 +183,3 @@ async def run_fake_upstream(app: web.Application) -> TestServer:
     await server.start_server()
     return server
 
-
-def python() -> str:
-    return sys.executable

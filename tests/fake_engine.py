@@ -134,46 +134,10 @@ if __name__ == "__main__":
     main()
 
 
-# Helpers for the tests that run the fake.
+# How the tests run the fake (their other helpers are in tests/helpers.py).
 
 FAKE = os.path.abspath(__file__)
 
 
 def fake_argv(port: int, *flags: str) -> list[str]:
     return [sys.executable, FAKE, "--port", str(port), *flags]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether `pid` runs (a zombie waiting to be reaped does not)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rpartition(b")")[2].split()[0] != b"Z"
-    except OSError:
-        return False
-
-
-def port_open(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        s.settimeout(1.0)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-async def until(condition: Any, timeout: float, interval: float = 0.02) -> bool:
-    """Poll `condition()` until it is true or `timeout` passes; its last value."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        if loop.time() >= deadline:
-            return bool(condition())
-        await asyncio.sleep(interval)
-    return True

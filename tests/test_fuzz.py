@@ -30,6 +30,7 @@ from multidict import CIMultiDict
 
 from engine.emulator import EmulatorSettings, create_emulator_app
 from tests.conftest import MODEL_DIR, gateway_config, run_fake_upstream
+from tests.helpers import base_url, error_envelope
 
 PATHS = ("/v1/chat/completions", "/v1/completions")
 ANSWER_TIMEOUT_S = 60.0
@@ -247,13 +248,13 @@ async def stack(gateway_server: Any) -> AsyncIterator[Stack]:
     emulator_app = create_emulator_app(EmulatorSettings(tokenizer=MODEL_DIR))
     emulator: TestServer = await run_fake_upstream(emulator_app)
     config = gateway_config(
-        str(emulator.make_url("")).rstrip("/"),
+        base_url(emulator),
         defaults={"default_max_tokens": 8, "max_tokens_limit": 64},
         models={"tiny": {"tokenizer": str(MODEL_DIR), "token_source": "local"}})
     gateway = await gateway_server(config, timeout=30)
     async with aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=ANSWER_TIMEOUT_S)) as session:
-        yield Stack(str(gateway.make_url("")).rstrip("/"), session, asyncio.get_running_loop())
+        yield Stack(base_url(gateway), session, asyncio.get_running_loop())
     await emulator.close()
 
 
@@ -267,15 +268,9 @@ def check_answer(sent: Sent, status: int, headers: CIMultiDict[str], raw: bytes)
         else:
             assert "choices" in json.loads(raw)
         return
-    body = json.loads(raw)
-    assert set(body) == {"error"}, body
-    error = body["error"]
-    assert set(error) == {"message", "type", "param", "code"}, error
-    assert isinstance(error["message"], str)
-    assert error["message"]
+    error = error_envelope(json.loads(raw), status)
     assert isinstance(error["type"], str)
     assert error["param"] is None or isinstance(error["param"], str)
-    assert error["code"] == status
 
 
 async def still_serving(stack: Stack) -> None:

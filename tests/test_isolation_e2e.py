@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,23 +12,28 @@ from aiohttp.test_utils import TestServer
 
 from engine.supervisor import StateChange
 from gateway.keys import ADMIN_APP, SUPERVISOR
-from tests.conftest import MODEL_DIR, free_port, gateway_config
+from tests.conftest import MODEL_DIR, gateway_config
+from tests.helpers import (
+    CHAT_PATH,
+    base_url,
+    chat,
+    emulator_section,
+    free_port,
+    send,
+    stream_summary,
+    until,
+)
 
 POISON = "POISON-7f3a"
 HANG = "HANG-91c2"
 
 
-def _engine_section(port: int, *flags: str, **timings: Any) -> dict[str, Any]:
-    return {
-        "url": f"http://127.0.0.1:{port}",
-        "command": [sys.executable, "-m", "engine.emulator", "--port", str(port),
-                    "--served-model-name", "tiny", "--max-model-len", "512",
-                    "--tokenizer", str(MODEL_DIR), *flags],
-        "probe_interval_s": 0.5, "startup_probe_interval_s": 0.1, "probe_timeout_s": 2,
-        "health_failures": 2, "restart_backoff_s": 0.1, "restart_backoff_max_s": 0.5,
-        "stop_grace_s": 2, "wedge_timeout_s": 2, "wedge_check_interval_s": 0.25,
-        "max_restarts": 10, **timings,
-    }
+TIMINGS: dict[str, Any] = {
+    "probe_interval_s": 0.5, "startup_probe_interval_s": 0.1, "probe_timeout_s": 2,
+    "health_failures": 2, "restart_backoff_s": 0.1, "restart_backoff_max_s": 0.5,
+    "stop_grace_s": 2, "wedge_timeout_s": 2, "wedge_check_interval_s": 0.25,
+    "max_restarts": 10,
+}
 
 
 def _config(*flags: str, isolation: dict[str, Any] | None = None,
@@ -38,7 +41,8 @@ def _config(*flags: str, isolation: dict[str, Any] | None = None,
     port = free_port()
     return gateway_config(
         f"http://127.0.0.1:{port}",
-        engine=_engine_section(port, *flags, **timings),
+        engine=emulator_section(port, "--tokenizer", str(MODEL_DIR), *flags, timings=TIMINGS,
+                                **timings),
         admin={"enabled": True, "port": free_port()},
         models={"tiny": {"tokenizer": str(MODEL_DIR), "token_source": "local",
                          "deadline_s": 90, **(policy or {})}},
@@ -62,47 +66,17 @@ async def _start(gateway_server: Any, config: Any) -> tuple[TestServer, Deaths, 
     server: TestServer = await gateway_server(config, timeout=60)
     deaths = Deaths()
     server.app[SUPERVISOR].subscribe(deaths)
-    return server, deaths, str(server.make_url("")).rstrip("/")
-
-
-def _chat(content: str, *, max_tokens: int | None = 8, stream: bool = False) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": "tiny", "temperature": 0,
-                            "messages": [{"role": "user", "content": content}]}
-    if max_tokens is not None:
-        body["max_tokens"] = max_tokens
-    if stream:
-        body["stream"] = True
-    return body
+    return server, deaths, base_url(server)
 
 
 async def _send(session: aiohttp.ClientSession, base: str, body: dict[str, Any],
                 timeout: float = 120) -> dict[str, Any]:
-    """One request; for a stream, the text it assembled and whether it ended in an error."""
-    async with asyncio.timeout(timeout), session.post(
-            base + "/v1/chat/completions", json=body) as resp:
-        out: dict[str, Any] = {"status": resp.status, "headers": resp.headers}
-        if resp.content_type != "text/event-stream":
-            out["json"] = await resp.json()
-            return out
-        text, error, done, ids, roles = [], None, False, set(), 0
-        async for line in resp.content:
-            data = line.decode().strip()
-            if not data.startswith("data: "):
-                continue
-            if data == "data: [DONE]":
-                done = True
-                continue
-            event = json.loads(data[6:])
-            if "error" in event:
-                error = event["error"]
-                continue
-            ids.add(event["id"])
-            roles += sum("role" in c.get("delta", {}) for c in event.get("choices", []))
-            if event.get("usage"):
-                out["usage"] = event["usage"]
-            text.extend(c["delta"].get("content") or "" for c in event.get("choices", []))
-        out.update(text="".join(text), error=error, done=done, ids=ids, roles=roles)
-        return out
+    """One chat request; for a stream, also the text it assembled and whether it ended in an
+    error."""
+    out = await send(session, base + CHAT_PATH, body, timeout)
+    if "events" in out:
+        out.update(stream_summary(out["events"]))
+    return out
 
 
 async def test_the_original_crash_cannot_happen(gateway_server: Any) -> None:
@@ -116,7 +90,7 @@ async def test_the_original_crash_cannot_happen(gateway_server: Any) -> None:
 
     async def worker(session: aiohttp.ClientSession, n: int, w: int) -> None:
         for i in range(n):
-            result = await _send(session, base, _chat(f"hello {w}-{i}", max_tokens=None), 30)
+            result = await _send(session, base, chat(f"hello {w}-{i}", max_tokens=None), 30)
             statuses.append(result["status"])
 
     async with aiohttp.ClientSession() as session:
@@ -147,9 +121,9 @@ async def test_a_query_of_death_is_quarantined_and_the_innocent_are_saved(
     every stream that had not started gets its complete answer, no stream hangs."""
     server, deaths, base = await _start(
         gateway_server, _config("--die-on", POISON, "--tokens-per-second", "40"))
-    innocents = [_chat(f"innocent number {i}", max_tokens=20, stream=i % 2 == 1)
+    innocents = [chat(f"innocent number {i}", max_tokens=20, stream=i % 2 == 1)
                  for i in range(50)]
-    poison = _chat(f"please {POISON} now", max_tokens=20)
+    poison = chat(f"please {POISON} now", max_tokens=20)
 
     async with aiohttp.ClientSession() as session:
         async def poison_later(delay: float) -> dict[str, Any]:
@@ -199,8 +173,8 @@ async def test_a_wedge_is_detected_and_its_culprit_quarantined(gateway_server: A
     restarted; the culprit is quarantined and the innocent requests are served."""
     server, deaths, base = await _start(
         gateway_server, _config("--hang-on", HANG, "--tokens-per-second", "40"))
-    innocents = [_chat(f"bystander {i}", max_tokens=10) for i in range(6)]
-    culprit = _chat(f"now {HANG} forever", max_tokens=10)
+    innocents = [chat(f"bystander {i}", max_tokens=10) for i in range(6)]
+    culprit = chat(f"now {HANG} forever", max_tokens=10)
     async with aiohttp.ClientSession() as session:
         async def culprit_later() -> dict[str, Any]:
             await asyncio.sleep(0.1)
@@ -237,7 +211,7 @@ async def test_overload_gets_429_and_nothing_is_lost(gateway_server: Any) -> Non
         _config("--tokens-per-second", "20", isolation={"queue_max": 3, "queue_timeout_s": 30},
                 policy={"max_in_flight": 2}))
     async with aiohttp.ClientSession() as session:
-        results = await asyncio.gather(*(_send(session, base, _chat(f"load {i}", max_tokens=10))
+        results = await asyncio.gather(*(_send(session, base, chat(f"load {i}", max_tokens=10))
                                          for i in range(12)))
     statuses = sorted(r["status"] for r in results)
     assert set(statuses) <= {200, 429}
@@ -253,12 +227,10 @@ async def test_requests_are_held_while_the_engine_restarts(gateway_server: Any) 
     """A request that arrives while the engine restarts waits and is answered, not failed."""
     _server, deaths, base = await _start(gateway_server, _config("--die-on", POISON))
     async with aiohttp.ClientSession() as session:
-        killed = asyncio.ensure_future(_send(session, base, _chat(POISON)))
-        deadline = time.monotonic() + 20
-        while deaths.count == 0 and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        killed = asyncio.ensure_future(_send(session, base, chat(POISON)))
+        await until(lambda: deaths.count > 0, 20)
         assert deaths.count == 1
-        held = await _send(session, base, _chat("patient request"))
+        held = await _send(session, base, chat("patient request"))
         await killed
     assert held["status"] == 200
 
@@ -269,13 +241,13 @@ async def test_a_started_stream_is_resumed_after_the_engine_dies(gateway_server:
     the whole budget in its usage, no error event."""
     _server, deaths, base = await _start(
         gateway_server, _config("--die-on", POISON, "--tokens-per-second", "20"))
-    body = {**_chat("tell me a long story", max_tokens=40, stream=True),
+    body = {**chat("tell me a long story", max_tokens=40, stream=True),
             "stream_options": {"include_usage": True}}
     async with aiohttp.ClientSession() as session:
         expected = (await _send(session, base, body))["text"]
         stream = asyncio.ensure_future(_send(session, base, body))
         await asyncio.sleep(0.6)  # about a dozen tokens in
-        killer = await _send(session, base, _chat(POISON))
+        killer = await _send(session, base, chat(POISON))
         resumed = await stream
     assert deaths.count == 2  # the poison's first run, and its run alone on probation
     assert killer["status"] == 422

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import aiohttp
 import pytest
 
 from tests.conftest import MODEL_DIR, RealEngine, gateway_config
+from tests.helpers import base_url, post
 
 pytestmark = pytest.mark.engine
 
@@ -24,15 +24,11 @@ def _config(engine: RealEngine, **policy: Any) -> Any:
 
 async def _post(base: str, path: str, body: dict[str, Any]) -> tuple[int, Any, Any]:
     """Status, headers and the JSON answer (for a stream: the list of data events)."""
-    async with aiohttp.ClientSession() as s, s.post(base + path, json=body) as r:
-        if r.content_type == "text/event-stream":
-            events = []
-            async for line in r.content:
-                text = line.decode().strip()
-                if text.startswith("data: ") and text != "data: [DONE]":
-                    events.append(json.loads(text[6:]))
-            return r.status, r.headers, events
-        return r.status, r.headers, await r.json()
+    answer = await post(base + path, body)
+    if "events" in answer:
+        return answer["status"], answer["headers"], [
+            event for event in answer["events"] if event != "[DONE]"]
+    return answer["status"], answer["headers"], answer["json"]
 
 
 async def _engine_prompt_tokens(engine: RealEngine, body: dict[str, Any]) -> int:
@@ -65,7 +61,7 @@ async def test_missing_max_tokens_gets_the_bounded_default(
         stream: bool) -> None:
     """No max_tokens: exactly min(default_max_tokens, context - prompt) tokens come back."""
     server = await gateway_server(_config(real_engine))
-    base = str(server.make_url("")).rstrip("/")
+    base = base_url(server)
     request = {**body, **(STREAM if stream else {})}
     status, headers, answer = await _post(base, path, request)
     assert status == 200, answer
@@ -81,8 +77,7 @@ async def test_default_is_bounded_by_the_context_window(gateway_server: Any,
     body = {**CHAT, "messages": [{"role": "user", "content": "stars and moons " * 60}]}
     prompt = await _engine_prompt_tokens(real_engine, body)
     assert CTX - 200 < prompt < CTX, prompt
-    status, headers, answer = await _post(str(server.make_url("")).rstrip("/"),
-                                          "/v1/chat/completions", body)
+    status, headers, answer = await _post(base_url(server), "/v1/chat/completions", body)
     assert status == 200, answer
     assert answer["usage"]["prompt_tokens"] == prompt
     assert _completion_tokens(answer) == CTX - prompt
@@ -97,7 +92,7 @@ async def test_clamp_over_the_policy_limit(gateway_server: Any, real_engine: Rea
     """on_exceed: clamp lowers max_tokens to the policy limit and says so."""
     server = await gateway_server(_config(real_engine, on_exceed="clamp"))
     request = {**body, "max_tokens": 300, **(STREAM if stream else {})}
-    status, headers, answer = await _post(str(server.make_url("")).rstrip("/"), path, request)
+    status, headers, answer = await _post(base_url(server), path, request)
     assert status == 200, answer
     assert _completion_tokens(answer) == 100
     assert headers["X-Vllm-Guard-Max-Tokens"] == "clamped 300->100"
@@ -112,7 +107,7 @@ async def test_reject_over_the_policy_limit(gateway_server: Any, real_engine: Re
     server = await gateway_server(_config(real_engine, on_exceed="reject"))
     before = real_engine.access_count(path)
     request = {**body, "max_tokens": 300, **(STREAM if stream else {})}
-    status, _, answer = await _post(str(server.make_url("")).rstrip("/"), path, request)
+    status, _, answer = await _post(base_url(server), path, request)
     assert status == 400
     assert answer["error"]["param"] == "max_tokens"
     assert answer["error"]["type"] == "BadRequestError"
@@ -130,8 +125,7 @@ async def test_output_that_overflows_the_window(gateway_server: Any, real_engine
     body = {**COMPLETION, "prompt": "stars and moons " * 40, "max_tokens": 500}
     prompt = await _engine_prompt_tokens(real_engine, body)
     assert prompt + 500 > CTX
-    status, headers, answer = await _post(str(server.make_url("")).rstrip("/"),
-                                          "/v1/completions", body)
+    status, headers, answer = await _post(base_url(server), "/v1/completions", body)
     assert status == expect_status, answer
     if on_exceed == "clamp":
         assert _completion_tokens(answer) == CTX - prompt
@@ -152,7 +146,7 @@ async def test_overlong_prompt_never_reaches_the_engine(gateway_server: Any,
     request = ({**body, "messages": [{"role": "user", "content": long}]}
                if "messages" in body else {**body, "prompt": long})
     before = real_engine.access_count(path)
-    status, _, answer = await _post(str(server.make_url("")).rstrip("/"), path, request)
+    status, _, answer = await _post(base_url(server), path, request)
     assert status == 400
     assert answer["error"]["param"] == "input_tokens"
     assert "maximum context length is 512" in answer["error"]["message"]
@@ -164,8 +158,7 @@ async def test_max_prompt_tokens_names_the_policy_limit(gateway_server: Any,
     """A prompt within the window but over max_prompt_tokens is refused naming the policy."""
     server = await gateway_server(_config(real_engine, max_prompt_tokens=50))
     body = {**COMPLETION, "prompt": "stars and moons " * 40, "max_tokens": 5}
-    status, _, answer = await _post(str(server.make_url("")).rstrip("/"),
-                                    "/v1/completions", body)
+    status, _, answer = await _post(base_url(server), "/v1/completions", body)
     assert status == 400
     assert answer["error"]["param"] == "input_tokens"
     assert "50" in answer["error"]["message"]
@@ -176,7 +169,7 @@ async def test_unknown_model_gets_vllms_404(gateway_server: Any,
                                             real_engine: RealEngine) -> None:
     """A model the engine does not serve: NotFoundError, param model, like vLLM."""
     server = await gateway_server(_config(real_engine))
-    status, _, answer = await _post(str(server.make_url("")).rstrip("/"), "/v1/completions",
+    status, _, answer = await _post(base_url(server), "/v1/completions",
                                     {**COMPLETION, "model": "nope"})
     assert status == 404
     assert answer["error"]["type"] == "NotFoundError"
@@ -192,7 +185,7 @@ async def test_report_mode_forwards_and_marks(gateway_server: Any,
     """Report mode: an over-limit request is forwarded as sent and marked; a missing limit
     is still filled."""
     server = await gateway_server(_config(real_engine, mode="report"))
-    base = str(server.make_url("")).rstrip("/")
+    base = base_url(server)
     status, headers, answer = await _post(base, "/v1/completions",
                                           {**COMPLETION, "max_tokens": 150})
     assert status == 200

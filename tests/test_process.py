@@ -17,7 +17,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from engine.process import REAPER, EngineProcess
-from tests.fake_engine import fake_argv, free_port, pid_alive, port_open, until
+from tests.fake_engine import fake_argv
+from tests.helpers import free_port, kill_leftovers, pid_alive, port_open, until
 
 
 @pytest.fixture
@@ -40,13 +41,6 @@ async def fake_info(session: aiohttp.ClientSession, port: int,
             if loop.time() > deadline:
                 raise
             await asyncio.sleep(0.05)
-
-
-def kill_leftovers(*pids: int | None) -> None:
-    for pid in pids:
-        if pid is not None and pid_alive(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
 
 
 async def test_output_lines_are_logged_as_engine_output() -> None:

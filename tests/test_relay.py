@@ -11,7 +11,8 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from tests.conftest import free_port, gateway_config, run_fake_upstream
+from tests.conftest import gateway_config, run_fake_upstream
+from tests.helpers import base_url, error_envelope, free_port
 
 
 class FakeEngine:
@@ -57,7 +58,7 @@ class FakeEngine:
 async def fake_engine() -> AsyncIterator[FakeEngine]:
     fake = FakeEngine()
     server = await run_fake_upstream(fake.app)
-    fake.url = str(server.make_url("")).rstrip("/")
+    fake.url = base_url(server)
     yield fake
     await server.close()
 
@@ -67,15 +68,6 @@ async def _post(url: str, data: bytes | str, headers: dict[str, str] | None = No
     async with aiohttp.ClientSession() as s, s.post(url, data=data, headers=headers) as r:
         raw = await r.read()
         return r.status, CIMultiDict(r.headers), json.loads(raw) if raw else None
-
-
-def _assert_envelope(body: Any, status: int) -> None:
-    assert set(body) == {"error"}
-    err = body["error"]
-    assert set(err) == {"message", "type", "param", "code"}
-    assert err["code"] == status
-    assert isinstance(err["message"], str)
-    assert err["message"]
 
 
 MALFORMED = [
@@ -98,7 +90,7 @@ async def test_malformed_bodies_get_an_envelope_and_never_reach_the_engine(
     server = await gateway_server(gateway_config(fake_engine.url))
     got, _, answer = await _post(str(server.make_url("/v1/completions")), body, headers)
     assert got == status
-    _assert_envelope(answer, status)
+    error_envelope(answer, status)
     assert fake_engine.generation_requests() == []
 
 
@@ -112,7 +104,7 @@ async def test_body_over_the_size_limit_gets_413(gateway_server: Any,
     status, _, answer = await _post(str(server.make_url("/v1/completions")), payload,
                                     {"Content-Type": "application/json"})
     assert status == 413
-    _assert_envelope(answer, 413)
+    error_envelope(answer, 413)
     assert fake_engine.generation_requests() == []
 
 
@@ -127,7 +119,7 @@ async def test_paths_outside_the_allow_list_get_404(gateway_server: Any,
     status, _, answer = await _post(str(server.make_url(path)), b"{}",
                                     {"Content-Type": "application/json"})
     assert status == 404
-    _assert_envelope(answer, 404)
+    error_envelope(answer, 404)
     assert not any(s[1] == path for s in fake_engine.seen)
 
 
@@ -191,7 +183,7 @@ async def test_engine_error_bodies_pass_through_and_plain_ones_become_502(
     status, _, answer = await _post(url, json.dumps({"model": "tiny", "prompt": "plain-500"}),
                                     {"Content-Type": "application/json"})
     assert status == 502
-    _assert_envelope(answer, 502)
+    error_envelope(answer, 502)
 
 
 async def test_engine_down_gets_503_with_retry_after_at_once(gateway_server: Any) -> None:
@@ -206,7 +198,7 @@ async def test_engine_down_gets_503_with_retry_after_at_once(gateway_server: Any
             async with s.post(server.make_url(path), json=body) as r:
                 assert r.status == 503, path
                 assert int(r.headers["Retry-After"]) >= 1
-                _assert_envelope(await r.json(), 503)
+                error_envelope(await r.json(), 503)
         async with s.get(server.make_url("/ready")) as r:
             assert r.status == 503
         async with s.get(server.make_url("/health")) as r:

@@ -4,7 +4,6 @@ the protection."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from typing import Any
 
@@ -13,6 +12,7 @@ import openai
 import pytest
 
 from tests.conftest import RealEngine, gateway_config
+from tests.helpers import base_url, post
 
 pytestmark = pytest.mark.engine
 
@@ -33,20 +33,15 @@ def _strip(obj: Any) -> Any:
 
 
 async def _json(base: str, path: str, body: dict[str, Any]) -> tuple[int, Any]:
-    async with aiohttp.ClientSession() as s, s.post(base + path, json=body) as r:
-        return r.status, await r.json()
+    answer = await post(base + path, body)
+    return answer["status"], answer["json"]
 
 
 async def _sse(base: str, path: str, body: dict[str, Any]) -> list[Any]:
-    events: list[Any] = []
-    async with aiohttp.ClientSession() as s, s.post(base + path, json=body) as r:
-        assert r.status == 200
-        assert r.content_type == "text/event-stream"
-        async for line in r.content:
-            text = line.decode().strip()
-            if text.startswith("data: "):
-                data = text[len("data: "):]
-                events.append(data if data == "[DONE]" else json.loads(data))
+    answer = await post(base + path, body)
+    assert answer["status"] == 200
+    assert answer["content_type"] == "text/event-stream"
+    events: list[Any] = answer["events"]
     return events
 
 
@@ -57,7 +52,7 @@ async def test_json_answers_equal_the_engines(gateway_server: Any, real_engine: 
     """A non-streamed answer through the gateway equals the engine's own (same seed)."""
     server = await gateway_server(gateway_config(real_engine.url))
     direct_status, direct = await _json(real_engine.url, path, body)
-    via_status, via = await _json(str(server.make_url("")).rstrip("/"), path, body)
+    via_status, via = await _json(base_url(server), path, body)
     assert direct_status == via_status == 200
     assert _strip(via) == _strip(direct)
     assert via["usage"]["completion_tokens"] >= 1
@@ -71,7 +66,7 @@ async def test_streamed_answers_equal_the_engines(gateway_server: Any, real_engi
     server = await gateway_server(gateway_config(real_engine.url))
     body = {**body, "stream": True, "stream_options": {"include_usage": True}}
     direct = await _sse(real_engine.url, path, body)
-    via = await _sse(str(server.make_url("")).rstrip("/"), path, body)
+    via = await _sse(base_url(server), path, body)
     assert via[-1] == "[DONE]"
     assert len(via) > 3
     assert _strip(via) == _strip(direct)
@@ -108,8 +103,7 @@ async def test_kserve_prefix_reaches_the_same_engine(gateway_server: Any,
                                                      real_engine: RealEngine) -> None:
     """/openai/v1/... is the same engine path as /v1/..."""
     server = await gateway_server(gateway_config(real_engine.url))
-    status, answer = await _json(str(server.make_url("")).rstrip("/"),
-                                 "/openai/v1/completions", COMPLETION)
+    status, answer = await _json(base_url(server), "/openai/v1/completions", COMPLETION)
     assert status == 200
     assert answer["object"] == "text_completion"
 
@@ -151,8 +145,7 @@ async def test_client_disconnect_stops_the_engine(gateway_server: Any,
                             defaults={"max_n": 64, "max_tokens_limit": 480})
     server = await gateway_server(config)
     assert await _wait_running(real_engine, lambda r: r == 0, 30) is not None
-    running = await _drop_stream_after(str(server.make_url("")).rstrip("/"), 0.5,
-                                       real_engine)
+    running = await _drop_stream_after(base_url(server), 0.5, real_engine)
     assert running > 0, "the engine was not busy before the drop; the test proves nothing"
     went_idle = await _wait_running(real_engine, lambda r: r == 0, 10)
     assert went_idle is not None, "the engine kept generating for a client that left"

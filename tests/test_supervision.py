@@ -24,13 +24,27 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from aiohttp.test_utils import TestServer
 
 from engine.process import EngineProcess, group_alive
-from engine.supervisor import EngineState, EngineSupervisor, StateChange
+from engine.supervisor import EngineState, EngineSupervisor
 from gateway.keys import SUPERVISOR
-from tests.conftest import ROOT, free_port, gateway_config, stop_process_group
-from tests.fake_engine import port_open, until
+from tests.conftest import ROOT, gateway_config, stop_process_group
+from tests.helpers import (
+    Recorder,
+    base_url,
+    chat,
+    content_of,
+    emulator_argv,
+    emulator_section,
+    error_envelope,
+    free_port,
+    port_open,
+    send,
+    sse_events,
+    status_of,
+    until,
+    wait_status,
+)
 
 DIE = "DIE-5d1e"
 HANG = "HANG-0b7c"
@@ -51,89 +65,22 @@ TIMINGS: dict[str, Any] = {
 }
 
 
-def emulator_argv(port: int, *flags: str) -> list[str]:
-    return [sys.executable, "-m", "engine.emulator", "--port", str(port),
-            "--served-model-name", "tiny", "--max-model-len", "512", *flags]
-
-
 def engine_section(port: int, *flags: str, supervised: bool = True,
                    **overrides: Any) -> dict[str, Any]:
-    section: dict[str, Any] = {**TIMINGS, "url": f"http://127.0.0.1:{port}", **overrides}
-    if supervised:
-        section["command"] = emulator_argv(port, *flags)
-    return section
-
-
-def base_url(server: TestServer) -> str:
-    return str(server.make_url("")).rstrip("/")
-
-
-def chat(content: str, *, max_tokens: int | None = 8, stream: bool = False) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": "tiny", "messages": [{"role": "user", "content": content}],
-                            "stream": stream}
-    if max_tokens is not None:
-        body["max_tokens"] = max_tokens
-    return body
-
-
-async def status_of(session: aiohttp.ClientSession, url: str) -> int | None:
-    """The status of a GET, or None when nothing answered."""
-    try:
-        async with session.get(url, timeout=aiohttp.ClientTimeout(total=5)) as resp:
-            await resp.read()
-            return resp.status
-    except (aiohttp.ClientError, TimeoutError):
-        return None
-
-
-async def wait_status(session: aiohttp.ClientSession, url: str, status: int,
-                      timeout: float) -> bool:
-    """Poll a GET until it answers `status`, for at most `timeout` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        if await status_of(session, url) == status:
-            return True
-        await asyncio.sleep(0.05)
-    return False
-
-
-async def send(session: aiohttp.ClientSession, url: str, body: dict[str, Any],
-               timeout: float = 60.0) -> dict[str, Any]:
-    """POST a generation; its status and JSON body, or for a stream its events."""
-    async with asyncio.timeout(timeout), session.post(url, json=body) as resp:
-        out: dict[str, Any] = {"status": resp.status, "headers": resp.headers}
-        if resp.content_type != "text/event-stream":
-            out["json"] = await resp.json(content_type=None)
-            return out
-        out["events"] = [event async for event in sse_events(resp)]
-        return out
-
-
-async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[Any]:
-    """The `data:` events of a stream, JSON-decoded ("[DONE]" as the string)."""
-    async for line in resp.content:
-        text = line.decode().strip()
-        if text.startswith("data: "):
-            data = text[len("data: "):]
-            yield data if data == "[DONE]" else json.loads(data)
-
-
-def content_of(events: list[Any]) -> str:
-    return "".join(choice["delta"].get("content") or ""
-                   for event in events if isinstance(event, dict)
-                   for choice in event.get("choices", []))
+    return emulator_section(port, *flags, timings=TIMINGS, supervised=supervised, **overrides)
 
 
 async def trigger(session: aiohttp.ClientSession, engine_url: str, fault: str) -> None:
     """Make the engine fail with a request sent straight to it, not through the gateway."""
+    # Straight from the engine, an answer may be a bare 500: its body is read as any type.
     if fault == "exit":  # os._exit(0) while the request is in flight
         with pytest.raises(aiohttp.ClientError):
             await send(session, engine_url + "/v1/completions",
-                       {"model": "tiny", "prompt": f"please {DIE}", "max_tokens": 4})
+                       {"model": "tiny", "prompt": f"please {DIE}", "max_tokens": 4},
+                       content_type=None)
     elif fault == "health":  # no max_tokens: the multi-step bug kills the engine loop
         result = await send(session, engine_url + "/v1/chat/completions",
-                            chat("no limit", max_tokens=None))
+                            chat("no limit", max_tokens=None), content_type=None)
         assert result["status"] == 500
     else:  # every generation stalls for good; the stream's headers are already sent
         async with session.post(engine_url + "/v1/completions", json={
@@ -141,25 +88,6 @@ async def trigger(session: aiohttp.ClientSession, engine_url: str, fault: str) -
                 "stream": True}) as resp:
             assert resp.status == 200
         assert await status_of(session, engine_url + "/health") == 200
-
-
-class Recorder:
-    """The supervisor's state changes, as they happen."""
-
-    def __init__(self, supervisor: EngineSupervisor) -> None:
-        self.changes: list[StateChange] = []
-        supervisor.subscribe(self.changes.append)
-
-    def reasons(self, state: EngineState) -> list[str]:
-        return [c.reason for c in self.changes if c.new is state]
-
-
-def error_envelope(body: Any) -> dict[str, Any]:
-    assert set(body) == {"error"}, body
-    error: dict[str, Any] = body["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert error["message"]
-    return error
 
 
 # The supervised shape: the gateway starts the emulator and restarts it.

@@ -13,8 +13,8 @@ import pytest
 from engine.process import group_alive
 from engine.supervisor import EngineState, EngineSupervisor
 from gateway.keys import SUPERVISOR
-from tests.conftest import MODEL_NAME, engine_argv, engine_env, free_port, gateway_config
-from tests.test_supervision import Recorder, base_url, error_envelope, sse_events, wait_status
+from tests.conftest import MODEL_NAME, engine_argv, engine_env, gateway_config
+from tests.helpers import Recorder, base_url, error_envelope, free_port, sse_events, wait_status
 
 pytestmark = pytest.mark.engine
 

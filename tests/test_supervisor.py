@@ -4,7 +4,6 @@ run as a real subprocess (tests/fake_engine.py) with short timings."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import sys
@@ -26,8 +25,9 @@ from engine.detect import (
 )
 from engine.process import EngineProcess
 from engine.settings import EngineConfig
-from engine.supervisor import EngineState, EngineSupervisor, StateChange
-from tests.fake_engine import LORA, MAX_MODEL_LEN, MODEL, fake_argv, free_port, pid_alive, until
+from engine.supervisor import EngineState, EngineSupervisor
+from tests.fake_engine import LORA, MAX_MODEL_LEN, MODEL, fake_argv
+from tests.helpers import Recorder, free_port, kill_leftovers, pid_alive, until
 
 # The decisions.
 
@@ -139,25 +139,6 @@ class FakeProgress:
 
     def stalled_for(self, now: float) -> float | None:
         return None if self.since is None else now - self.since
-
-
-class Recorder:
-    """Every state change, with what the gateway would read at that moment."""
-
-    def __init__(self, supervisor: EngineSupervisor) -> None:
-        self.supervisor = supervisor
-        self.changes: list[StateChange] = []
-        self.retry_after: list[float] = []
-        self.live: list[bool] = []
-        supervisor.subscribe(self)
-
-    def __call__(self, change: StateChange) -> None:
-        self.changes.append(change)
-        self.retry_after.append(self.supervisor.retry_after_s())
-        self.live.append(self.supervisor.live())
-
-    def reasons(self, state: EngineState) -> list[str]:
-        return [c.reason for c in self.changes if c.new is state]
 
 
 Factory = Callable[..., EngineSupervisor]
@@ -464,7 +445,4 @@ async def test_stop_stops_the_engine_group(make_supervisor: Factory,
         assert not pid_alive(info["pid"])
         assert not pid_alive(info["child_pid"])
     finally:
-        for pid in (info["pid"], info["child_pid"]):
-            if pid_alive(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+        kill_leftovers(info["pid"], info["child_pid"])

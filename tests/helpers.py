@@ -1,0 +1,226 @@
+"""Plain helpers shared by the test modules: ports and processes, polling, the emulator as a
+supervised engine, request bodies, sending a request and reading its answer or its SSE events,
+the error envelope, and a recorder of the supervisor's state changes.
+
+Fixtures live in tests/conftest.py; the fake engine run as a subprocess in tests/fake_engine.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+import aiohttp
+from aiohttp.test_utils import TestServer
+
+from engine.supervisor import EngineState, EngineSupervisor, StateChange
+
+CHAT_PATH = "/v1/chat/completions"
+
+# Ports and processes.
+
+
+def free_port() -> int:
+    """A loopback port free at the time of asking."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(port: int) -> bool:
+    """Whether something accepts connections on the loopback `port`."""
+    with socket.socket() as s:
+        s.settimeout(1.0)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie waiting to be reaped does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
+def kill_leftovers(*pids: int | None) -> None:
+    """SIGKILL each of `pids` (None skipped) still running: a test's clean-up, by pid."""
+    for pid in pids:
+        if pid is not None and pid_alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+# Polling.
+
+
+async def until(condition: Callable[[], Any], timeout: float, interval: float = 0.02) -> bool:
+    """Poll `condition()` until it is true or `timeout` passes; its last value."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() >= deadline:
+            return bool(condition())
+        await asyncio.sleep(interval)
+    return True
+
+
+def base_url(server: TestServer) -> str:
+    """The server's URL without a trailing slash, to put paths after."""
+    return str(server.make_url("")).rstrip("/")
+
+
+async def status_of(session: aiohttp.ClientSession, url: str) -> int | None:
+    """The status of a GET, or None when nothing answered."""
+    try:
+        async with session.get(url, timeout=aiohttp.ClientTimeout(total=5)) as resp:
+            await resp.read()
+            return resp.status
+    except (aiohttp.ClientError, TimeoutError):
+        return None
+
+
+async def wait_status(session: aiohttp.ClientSession, url: str, status: int,
+                      timeout: float) -> bool:
+    """Poll a GET until it answers `status`, for at most `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        if await status_of(session, url) == status:
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+# The emulator (engine/emulator) as the engine a gateway supervises.
+
+
+def emulator_argv(port: int, *flags: str) -> list[str]:
+    """`python -m engine.emulator` serving "tiny" (512 tokens of context) on `port`."""
+    return [sys.executable, "-m", "engine.emulator", "--port", str(port),
+            "--served-model-name", "tiny", "--max-model-len", "512", *flags]
+
+
+def emulator_section(port: int, *flags: str, timings: Mapping[str, Any],
+                     supervised: bool = True, **overrides: Any) -> dict[str, Any]:
+    """A gateway config's `engine` section for the emulator on `port`: started by the gateway
+    with `flags` when `supervised`, else someone else's to run (the sidecar shape)."""
+    section: dict[str, Any] = {**timings, "url": f"http://127.0.0.1:{port}", **overrides}
+    if supervised:
+        section["command"] = emulator_argv(port, *flags)
+    return section
+
+
+# Requests and answers.
+
+
+def chat(content: str, *, max_tokens: int | None = 8, stream: bool = False) -> dict[str, Any]:
+    """A greedy chat body for "tiny" with one user message (`stream` sent only when true)."""
+    body: dict[str, Any] = {"model": "tiny", "temperature": 0,
+                            "messages": [{"role": "user", "content": content}]}
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    if stream:
+        body["stream"] = True
+    return body
+
+
+async def send(session: aiohttp.ClientSession, url: str, body: dict[str, Any],
+               timeout: float | None = 60.0, *,
+               content_type: str | None = "application/json") -> dict[str, Any]:
+    """POST `body` as JSON within `timeout` (None: no bound of its own): its status, headers and
+    content type, and its JSON body (expected as `content_type`; None: any), or for a stream
+    its events."""
+    async with asyncio.timeout(timeout), session.post(url, json=body) as resp:
+        out: dict[str, Any] = {"status": resp.status, "headers": resp.headers,
+                               "content_type": resp.content_type}
+        if resp.content_type != "text/event-stream":
+            out["json"] = await resp.json(content_type=content_type)
+            return out
+        out["events"] = [event async for event in sse_events(resp)]
+        return out
+
+
+async def post(url: str, body: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+    """`send` in a client session of its own."""
+    async with aiohttp.ClientSession() as session:
+        return await send(session, url, body, timeout)
+
+
+async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[Any]:
+    """The `data:` events of a stream, JSON-decoded ("[DONE]" as the string)."""
+    async for line in resp.content:
+        text = line.decode().strip()
+        if text.startswith("data: "):
+            data = text[len("data: "):]
+            yield data if data == "[DONE]" else json.loads(data)
+
+
+def content_of(events: list[Any]) -> str:
+    """The text the choices of a chat stream's events carry."""
+    return "".join(choice["delta"].get("content") or ""
+                   for event in events if isinstance(event, dict)
+                   for choice in event.get("choices", []))
+
+
+def stream_summary(events: list[Any]) -> dict[str, Any]:
+    """What a chat stream assembled: its text, its (last) error event, whether it ended with
+    [DONE], the ids and the number of role chunks of its other events, and their last usage."""
+    out: dict[str, Any] = {"error": None, "done": False, "ids": set(), "roles": 0}
+    chunks = []
+    for event in events:
+        if event == "[DONE]":
+            out["done"] = True
+        elif "error" in event:
+            out["error"] = event["error"]
+        else:
+            chunks.append(event)
+            out["ids"].add(event["id"])
+            out["roles"] += sum("role" in c.get("delta", {}) for c in event.get("choices", []))
+            if event.get("usage"):
+                out["usage"] = event["usage"]
+    out["text"] = content_of(chunks)
+    return out
+
+
+def error_envelope(body: Any, status: int | None = None) -> dict[str, Any]:
+    """The error of a body in vLLM's (OpenAI's) error envelope, checked; its code is `status`
+    when one is given."""
+    assert set(body) == {"error"}, body
+    error: dict[str, Any] = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert isinstance(error["message"], str)
+    assert error["message"]
+    if status is not None:
+        assert error["code"] == status
+    return error
+
+
+# The supervisor.
+
+
+class Recorder:
+    """Every state change of a supervisor as it happens, with what the gateway would read at
+    that moment (Retry-After, liveness)."""
+
+    def __init__(self, supervisor: EngineSupervisor) -> None:
+        self.supervisor = supervisor
+        self.changes: list[StateChange] = []
+        self.retry_after: list[float] = []
+        self.live: list[bool] = []
+        supervisor.subscribe(self)
+
+    def __call__(self, change: StateChange) -> None:
+        self.changes.append(change)
+        self.retry_after.append(self.supervisor.retry_after_s())
+        self.live.append(self.supervisor.live())
+
+    def reasons(self, state: EngineState) -> list[str]:
+        return [c.reason for c in self.changes if c.new is state]
