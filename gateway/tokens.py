@@ -8,12 +8,12 @@ and their tokenizer class is one whose encoding is tokenizer.json alone, else th
 request the local path cannot reproduce (images, unusual message shapes, template kwargs that
 change how the template is called) is counted by the engine whatever the source.
 
-Cheap bounds first. `upper_bounds` gives, per prompt, a count never below the exact one
-(`PromptTokenizer.upper_bound`: the UTF-8 length of the rendered prompt plus the special tokens,
-for a byte-level BPE), or None when only the engine can count. The caller decides with the bound
-when no threshold of the policy lies at or under it (`policy.needs_exact_count`) and counts
-exactly (`count`) otherwise; `count_chat_within` / `count_completion_within` do both steps in
-one call, rendering a chat once.
+Cheap bounds first. Admission calls `count_chat_within` / `count_completion_within` with the
+policy's threshold (`policy.exact_count_above`): they render a chat once and answer with the
+cheap upper bound (`PromptTokenizer.upper_bound`: the UTF-8 length of the rendered prompt plus
+the special tokens, for a byte-level BPE) when it is at most the threshold, and with the exact
+count past it. `upper_bounds` (a bound without asking the engine, or None) and `count` (always
+exact) give the two steps separately.
 
 Truncation is reflected: with `truncate_prompt_tokens: k` vLLM keeps k tokens (the last k, BOS
 kept), so the count is min(count, k); k = -1 means the model's `max_model_len`, less one when the
@@ -317,7 +317,7 @@ class TokenCounter:
         tokenizer."""
         return None if self.tokenizer is None else self.tokenizer.upper_bound(text)
 
-    # -- what gateway.generation calls ---------------------------------------------------------
+    # -- the two steps, separately ---------------------------------------------------------------
 
     async def upper_bounds(self, view: object, body: Mapping[str, object], *,
                            max_model_len: int | None = None) -> list[int] | None:
