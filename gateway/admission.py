@@ -34,8 +34,6 @@ class EngineView(Protocol):
 
     @property
     def state(self) -> EngineState: ...
-    @property
-    def epoch(self) -> int: ...
     def is_ready(self) -> bool: ...
     def restart_expected(self) -> bool: ...
     def retry_after_s(self) -> float: ...
@@ -177,7 +175,7 @@ class Gate:
             "waited too long; retry later.", retry_after_s=2)
 
     def _take(self, request_id: str, model: str | None, fp: str, *, solo: bool) -> Inflight:
-        ticket = self.ledger.add(request_id, model, fp, solo=solo, epoch=self.supervisor.epoch)
+        ticket = self.ledger.add(request_id, model, fp, solo=solo)
         self._by_model[model] += 1
         if solo:
             self._solo = ticket

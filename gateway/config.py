@@ -163,6 +163,11 @@ class IsolationConfig(_Frozen):
         "user", "stream", "stream_options", "request_id", "metadata", "service_tier", "store",
     )
 
+    @cached_property
+    def fingerprint_skip(self) -> frozenset[str]:
+        """`fingerprint_ignore` as a set, made once per snapshot."""
+        return frozenset(self.fingerprint_ignore)
+
 
 class LoggingConfig(_Frozen):
     level: str = "info"

@@ -29,7 +29,13 @@ from gateway.inflight import Inflight
 from gateway.isolation import fingerprint
 from gateway.keys import CONFIG, GATE, LIFECYCLE, RECORD, SUPERVISOR, TOKENS, UPSTREAM
 from gateway.policy import Admit, Reject, context_length_for, decide, exact_count_above, precheck
-from gateway.proxy import continue_stream, end_stream_with_error, forward_headers, relay_response
+from gateway.proxy import (
+    continue_stream,
+    end_stream_with_error,
+    engine_answer,
+    forward_headers,
+    relay_response,
+)
 from gateway.resume import (
     EventRewriter,
     StreamLog,
@@ -55,7 +61,7 @@ async def generation(request: web.Request) -> web.StreamResponse:
         raise EngineUnavailable("The gateway is shutting down.", retry_after_s=5)
 
     gate = app[GATE]
-    fp = fingerprint(body, config.isolation.fingerprint_ignore)
+    fp = fingerprint(body, config.isolation.fingerprint_skip)
     record.fields["fingerprint"] = fp
     gate.check_quarantine(fp)
 
@@ -203,13 +209,8 @@ async def _attempts(request: web.Request, path: str, body: dict[str, Any], decis
                 if stream is not None:
                     await end_stream_with_error(stream, err.message)
                     return stream
-                if isinstance(err.fallback, web.StreamResponse):
-                    answered = True
-                    return err.fallback
-                if isinstance(err.fallback, GuardError):
-                    raise err.fallback from None
-                raise EngineUnavailable(err.message,
-                                        retry_after_s=app[SUPERVISOR].retry_after_s()) from None
+                answered = True  # by the engine, which stayed fine: not a culprit
+                return engine_answer(err, app[SUPERVISOR].retry_after_s())
             # The engine failed with this request in flight and the client has seen nothing
             # (more): it is now a suspect; the next round waits for the engine and probation.
             record.fields["engine_failures"] = record.fields.get("engine_failures", 0) + 1

@@ -12,14 +12,12 @@ from gateway.config import KSERVE_PREFIX
 from gateway.errors import (
     BadRequest,
     EngineFailed,
-    EngineUnavailable,
-    GuardError,
     NotFound,
     StreamCut,
     UnsupportedMediaType,
 )
 from gateway.keys import CONFIG, LIFECYCLE, RECORD, SUPERVISOR, UPSTREAM
-from gateway.proxy import end_stream_with_error, forward_headers, relay_response
+from gateway.proxy import end_stream_with_error, engine_answer, forward_headers, relay_response
 
 _JSON_TYPES = frozenset({"application/json", ""})
 MAX_JSON_DEPTH = 128
@@ -149,9 +147,4 @@ async def relay(request: web.Request) -> web.StreamResponse:
         await end_stream_with_error(cut.response, "The engine failed during the stream.")
         return cut.response
     except EngineFailed as err:
-        if isinstance(err.fallback, web.StreamResponse):
-            return err.fallback
-        if isinstance(err.fallback, GuardError):
-            raise err.fallback from None
-        raise EngineUnavailable(err.message,
-                                retry_after_s=request.app[SUPERVISOR].retry_after_s()) from None
+        return engine_answer(err, request.app[SUPERVISOR].retry_after_s())

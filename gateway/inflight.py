@@ -21,7 +21,6 @@ class Inflight:
     fingerprint: str
     solo: bool
     """Running alone on probation."""
-    epoch: int
     started: float
     last_progress: float
     bytes_received: int = 0
@@ -36,10 +35,10 @@ class InflightLedger:
         self._clock = clock
         self._entries: dict[int, Inflight] = {}
 
-    def add(self, request_id: str, model: str | None, fingerprint: str, *, solo: bool,
-            epoch: int) -> Inflight:
+    def add(self, request_id: str, model: str | None, fingerprint: str, *,
+            solo: bool) -> Inflight:
         now = self._clock()
-        entry = Inflight(request_id, model, fingerprint, solo, epoch, now, now)
+        entry = Inflight(request_id, model, fingerprint, solo, now, now)
         self._entries[id(entry)] = entry
         return entry
 

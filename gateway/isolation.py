@@ -19,12 +19,11 @@ from dataclasses import dataclass
 from typing import Any
 
 
-def fingerprint(body: Mapping[str, Any], ignore: Iterable[str]) -> str:
+def fingerprint(body: Mapping[str, Any], ignore: frozenset[str]) -> str:
     """A hash of the client's body without the fields that vary between retries of the same
     request (`isolation.fingerprint_ignore`: user, stream, stream_options, request ids, ...).
     Keys are sorted, so the same request in another key order has the same fingerprint."""
-    skip = frozenset(ignore)
-    kept = {k: v for k, v in body.items() if k not in skip}
+    kept = {k: v for k, v in body.items() if k not in ignore}
     canonical = json.dumps(kept, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
                            allow_nan=True)
     return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()[:32]

@@ -250,6 +250,16 @@ async def _pump(resp: web.StreamResponse, upstream: aiohttp.ClientResponse,
         raise StreamCut(resp) from None
 
 
+def engine_answer(err: EngineFailed, retry_after_s: float) -> web.StreamResponse:
+    """What to answer for an exchange that failed while the engine itself stayed fine: the
+    engine's own response when it gave one, else the error it amounts to (raised)."""
+    if isinstance(err.fallback, web.StreamResponse):
+        return err.fallback
+    if isinstance(err.fallback, GuardError):
+        raise err.fallback from None
+    raise EngineUnavailable(err.message, retry_after_s=retry_after_s) from None
+
+
 async def end_stream_with_error(resp: web.StreamResponse, message: str) -> None:
     """End a started stream the way vLLM reports an error inside one: a `data:` event with
     the error envelope, then `[DONE]`, so the client reads a reason, not a cut connection."""

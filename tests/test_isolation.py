@@ -7,7 +7,7 @@ import pytest
 from gateway.config import IsolationConfig
 from gateway.isolation import Quarantine, SuspectBook, attribute_failure, fingerprint
 
-IGNORE = IsolationConfig().fingerprint_ignore
+IGNORE = IsolationConfig().fingerprint_skip
 
 
 def test_fingerprint_ignores_fields_that_vary_between_retries() -> None:
