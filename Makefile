@@ -29,6 +29,7 @@ run: venv model
 	$(VENV)/bin/vllm-guard run --config $(CONFIG)
 
 lint: venv
+	$(VENV)/bin/ruff format --check gateway engine tests scripts bench
 	$(VENV)/bin/ruff check gateway engine tests scripts bench
 
 typecheck: venv

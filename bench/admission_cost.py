@@ -67,8 +67,28 @@ STALL_REQUESTS = 30
 WARMUP = 3
 START_TIMEOUT_S = 60.0
 POLL_INTERVAL_S = 0.02
-WORDS = ("alpha", "beta", "gamma", "delta", "river", "stone", "light", "garden", "window",
-         "number", "écrit", "naïve", "🙂", "x_y", "1234", "the", "of", "and", "return", "self")
+WORDS = (
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "river",
+    "stone",
+    "light",
+    "garden",
+    "window",
+    "number",
+    "écrit",
+    "naïve",
+    "🙂",
+    "x_y",
+    "1234",
+    "the",
+    "of",
+    "and",
+    "return",
+    "self",
+)
 
 
 # -- the bare relay (runs in its own process) --------------------------------------------------
@@ -80,11 +100,11 @@ async def relay_main(port: int, upstream: str) -> None:
 
     async def forward(request: web.Request) -> web.Response:
         body = await request.read()
-        async with session.post(upstream + request.path, data=body,
-                                headers={"Content-Type": "application/json"}) as resp:
+        async with session.post(
+            upstream + request.path, data=body, headers={"Content-Type": "application/json"}
+        ) as resp:
             payload = await resp.read()
-            return web.Response(body=payload, status=resp.status,
-                                content_type=resp.content_type)
+            return web.Response(body=payload, status=resp.status, content_type=resp.content_type)
 
     async def health(_request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -142,16 +162,20 @@ class Child:
 def spawn(name: str, argv: list[str], url: str, ready_path: str, workdir: Path) -> Child:
     log = workdir / f"{name}.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
+        )
     child = Child(name, proc, url, log)
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited with {proc.returncode}: "
-                               f"{log.read_text(errors='replace')[-2000:]}")
-        with contextlib.suppress(OSError), \
-                urllib.request.urlopen(url + ready_path, timeout=2) as resp:  # noqa: S310
+            raise RuntimeError(
+                f"{name} exited with {proc.returncode}: {log.read_text(errors='replace')[-2000:]}"
+            )
+        with (
+            contextlib.suppress(OSError),
+            urllib.request.urlopen(url + ready_path, timeout=2) as resp,  # noqa: S310
+        ):
             if resp.status == 200:
                 return child
         time.sleep(0.2)
@@ -161,14 +185,28 @@ def spawn(name: str, argv: list[str], url: str, ready_path: str, workdir: Path) 
 
 def start_emulator(workdir: Path) -> Child:
     port = free_port()
-    return spawn("emulator", [sys.executable, "-m", "engine.emulator", "--port", str(port),
-                              "--max-model-len", str(MAX_MODEL_LEN), "--tokenizer",
-                              str(MODEL_DIR)],
-                 f"http://127.0.0.1:{port}", "/health", workdir)
+    return spawn(
+        "emulator",
+        [
+            sys.executable,
+            "-m",
+            "engine.emulator",
+            "--port",
+            str(port),
+            "--max-model-len",
+            str(MAX_MODEL_LEN),
+            "--tokenizer",
+            str(MODEL_DIR),
+        ],
+        f"http://127.0.0.1:{port}",
+        "/health",
+        workdir,
+    )
 
 
-def start_gateway(name: str, engine_url: str, workdir: Path,
-                  max_prompt_tokens: int | None = None) -> Child:
+def start_gateway(
+    name: str, engine_url: str, workdir: Path, max_prompt_tokens: int | None = None
+) -> Child:
     port = free_port()
     tiny: dict[str, object] = {"tokenizer": str(MODEL_DIR), "token_source": "local"}
     if max_prompt_tokens is not None:
@@ -182,14 +220,24 @@ def start_gateway(name: str, engine_url: str, workdir: Path,
     }
     path = workdir / f"{name}.yaml"
     path.write_text(json.dumps(config))  # JSON is YAML
-    return spawn(name, [sys.executable, "-m", "gateway", "run", "--config", str(path)],
-                 f"http://127.0.0.1:{port}", "/ready", workdir)
+    return spawn(
+        name,
+        [sys.executable, "-m", "gateway", "run", "--config", str(path)],
+        f"http://127.0.0.1:{port}",
+        "/ready",
+        workdir,
+    )
 
 
 def start_relay(engine_url: str, workdir: Path) -> Child:
     port = free_port()
-    return spawn("relay", [sys.executable, __file__, "--relay", str(port), engine_url],
-                 f"http://127.0.0.1:{port}", "/health", workdir)
+    return spawn(
+        "relay",
+        [sys.executable, __file__, "--relay", str(port), engine_url],
+        f"http://127.0.0.1:{port}",
+        "/health",
+        workdir,
+    )
 
 
 @contextlib.contextmanager
@@ -213,8 +261,9 @@ def prompt_text(tokens: int) -> str:
     words: list[str] = []
     step = max(1, tokens // 4)
     while True:
-        words += [WORDS[(i * 7 + i // 5) % len(WORDS)] for i in range(len(words),
-                                                                         len(words) + step)]
+        words += [
+            WORDS[(i * 7 + i // 5) % len(WORDS)] for i in range(len(words), len(words) + step)
+        ]
         n = len(tok.encode_completion(" ".join(words)))
         if n >= tokens:
             break
@@ -239,16 +288,18 @@ def path_of(kind: str) -> str:
 
 
 async def post(session: aiohttp.ClientSession, url: str, payload: bytes) -> dict[str, object]:
-    async with session.post(url, data=payload,
-                            headers={"Content-Type": "application/json"}) as resp:
+    async with session.post(
+        url, data=payload, headers={"Content-Type": "application/json"}
+    ) as resp:
         answer = await resp.json()
         if resp.status != 200:
             raise RuntimeError(f"{url} answered {resp.status}: {answer}")
         return dict(answer)
 
 
-async def cpu_per_request(child: Child, kind: str, payload: bytes, min_requests: int,
-                          min_seconds: float) -> tuple[float, int, int]:
+async def cpu_per_request(
+    child: Child, kind: str, payload: bytes, min_requests: int, min_seconds: float
+) -> tuple[float, int, int]:
     """Milliseconds of the child's CPU per request, the prompt tokens the engine saw, and the
     number of requests sent (at least `min_requests`, and for at least `min_seconds`)."""
     url = child.url + path_of(kind)
@@ -257,8 +308,9 @@ async def cpu_per_request(child: Child, kind: str, payload: bytes, min_requests:
             answer = await post(session, url, payload)
         before = cpu_seconds(child.proc.pid)
         started, count = time.monotonic(), 0
-        while (count < min_requests or time.monotonic() - started < min_seconds) \
-                and count < MAX_REQUESTS:
+        while (
+            count < min_requests or time.monotonic() - started < min_seconds
+        ) and count < MAX_REQUESTS:
             answer = await post(session, url, payload)
             count += 1
         spent = cpu_seconds(child.proc.pid) - before
@@ -279,8 +331,9 @@ async def health_latencies(url: str, stop: asyncio.Event) -> list[float]:
     return out
 
 
-async def loop_stall(gateway: Child, kind: str, payload: bytes, count: int,
-                     idle_s: float) -> tuple[list[float], list[float]]:
+async def loop_stall(
+    gateway: Child, kind: str, payload: bytes, count: int, idle_s: float
+) -> tuple[list[float], list[float]]:
     """/health latencies with the gateway idle, then while `count` requests are admitted."""
     stop = asyncio.Event()
     poller = asyncio.create_task(health_latencies(gateway.url, stop))
@@ -300,8 +353,10 @@ async def loop_stall(gateway: Child, kind: str, payload: bytes, count: int,
 def describe(latencies: list[float]) -> str:
     ordered = sorted(latencies)
     p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
-    return (f"n={len(ordered):4d}  median {statistics.median(ordered):6.2f} ms  "
-            f"p99 {p99:7.2f} ms  max {ordered[-1]:7.2f} ms")
+    return (
+        f"n={len(ordered):4d}  median {statistics.median(ordered):6.2f} ms  "
+        f"p99 {p99:7.2f} ms  max {ordered[-1]:7.2f} ms"
+    )
 
 
 async def run(scale: float) -> None:
@@ -319,48 +374,64 @@ async def run(scale: float) -> None:
                 for size in SIZES:
                     for kind in ("completion", "chat"):
                         payload = body(kind, texts[size])
-                        gw, tokens, count = await cpu_per_request(gateway, kind, payload,
-                                                                  MIN_REQUESTS, seconds)
+                        gw, tokens, count = await cpu_per_request(
+                            gateway, kind, payload, MIN_REQUESTS, seconds
+                        )
                         rl, _, _ = await cpu_per_request(relay, kind, payload, count, 0)
                         rows.append([size, kind, tokens, len(payload), count, gw, rl])
-                stalls = {"gateway": await loop_stall(
-                    gateway, "chat", body("chat", texts[30_000]), stall_count, idle_s=2.0)}
+                stalls = {
+                    "gateway": await loop_stall(
+                        gateway, "chat", body("chat", texts[30_000]), stall_count, idle_s=2.0
+                    )
+                }
             for row in rows:
                 size, kind, tokens = row[0], row[1], row[2]
-                exact = start_gateway(f"exact-{size}-{kind}", emulator.url, workdir,
-                                      max_prompt_tokens=tokens)
+                exact = start_gateway(
+                    f"exact-{size}-{kind}", emulator.url, workdir, max_prompt_tokens=tokens
+                )
                 with running([exact]):
-                    ex, _, _ = await cpu_per_request(exact, kind, body(kind, texts[size]),
-                                                     row[4], 0)
+                    ex, _, _ = await cpu_per_request(
+                        exact, kind, body(kind, texts[size]), row[4], 0
+                    )
                     if size == 30_000 and kind == "chat":
                         stalls["exact"] = await loop_stall(
-                            exact, kind, body(kind, texts[size]), stall_count, idle_s=2.0)
+                            exact, kind, body(kind, texts[size]), stall_count, idle_s=2.0
+                        )
                 row.append(ex)
     print()
-    print("Event loop: GET /health every 20 ms, idle, then while 30,000-token chats are "
-          "admitted back to back:")
+    print(
+        "Event loop: GET /health every 20 ms, idle, then while 30,000-token chats are "
+        "admitted back to back:"
+    )
     for name, (idle, busy) in stalls.items():
         print(f"  {name:<8} idle:      {describe(idle)}")
         print(f"  {name:<8} admitting: {describe(busy)}")
     print()
     print("CPU time per request (ms), one request at a time, max_tokens 1:")
-    header = (f"{'prompt':>7} {'kind':<10} {'tokens':>7} {'bytes':>8} {'reqs':>5} "
-              f"{'relay':>7} {'gateway':>8} {'exact':>7} {'gw/relay':>9} {'exact/relay':>12}")
+    header = (
+        f"{'prompt':>7} {'kind':<10} {'tokens':>7} {'bytes':>8} {'reqs':>5} "
+        f"{'relay':>7} {'gateway':>8} {'exact':>7} {'gw/relay':>9} {'exact/relay':>12}"
+    )
     print(header)
     print("-" * len(header))
     for size, kind, tokens, nbytes, count, gw, rl, ex in rows:
         ratios = f"{gw / rl:>9.1f} {ex / rl:>12.1f}" if rl > 0 else f"{'n/a':>9} {'n/a':>12}"
-        print(f"{size:>7} {kind:<10} {tokens:>7} {nbytes:>8} {count:>5} {rl:>7.2f} {gw:>8.2f} "
-              f"{ex:>7.2f} {ratios}")
+        print(
+            f"{size:>7} {kind:<10} {tokens:>7} {nbytes:>8} {count:>5} {rl:>7.2f} {gw:>8.2f} "
+            f"{ex:>7.2f} {ratios}"
+        )
     print()
-    print("relay: bare aiohttp relay; gateway: shipped policy (byte bound when it settles the "
-          "decision); exact: every prompt tokenized (max_prompt_tokens just above it).")
+    print(
+        "relay: bare aiohttp relay; gateway: shipped policy (byte bound when it settles the "
+        "decision); exact: every prompt tokenized (max_prompt_tokens just above it)."
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scale", type=float, default=1.0,
-                        help="multiply the number of requests per row")
+    parser.add_argument(
+        "--scale", type=float, default=1.0, help="multiply the number of requests per row"
+    )
     parser.add_argument("--relay", nargs=2, metavar=("PORT", "UPSTREAM"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.relay:

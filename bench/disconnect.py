@@ -33,8 +33,14 @@ from tests.conftest import (
     stop_process_group,
 )
 
-BODY = {"model": "tiny", "prompt": "Once upon a time", "n": 64, "max_tokens": 480,
-        "ignore_eos": True, "stream": True}
+BODY = {
+    "model": "tiny",
+    "prompt": "Once upon a time",
+    "n": 64,
+    "max_tokens": 480,
+    "ignore_eos": True,
+    "stream": True,
+}
 
 
 async def running(engine: RealEngine) -> float:
@@ -77,8 +83,10 @@ async def main(trials: int) -> None:
                 print(f"{name:8s} running before drop {before:4.0f}  idle after {idle:.3f} s")
         print()
         for name, times in results.items():
-            print(f"{name:8s} median {statistics.median(times):.3f} s  "
-                  f"max {max(times):.3f} s  over {trials} trials")
+            print(
+                f"{name:8s} median {statistics.median(times):.3f} s  "
+                f"max {max(times):.3f} s  over {trials} trials"
+            )
     finally:
         await server.close()
         stop_process_group(proc.pid)

@@ -40,24 +40,64 @@ class InvalidChat(ValueError):
 
 # Constants taken from vLLM 0.32 (names of the originals in comments).
 _TEXT_PART_FIELDS = {  # chat_utils.MM_PARSER_MAP, text entries (TEXT_PART_TYPES)
-    "text": "text", "input_text": "text", "output_text": "text",
-    "refusal": "refusal", "thinking": "thinking",
+    "text": "text",
+    "input_text": "text",
+    "output_text": "text",
+    "refusal": "refusal",
+    "thinking": "thinking",
 }
-_KNOWN_PART_FIELDS = frozenset({  # chat_utils._KNOWN_CONTENT_PART_FIELDS
-    "audio_embeds", "audio_url", "closed", "data", "file", "image_embeds", "image_pil",
-    "image_url", "input_audio", "name", "prompt_cache_breakpoint", "refusal", "text",
-    "thinking", "type", "uuid", "video_embeds", "video_url",
-})
-_MEDIA_PART_KEYS = frozenset({  # chat_utils._MEDIA_CONTENT_PART_KEYS, and tool_reference
-    "image_url", "input_image", "image_embeds", "audio_embeds", "video_embeds", "prompt_embeds",
-    "image_pil", "audio_url", "input_audio", "video_url", "tool_reference", "uuid", "file",
-})
+_KNOWN_PART_FIELDS = frozenset(
+    {  # chat_utils._KNOWN_CONTENT_PART_FIELDS
+        "audio_embeds",
+        "audio_url",
+        "closed",
+        "data",
+        "file",
+        "image_embeds",
+        "image_pil",
+        "image_url",
+        "input_audio",
+        "name",
+        "prompt_cache_breakpoint",
+        "refusal",
+        "text",
+        "thinking",
+        "type",
+        "uuid",
+        "video_embeds",
+        "video_url",
+    }
+)
+_MEDIA_PART_KEYS = frozenset(
+    {  # chat_utils._MEDIA_CONTENT_PART_KEYS, and tool_reference
+        "image_url",
+        "input_image",
+        "image_embeds",
+        "audio_embeds",
+        "video_embeds",
+        "prompt_embeds",
+        "image_pil",
+        "audio_url",
+        "input_audio",
+        "video_url",
+        "tool_reference",
+        "uuid",
+        "file",
+    }
+)
 # chat_template_kwargs that change how vLLM/transformers call the template rather than what it
 # sees (or collide with a variable they set): left to the engine.
-_RESERVED_KWARGS = frozenset({
-    "self", "conversation", "conversations", "messages", "chat_template", "tokenize",
-    "return_assistant_tokens_mask",
-})
+_RESERVED_KWARGS = frozenset(
+    {
+        "self",
+        "conversation",
+        "conversations",
+        "messages",
+        "chat_template",
+        "tokenize",
+        "return_assistant_tokens_mask",
+    }
+)
 _BILLING_HEADER = "x-anthropic-billing-header"  # chat_utils._CLAUDE_CODE_BILLING_HEADER
 
 
@@ -85,7 +125,8 @@ def normalize_tools(tools: object) -> list[dict[str, object]]:
             if not isinstance(holder.get(key), bool | None):
                 raise UnsupportedLocally(f"{where}: non-boolean {key}")
         function: dict[str, object] = {
-            "name": fn["name"], "description": fn.get("description"),
+            "name": fn["name"],
+            "description": fn.get("description"),
             "parameters": fn.get("parameters"),
         }
         if fn.get("strict") is not None:
@@ -111,16 +152,20 @@ def _text_parts(role: str, content: object, where: str) -> list[tuple[str, dict[
     elif isinstance(content, list):
         parts = content
     else:
-        raise InvalidChat(f"{where}.content must be a string or a list of content parts",
-                          "messages")
+        raise InvalidChat(
+            f"{where}.content must be a string or a list of content parts", "messages"
+        )
     out: list[tuple[str, dict[str, object]]] = []
     for j, part in enumerate(parts):
         if isinstance(part, str):
             kind, text, extra = "text", part, {}
         elif isinstance(part, dict):
             given = part.get("type")
-            if not isinstance(given, str) or given not in _TEXT_PART_FIELDS \
-                    or any(key in part for key in _MEDIA_PART_KEYS):
+            if (
+                not isinstance(given, str)
+                or given not in _TEXT_PART_FIELDS
+                or any(key in part for key in _MEDIA_PART_KEYS)
+            ):
                 raise UnsupportedLocally(f"{where}.content[{j}]: a {given!r} part")
             kind = given
             value = part.get(_TEXT_PART_FIELDS[kind])
@@ -147,9 +192,13 @@ def _tool_call(call: object, where: str) -> dict[str, object]:
     if not isinstance(call, dict):
         raise UnsupportedLocally(f"{where}: not an object")
     fn = call.get("function")
-    if not (isinstance(call.get("id"), str) and call.get("type") == "function"
-            and isinstance(fn, dict) and isinstance(fn.get("name"), str)
-            and isinstance(fn.get("arguments"), str)):
+    if not (
+        isinstance(call.get("id"), str)
+        and call.get("type") == "function"
+        and isinstance(fn, dict)
+        and isinstance(fn.get("name"), str)
+        and isinstance(fn.get("arguments"), str)
+    ):
         raise UnsupportedLocally(f"{where}: not a plain function call")
     arguments: object = {}
     if fn["arguments"]:
@@ -191,8 +240,9 @@ def normalize_messages(messages: object, content_format: ContentFormat) -> list[
                 if not isinstance(calls, list):
                     raise UnsupportedLocally(f"{where}.tool_calls is not a list")
                 if calls:  # an empty list is dropped
-                    out["tool_calls"] = [_tool_call(c, f"{where}.tool_calls[{j}]")
-                                         for j, c in enumerate(calls)]
+                    out["tool_calls"] = [
+                        _tool_call(c, f"{where}.tool_calls[{j}]") for j, c in enumerate(calls)
+                    ]
             reasoning = msg.get("reasoning")
             if reasoning is not None:
                 if not isinstance(reasoning, str):
@@ -238,7 +288,8 @@ def developer_to_system(conversation: list[dict[str, Any]]) -> list[dict[str, An
         content = msg.get("content", "")
         if isinstance(content, list):
             content = "\n".join(
-                p["text"] if isinstance(p, dict) else p for p in content
+                p["text"] if isinstance(p, dict) else p
+                for p in content
                 if (isinstance(p, dict) and "text" in p) or isinstance(p, str)
             )
         if content:
@@ -248,11 +299,18 @@ def developer_to_system(conversation: list[dict[str, Any]]) -> list[dict[str, An
     return [{"role": "system", "content": "\n\n".join(contents)}, *rest]
 
 
-def merge_kwargs(defaults: Mapping[str, object],
-                 overrides: Mapping[str, object]) -> dict[str, object]:
+def merge_kwargs(
+    defaults: Mapping[str, object], overrides: Mapping[str, object]
+) -> dict[str, object]:
     """vllm.renderers.params.merge_kwargs: overrides win unless they are None or "auto"."""
-    return {**defaults, **{k: v for k, v in overrides.items()
-                           if v is not None and not (isinstance(v, str) and v == "auto")}}
+    return {
+        **defaults,
+        **{
+            k: v
+            for k, v in overrides.items()
+            if v is not None and not (isinstance(v, str) and v == "auto")
+        },
+    }
 
 
 def check_chat_template_kwargs(kwargs: object) -> dict[str, object]:
@@ -264,8 +322,9 @@ def check_chat_template_kwargs(kwargs: object) -> dict[str, object]:
     if reserved:
         raise UnsupportedLocally(f"chat_template_kwargs sets {', '.join(reserved)}")
     tools = kwargs.get("tools")
-    if tools is not None and not (isinstance(tools, list)
-                                  and all(isinstance(t, dict) for t in tools)):
+    if tools is not None and not (
+        isinstance(tools, list) and all(isinstance(t, dict) for t in tools)
+    ):
         raise UnsupportedLocally("chat_template_kwargs.tools is not a list of objects")
     return dict(kwargs)
 
@@ -274,8 +333,9 @@ def check_documents(documents: object, *, strict: bool) -> None:
     if documents is None:
         return
     if not isinstance(documents, list) or not all(isinstance(d, dict) for d in documents):
-        raise InvalidChat("Documents should be a list of dicts with 'title' and 'text' keys!",
-                          "documents")
+        raise InvalidChat(
+            "Documents should be a list of dicts with 'title' and 'text' keys!", "documents"
+        )
     if strict and not all(isinstance(v, str) for d in documents for v in d.values()):
         raise InvalidChat("documents must map names to strings", "documents")
 

@@ -77,7 +77,8 @@ def _strftime_now(format: str) -> str:
 
 def _environment() -> ImmutableSandboxedEnvironment:
     env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
         extensions=[_GenerationTag, jinja2.ext.loopcontrols],
     )
     env.filters["tojson"] = _tojson
@@ -102,8 +103,12 @@ def compile_template(source: str) -> CompiledTemplate:
     except jinja2.TemplateError as exc:
         # vLLM detects "string" for a template it cannot parse; rendering then fails with 400.
         return CompiledTemplate(None, str(exc), frozenset(), "string")
-    return CompiledTemplate(template, None, frozenset(jinja2.meta.find_undeclared_variables(ast)),
-                     detect_content_format(ast))
+    return CompiledTemplate(
+        template,
+        None,
+        frozenset(jinja2.meta.find_undeclared_variables(ast)),
+        detect_content_format(ast),
+    )
 
 
 # Content format detection, ported from vllm/renderers/hf.py (_detect_content_format and the
@@ -121,8 +126,11 @@ def _is_var(node: jinja2.nodes.Node, name: str) -> bool:
 
 def _is_attr(node: jinja2.nodes.Node, name: str, key: str) -> bool:
     if isinstance(node, jinja2.nodes.Getitem):
-        return (_is_var(node.node, name) and isinstance(node.arg, jinja2.nodes.Const)
-                and node.arg.value == key)
+        return (
+            _is_var(node.node, name)
+            and isinstance(node.arg, jinja2.nodes.Const)
+            and node.arg.value == key
+        )
     if isinstance(node, jinja2.nodes.Getattr):
         return _is_var(node.node, name) and node.attr == key
     return False
@@ -161,7 +169,8 @@ def _names_assigned_from(root: jinja2.nodes.Template, name: str) -> list[str]:
 def _message_loop_names(root: jinja2.nodes.Template) -> list[str]:
     messages_names = _names_assigned_from(root, "messages")
     return [
-        _target_name(loop.target) for loop in root.find_all(jinja2.nodes.For)
+        _target_name(loop.target)
+        for loop in root.find_all(jinja2.nodes.For)
         if any(_is_var_or_elems(loop.iter, name) for name in messages_names)
     ]
 
@@ -232,11 +241,14 @@ def render_template(
         conversation = copy.deepcopy(conversation)
         final = conversation[-1].get("content")
         if final is None:
-            raise InvalidChat('continue_final_message is set but the final message has no '
-                              '"content" to continue!')
+            raise InvalidChat(
+                'continue_final_message is set but the final message has no "content" to continue!'
+            )
         if "content" not in source:
-            raise InvalidChat('continue_final_message is set to "content" but this is not an '
-                              'accepted field in the chat_template')
+            raise InvalidChat(
+                'continue_final_message is set to "content" but this is not an '
+                "accepted field in the chat_template"
+            )
         if isinstance(final, list | tuple):
             for block in reversed(final):
                 if "text" in block:
@@ -244,25 +256,32 @@ def render_template(
                     block["text"] = block["text"] + _CONTINUE_TAG
                     break
             else:
-                raise InvalidChat("continue_final_message is set but we could not find any "
-                                  "text to continue in the final message!")
+                raise InvalidChat(
+                    "continue_final_message is set but we could not find any "
+                    "text to continue in the final message!"
+                )
         else:
             final_text = str(final)
             conversation[-1]["content"] = final + _CONTINUE_TAG
     try:
         rendered = template.render(
-            messages=conversation, tools=tools, documents=documents,
-            add_generation_prompt=add_generation_prompt, **variables,
+            messages=conversation,
+            tools=tools,
+            documents=documents,
+            add_generation_prompt=add_generation_prompt,
+            **variables,
         )
     except Exception as exc:  # a template may raise anything; vLLM answers 400 with its reason
         raise InvalidChat(_error_reason(exc)) from exc
     if continue_final_message:
         tag = _CONTINUE_TAG.strip()
         if final_text.strip() not in rendered or tag not in rendered:
-            raise InvalidChat("continue_final_message is set but the final message does not "
-                              "appear in the chat after applying the chat template!")
+            raise InvalidChat(
+                "continue_final_message is set but the final message does not "
+                "appear in the chat after applying the chat template!"
+            )
         at = rendered.rindex(tag)
-        if rendered[at:at + len(_CONTINUE_TAG)] == _CONTINUE_TAG:
+        if rendered[at : at + len(_CONTINUE_TAG)] == _CONTINUE_TAG:
             rendered = rendered[:at]
         else:
             rendered = rendered[:at].rstrip()

@@ -18,15 +18,20 @@ def backoff_delay(attempt: int, base: float, maximum: float) -> float:
     return min(maximum, base * 2.0 ** min(max(attempt - 1, 0), 64))
 
 
-def should_give_up(restart_times: Sequence[float], now: float, max_restarts: int,
-                   window: float) -> bool:
+def should_give_up(
+    restart_times: Sequence[float], now: float, max_restarts: int, window: float
+) -> bool:
     """Whether a failure at `now` is one too many: `max_restarts` restarts already happened
     within the last `window` seconds."""
     return sum(1 for t in restart_times if now - t < window) >= max_restarts
 
 
-def decide_wedge(stalled_for: float | None, tokens_quiet_for: float | None,
-                 since_cleared: float | None, wedge_timeout: float) -> bool:
+def decide_wedge(
+    stalled_for: float | None,
+    tokens_quiet_for: float | None,
+    since_cleared: float | None,
+    wedge_timeout: float,
+) -> bool:
     """Whether the engine is suspected of a wedge, for a probe generation to settle.
 
     `stalled_for`: seconds without a byte to any in-flight request (None: nothing in flight).

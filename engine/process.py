@@ -74,8 +74,17 @@ class EngineProcess:
             raise ValueError("the engine command is empty")
         command = list(argv)
         if reaper:
-            command = [sys.executable, "-I", str(REAPER), "--parent", str(os.getpid()),
-                       "--grace", str(grace_s), "--", *command]
+            command = [
+                sys.executable,
+                "-I",
+                str(REAPER),
+                "--parent",
+                str(os.getpid()),
+                "--grace",
+                str(grace_s),
+                "--",
+                *command,
+            ]
         # Our own pipes rather than asyncio's: Process.wait() on asyncio's pipes would also wait
         # for every child that inherited them, and vLLM's children can outlive the engine.
         pipes = [os.pipe(), os.pipe()]
@@ -105,8 +114,11 @@ class EngineProcess:
                 os.fdopen(read_end, "rb", buffering=0),
             )
             transports.append(transport)
-            pumps.append(asyncio.create_task(_pump(reader, stream, proc.pid),
-                                             name=f"engine-{stream}-{proc.pid}"))
+            pumps.append(
+                asyncio.create_task(
+                    _pump(reader, stream, proc.pid), name=f"engine-{stream}-{proc.pid}"
+                )
+            )
         logger.info("engine_spawned", pid=proc.pid, argv=list(argv), reaper=reaper)
         return cls(proc, pumps, transports)
 
@@ -155,13 +167,21 @@ async def _pump(reader: asyncio.StreamReader, stream: str, pid: int) -> None:
         try:
             raw = await reader.readline()
         except ValueError:
-            logger.warning("engine_output", line=f"[line over {LINE_LIMIT} bytes dropped]",
-                           stream=stream, pid=pid)
+            logger.warning(
+                "engine_output",
+                line=f"[line over {LINE_LIMIT} bytes dropped]",
+                stream=stream,
+                pid=pid,
+            )
             continue
         if not raw:
             return
-        logger.info("engine_output", line=raw.decode(errors="replace").rstrip("\r\n"),
-                    stream=stream, pid=pid)
+        logger.info(
+            "engine_output",
+            line=raw.decode(errors="replace").rstrip("\r\n"),
+            stream=stream,
+            pid=pid,
+        )
 
 
 def _killpg(pgid: int, sig: signal.Signals) -> None:

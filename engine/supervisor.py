@@ -80,9 +80,14 @@ class EngineSupervisor:
     """Watches the engine, restarts it when supervised, and tells the gateway what state it is
     in. Methods are called on the event loop's thread."""
 
-    def __init__(self, config: EngineConfig, session: aiohttp.ClientSession, *,
-                 progress: ProgressSource | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        session: aiohttp.ClientSession,
+        *,
+        progress: ProgressSource | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._config = config
         self._session = session
         self._progress = progress
@@ -155,8 +160,10 @@ class EngineSupervisor:
 
     async def wait_ready(self, timeout: float) -> bool:
         """Wait up to `timeout` for READY; False at once if the engine is given up or stopped."""
-        return await self._wait_until(lambda: self.is_ready() or not self.restart_expected(),
-                                      timeout) and self.is_ready()
+        return (
+            await self._wait_until(lambda: self.is_ready() or not self.restart_expected(), timeout)
+            and self.is_ready()
+        )
 
     def subscribe(self, callback: Callable[[StateChange], None]) -> None:
         """Call `callback` synchronously on each state change."""
@@ -205,8 +212,9 @@ class EngineSupervisor:
             return
         self._restart_reason = reason
         self._restart_event.set()
-        await self._wait_until(lambda: self._state not in {EngineState.READY,
-                                                           EngineState.STARTING}, 30.0)
+        await self._wait_until(
+            lambda: self._state not in {EngineState.READY, EngineState.STARTING}, 30.0
+        )
 
     async def settle(self, suspicion: str) -> bool:
         """Run a probe generation now: True if the ready engine answers it."""
@@ -236,25 +244,30 @@ class EngineSupervisor:
             self._expected_ready_at = self._clock() + self._expected_start_s()
             self._transition(EngineState.FAILED, reason)
             if self._config.command is None:
-                self._transition(EngineState.RESTARTING,
-                                 "waiting for the engine container to be restarted")
+                self._transition(
+                    EngineState.RESTARTING, "waiting for the engine container to be restarted"
+                )
                 continue
             await self._stop_process()
             now = self._clock()
             cfg = self._config
             if should_give_up(self._restart_times, now, cfg.max_restarts, cfg.restart_window_s):
                 self._expected_ready_at = None
-                self._transition(EngineState.GIVEN_UP,
-                                 f"{cfg.max_restarts} restarts within {cfg.restart_window_s:g}s;"
-                                 f" last failure: {reason}")
+                self._transition(
+                    EngineState.GIVEN_UP,
+                    f"{cfg.max_restarts} restarts within {cfg.restart_window_s:g}s;"
+                    f" last failure: {reason}",
+                )
                 return
-            self._restart_times = [t for t in self._restart_times
-                                   if now - t < cfg.restart_window_s] + [now]
+            self._restart_times = [
+                t for t in self._restart_times if now - t < cfg.restart_window_s
+            ] + [now]
             attempt = len(self._restart_times)
             delay = backoff_delay(attempt, cfg.restart_backoff_s, cfg.restart_backoff_max_s)
             self._expected_ready_at = now + delay + self._expected_start_s()
-            self._transition(EngineState.RESTARTING,
-                             f"restart {attempt} of {cfg.max_restarts} in {delay:g}s")
+            self._transition(
+                EngineState.RESTARTING, f"restart {attempt} of {cfg.max_restarts} in {delay:g}s"
+            )
             await asyncio.sleep(delay)
 
     async def _start_and_watch(self, first: bool) -> str:
@@ -263,8 +276,11 @@ class EngineSupervisor:
         timeout = self._config.startup_timeout_s if self.supervised or first else None
         if self._config.command is not None:
             # Shielded: a stop() arriving meanwhile must still find the process to stop it.
-            self._spawning = asyncio.ensure_future(EngineProcess.spawn(
-                self._config.command, env=self._config.env, grace_s=self._config.stop_grace_s))
+            self._spawning = asyncio.ensure_future(
+                EngineProcess.spawn(
+                    self._config.command, env=self._config.env, grace_s=self._config.stop_grace_s
+                )
+            )
             try:
                 self._process = await asyncio.shield(self._spawning)
             except OSError as exc:
@@ -284,8 +300,9 @@ class EngineSupervisor:
         self._epoch += 1
         self._tokens = None
         self._cleared_at = None
-        self._transition(EngineState.READY,
-                         f"probe generation answered; models {sorted(self._models)}")
+        self._transition(
+            EngineState.READY, f"probe generation answered; models {sorted(self._models)}"
+        )
         return await self._watch()
 
     def _expected_start_s(self) -> float:
@@ -355,8 +372,11 @@ class EngineSupervisor:
         self._check_now.clear()
         failures = 0
         while True:
-            interval = cfg.probe_interval_s if failures == 0 else min(
-                cfg.probe_interval_s, cfg.startup_probe_interval_s)
+            interval = (
+                cfg.probe_interval_s
+                if failures == 0
+                else min(cfg.probe_interval_s, cfg.startup_probe_interval_s)
+            )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._check_now.wait(), interval)
             self._check_now.clear()
@@ -365,8 +385,13 @@ class EngineSupervisor:
                 failures = 0
                 continue
             failures += 1
-            logger.warning("engine_probe_failed", probe="health", detail=detail,
-                           failures=failures, of=cfg.health_failures)
+            logger.warning(
+                "engine_probe_failed",
+                probe="health",
+                detail=detail,
+                failures=failures,
+                of=cfg.health_failures,
+            )
             if failures >= cfg.health_failures:
                 return f"/health failed {failures} probes in a row (last: {detail})"
 
@@ -389,8 +414,10 @@ class EngineSupervisor:
                 logger.info("engine_wedge_cleared", stalled_for=stalled, detail=detail)
                 continue
             quiet_text = "unknown (no /metrics)" if quiet is None else f"{quiet:.0f}s"
-            return (f"wedged: no bytes to in-flight requests for {stalled:.0f}s, token counters "
-                    f"still for {quiet_text}, probe generation failed ({detail})")
+            return (
+                f"wedged: no bytes to in-flight requests for {stalled:.0f}s, token counters "
+                f"still for {quiet_text}, probe generation failed ({detail})"
+            )
 
     async def _progress_now(self, progress: ProgressSource) -> tuple[float | None, float | None]:
         """The stall of in-flight requests, and how long the token counters have stood still
@@ -433,18 +460,22 @@ class EngineSupervisor:
 
     async def _probe_generation(self, model: str) -> tuple[bool, str]:
         status, detail = await self._request(
-            "POST", "/v1/completions",
-            payload={"model": model, "prompt": PROBE_PROMPT, "max_tokens": 1, "temperature": 0})
+            "POST",
+            "/v1/completions",
+            payload={"model": model, "prompt": PROBE_PROMPT, "max_tokens": 1, "temperature": 0},
+        )
         return status == 200, f"/v1/completions: {detail if status != 200 else 'HTTP 200'}"
 
-    async def _request(self, method: str, path: str,
-                       payload: Mapping[str, Any] | None = None) -> tuple[int | None, str]:
+    async def _request(
+        self, method: str, path: str, payload: Mapping[str, Any] | None = None
+    ) -> tuple[int | None, str]:
         """(status, body) of one probe, bounded by `probe_timeout_s`; (None, what went wrong)
         if it got no answer."""
         timeout = aiohttp.ClientTimeout(total=self._config.probe_timeout_s)
         try:
-            async with self._session.request(method, self._base_url + path, json=payload,
-                                             timeout=timeout) as resp:
+            async with self._session.request(
+                method, self._base_url + path, json=payload, timeout=timeout
+            ) as resp:
                 body = await resp.text(errors="replace")
                 return resp.status, body if resp.status == 200 else f"HTTP {resp.status}"
         except TimeoutError:
@@ -460,8 +491,9 @@ class EngineSupervisor:
             self._live = True
         elif new in {EngineState.FAILED, EngineState.GIVEN_UP}:
             self._live = False
-        logger.info("engine_state", **{"from": old.value, "to": new.value}, reason=reason,
-                    epoch=self._epoch)
+        logger.info(
+            "engine_state", **{"from": old.value, "to": new.value}, reason=reason, epoch=self._epoch
+        )
         change = StateChange(old, new, reason, self._epoch)
         for callback in list(self._subscribers):
             try:

@@ -65,17 +65,41 @@ __all__ = [
 
 # Constants taken from vLLM 0.32 and transformers 5 (names of the originals in comments).
 _STANDARD_SPECIAL_TOKENS = (  # PreTrainedTokenizerBase.SPECIAL_TOKENS_ATTRIBUTES
-    "bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token",
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
 )
-_HF_CHAT_PARAMS = frozenset({  # inspect.signature(PythonBackend.apply_chat_template)
-    "self", "conversation", "tools", "documents", "chat_template", "add_generation_prompt",
-    "continue_final_message", "tokenize", "padding", "truncation", "max_length",
-    "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
-})
+_HF_CHAT_PARAMS = frozenset(
+    {  # inspect.signature(PythonBackend.apply_chat_template)
+        "self",
+        "conversation",
+        "tools",
+        "documents",
+        "chat_template",
+        "add_generation_prompt",
+        "continue_final_message",
+        "tokenize",
+        "padding",
+        "truncation",
+        "max_length",
+        "return_tensors",
+        "return_dict",
+        "return_assistant_tokens_mask",
+        "tokenizer_kwargs",
+    }
+)
 _REASONING_EFFORTS = frozenset({"none", "minimal", "low", "medium", "high", "xhigh", "max"})
 # Files that make vLLM try an AutoProcessor chat template before the tokenizer's.
-_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "chat_template.json",
-                    "video_preprocessor_config.json")
+_PROCESSOR_FILES = (
+    "processor_config.json",
+    "preprocessor_config.json",
+    "chat_template.json",
+    "video_preprocessor_config.json",
+)
 # Tokenizer classes whose encoding is tokenizer.json alone; others rebuild parts of it in code.
 _GENERIC_TOKENIZER_CLASSES = frozenset({"PreTrainedTokenizerFast", "TokenizersBackend"})
 _TEMPLATE_CACHE_SIZE = 32
@@ -97,9 +121,18 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _clean_up_spaces(text: str) -> str:  # transformers clean_up_tokenization
-    for old, new in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
-                     (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"),
-                     (" 're", "'re")):
+    for old, new in (
+        (" .", "."),
+        (" ?", "?"),
+        (" !", "!"),
+        (" ,", ","),
+        (" ' ", "'"),
+        (" n't", "n't"),
+        (" 'm", "'m"),
+        (" 's", "'s"),
+        (" 've", "'ve"),
+        (" 're", "'re"),
+    ):
         text = text.replace(old, new)
     return text
 
@@ -171,23 +204,35 @@ class PromptTokenizer:
                 value = _token_content(legacy_map[name])
             if value is not None:
                 specials[name] = value
-        specials.update((k, v) for k, v in config.items()
-                        if k.endswith("_token") and k not in specials and isinstance(v, str)
-                        and k not in _STANDARD_SPECIAL_TOKENS)
+        specials.update(
+            (k, v)
+            for k, v in config.items()
+            if k.endswith("_token")
+            and k not in specials
+            and isinstance(v, str)
+            and k not in _STANDARD_SPECIAL_TOKENS
+        )
         extra = config.get("extra_special_tokens")
         if isinstance(extra, dict):
-            specials.update((k, v) for k, v in extra.items()
-                            if isinstance(k, str) and isinstance(v, str))
+            specials.update(
+                (k, v) for k, v in extra.items() if isinstance(k, str) and isinstance(v, str)
+            )
 
         # transformers adds tokens named in the config that tokenizer.json does not have.
         present = {str(t.content) for t in tok.get_added_tokens_decoder().values()}
         decoder = config.get("added_tokens_decoder")
         if isinstance(decoder, dict):
             for spec in decoder.values():
-                if isinstance(spec, dict) and isinstance(spec.get("content"), str) \
-                        and spec["content"] not in present:
-                    fields = {k: spec[k] for k in ("single_word", "lstrip", "rstrip",
-                                                   "normalized", "special") if k in spec}
+                if (
+                    isinstance(spec, dict)
+                    and isinstance(spec.get("content"), str)
+                    and spec["content"] not in present
+                ):
+                    fields = {
+                        k: spec[k]
+                        for k in ("single_word", "lstrip", "rstrip", "normalized", "special")
+                        if k in spec
+                    }
                     tok.add_tokens([AddedToken(spec["content"], **fields)])
                     present.add(spec["content"])
         missing = [v for v in specials.values() if v not in present]
@@ -204,8 +249,10 @@ class PromptTokenizer:
         if "auto_map" in config:
             inexact = "the tokenizer is custom code (auto_map)"
         elif tokenizer_class not in _GENERIC_TOKENIZER_CLASSES:
-            inexact = (f"tokenizer_class {tokenizer_class!r} may rebuild its pipeline in "
-                       "transformers instead of using tokenizer.json as is")
+            inexact = (
+                f"tokenizer_class {tokenizer_class!r} may rebuild its pipeline in "
+                "transformers instead of using tokenizer.json as is"
+            )
 
         return cls(
             tok,
@@ -319,13 +366,15 @@ class PromptTokenizer:
     ) -> str:
         """The prompt text vLLM renders for a chat request with these fields."""
         if add_generation_prompt and continue_final_message:
-            raise InvalidChat("Cannot set both `continue_final_message` and "
-                              "`add_generation_prompt` to True.")
+            raise InvalidChat(
+                "Cannot set both `continue_final_message` and `add_generation_prompt` to True."
+            )
         if chat_template is not None and not isinstance(chat_template, str):
             raise InvalidChat("chat_template must be a string", "chat_template")
         if reasoning_effort is not None and reasoning_effort not in _REASONING_EFFORTS:
-            raise InvalidChat(f"reasoning_effort must be one of {sorted(_REASONING_EFFORTS)}",
-                              "reasoning_effort")
+            raise InvalidChat(
+                f"reasoning_effort must be one of {sorted(_REASONING_EFFORTS)}", "reasoning_effort"
+            )
         check_documents(documents, strict=True)
         tool_dicts = normalize_tools(tools) if tools is not None else None
         user_kwargs = check_chat_template_kwargs(chat_template_kwargs)
@@ -334,7 +383,8 @@ class PromptTokenizer:
         extra: dict[str, object] = {
             "add_generation_prompt": add_generation_prompt,
             "continue_final_message": continue_final_message,
-            "documents": documents, "reasoning_effort": reasoning_effort,
+            "documents": documents,
+            "reasoning_effort": reasoning_effort,
         }
         if reasoning_effort is not None and "enable_thinking" not in user_kwargs:
             extra["enable_thinking"] = reasoning_effort != "none"
@@ -347,18 +397,22 @@ class PromptTokenizer:
 
         source = self._resolve_template(chat_template or self._default_template, final_tools)
         compiled = self._compiled_template(source)
-        content_format: ContentFormat = (compiled.content_format
-                                         if self._content_format == "auto"
-                                         else self._content_format)
+        content_format: ContentFormat = (
+            compiled.content_format if self._content_format == "auto" else self._content_format
+        )
         conversation = normalize_messages(messages, content_format)
-        if any(m["role"] == "developer" for m in conversation) \
-                and '"developer"' not in source and "'developer'" not in source:
+        if (
+            any(m["role"] == "developer" for m in conversation)
+            and '"developer"' not in source
+            and "'developer'" not in source
+        ):
             conversation = developer_to_system(conversation)
         if compiled.template is None:  # vLLM fails outside its 400 handling here
             raise UnsupportedLocally(f"the chat template does not parse: {compiled.error}")
         if not conversation:
-            raise InvalidChat("Cannot apply chat template to an empty conversation. "
-                              "Provide at least one message.")
+            raise InvalidChat(
+                "Cannot apply chat template to an empty conversation. Provide at least one message."
+            )
 
         # resolve_chat_template_kwargs keeps the template's variables and transformers'
         # parameters; apply_chat_template consumes its parameters and passes the rest, over the
@@ -366,12 +420,24 @@ class PromptTokenizer:
         generation = bool(kwargs.get("add_generation_prompt", False))
         continue_final = bool(kwargs.get("continue_final_message", False))
         docs = kwargs.get("documents")
-        variables: dict[str, object] = {**self.special_tokens, **{
-            k: v for k, v in kwargs.items()
-            if k in compiled.variables and k not in _HF_CHAT_PARAMS
-        }}
-        return render_template(compiled.template, source, conversation, final_tools, docs,
-                               generation, continue_final, variables)
+        variables: dict[str, object] = {
+            **self.special_tokens,
+            **{
+                k: v
+                for k, v in kwargs.items()
+                if k in compiled.variables and k not in _HF_CHAT_PARAMS
+            },
+        }
+        return render_template(
+            compiled.template,
+            source,
+            conversation,
+            final_tools,
+            docs,
+            generation,
+            continue_final,
+            variables,
+        )
 
     def encode_chat(
         self,
@@ -388,10 +454,14 @@ class PromptTokenizer:
     ) -> list[int]:
         """The prompt token ids vLLM makes of a chat request (before any truncation)."""
         text = self.render_chat(
-            messages, add_generation_prompt=add_generation_prompt,
-            continue_final_message=continue_final_message, tools=tools,
-            chat_template=chat_template, chat_template_kwargs=chat_template_kwargs,
-            documents=documents, reasoning_effort=reasoning_effort,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            tools=tools,
+            chat_template=chat_template,
+            chat_template_kwargs=chat_template_kwargs,
+            documents=documents,
+            reasoning_effort=reasoning_effort,
         )
         return self.encode_completion(text, add_special_tokens=add_special_tokens)
 
@@ -402,8 +472,11 @@ def completion_prompts(prompt: object) -> Sequence[str | list[int]]:
     if isinstance(prompt, str):
         return [prompt]
     if not isinstance(prompt, list) or not prompt:
-        raise InvalidChat("prompt must be a string, a list of strings, a list of token ids or "
-                          "a list of token-id lists, and not empty", "prompt")
+        raise InvalidChat(
+            "prompt must be a string, a list of strings, a list of token ids or "
+            "a list of token-id lists, and not empty",
+            "prompt",
+        )
     if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
         ids: list[int] = prompt
         _check_ids(ids)

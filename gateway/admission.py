@@ -43,17 +43,24 @@ class EngineView(Protocol):
 
 
 class Gate:
-    def __init__(self, config: IsolationConfig, supervisor: EngineView,
-                 ledger: InflightLedger, engine: EngineConfig, *,
-                 wall_clock: Callable[[], float] = time.time,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        config: IsolationConfig,
+        supervisor: EngineView,
+        ledger: InflightLedger,
+        engine: EngineConfig,
+        *,
+        wall_clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.config = config
         self.supervisor = supervisor
         self.ledger = ledger
         self.supervised = engine.command is not None
         # A failure report is confirmed by probes: allow for a full round of failed ones.
-        self.settle_timeout_s = engine.probe_timeout_s + \
-            engine.health_failures * engine.startup_probe_interval_s + 2.0
+        self.settle_timeout_s = (
+            engine.probe_timeout_s + engine.health_failures * engine.startup_probe_interval_s + 2.0
+        )
         self.wedge_detect_s = engine.wedge_timeout_s + engine.probe_timeout_s + 5.0
         self.quarantine = Quarantine(config.quarantine_ttl_s, config.quarantine_max_entries)
         self.suspects = SuspectBook(config.quarantine_ttl_s, config.quarantine_max_entries)
@@ -86,7 +93,10 @@ class Gate:
             return
         verdict = attribute_failure(
             ((t.fingerprint, t.model, t.solo) for t in in_flight),
-            self.suspects, self.config.suspect_failures, self.wall_clock())
+            self.suspects,
+            self.config.suspect_failures,
+            self.wall_clock(),
+        )
         for fp, model, failures, reason in verdict.quarantine:
             self.quarantine.add(fp, model, reason, failures, self.wall_clock())
             self.suspects.acquit(fp)
@@ -103,8 +113,9 @@ class Gate:
         answer 503: at once when no restart is coming, else past the queue's bounds."""
         await self._wait(self.supervisor.is_ready, lambda: False, deadline)
 
-    async def enter(self, request_id: str, model: str | None, fp: str, max_in_flight: int,
-                    deadline: float) -> Inflight:
+    async def enter(
+        self, request_id: str, model: str | None, fp: str, max_in_flight: int, deadline: float
+    ) -> Inflight:
         """Wait until this request may go to the engine (`deadline` is monotonic), and put
         it in flight."""
         taken: list[Inflight] = []
@@ -136,8 +147,9 @@ class Gate:
                 self._notify()
         return taken[0]
 
-    async def _wait(self, ready: Callable[[], bool], is_suspect: Callable[[], bool],
-                    deadline: float) -> None:
+    async def _wait(
+        self, ready: Callable[[], bool], is_suspect: Callable[[], bool], deadline: float
+    ) -> None:
         """Wait in the queue until `ready()` holds. A suspect may wait until its deadline;
         anything else for at most `queue_timeout_s`."""
         if ready():
@@ -151,9 +163,12 @@ class Gate:
                 if not self.supervisor.is_ready() and not self.restart_coming():
                     raise EngineUnavailable(
                         f"The engine is not available ({self.supervisor.state}) and no "
-                        "restart is coming.", retry_after_s=self.supervisor.retry_after_s())
-                limit = deadline if is_suspect() else min(deadline,
-                                                        start + self.config.queue_timeout_s)
+                        "restart is coming.",
+                        retry_after_s=self.supervisor.retry_after_s(),
+                    )
+                limit = (
+                    deadline if is_suspect() else min(deadline, start + self.config.queue_timeout_s)
+                )
                 now = self._clock()
                 if now >= limit:
                     raise self._full()
@@ -169,10 +184,14 @@ class Gate:
         if not self.supervisor.is_ready():
             return EngineUnavailable(
                 f"The engine is restarting ({self.supervisor.state}); the request waited "
-                "as long as it may.", retry_after_s=self.supervisor.retry_after_s())
+                "as long as it may.",
+                retry_after_s=self.supervisor.retry_after_s(),
+            )
         return Overloaded(
             "The engine is at capacity and the gateway's queue is full or the request "
-            "waited too long; retry later.", retry_after_s=2)
+            "waited too long; retry later.",
+            retry_after_s=2,
+        )
 
     def _take(self, request_id: str, model: str | None, fp: str, *, solo: bool) -> Inflight:
         ticket = self.ledger.add(request_id, model, fp, solo=solo)
@@ -214,8 +233,9 @@ class Gate:
                 waiters: list[asyncio.Future[Any]] = [changed]
                 if not probe.done():
                     waiters.append(probe)
-                await asyncio.wait(waiters, timeout=min(remaining, 0.5),
-                                   return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    waiters, timeout=min(remaining, 0.5), return_when=asyncio.FIRST_COMPLETED
+                )
                 changed.cancel()
             return True
         finally:
@@ -233,4 +253,6 @@ def quarantined_error(entry: QuarantineEntry) -> Quarantined:
     return Quarantined(
         f"This request was quarantined because the engine died while serving it "
         f"({entry.reason}). Identical requests are refused until {until}. "
-        f"Fingerprint {entry.fingerprint}.", param=None)
+        f"Fingerprint {entry.fingerprint}.",
+        param=None,
+    )

@@ -32,8 +32,9 @@ from gateway.tokens import TokenCounters
 
 
 def create_app(config: Config) -> web.Application:
-    app = web.Application(middlewares=[guard_middleware],
-                          client_max_size=config.server.max_body_bytes)
+    app = web.Application(
+        middlewares=[guard_middleware], client_max_size=config.server.max_body_bytes
+    )
     app[CONFIG] = ConfigHolder(config)
     app[INFLIGHT] = InflightLedger()
     app[LIFECYCLE] = Lifecycle()

@@ -63,8 +63,10 @@ class ServerConfig(_Frozen):
             if method not in {"GET", "POST"} or not path.startswith("/"):
                 raise ValueError(f"relay_paths entry {entry!r} must look like 'GET /path'")
             if path in GENERATION_PATHS:
-                raise ValueError(f"relay_paths entry {entry!r}: generation paths always pass "
-                                 "admission and cannot be relayed unchanged")
+                raise ValueError(
+                    f"relay_paths entry {entry!r}: generation paths always pass "
+                    "admission and cannot be relayed unchanged"
+                )
         return self
 
 
@@ -160,7 +162,13 @@ class IsolationConfig(_Frozen):
     """Requests held while the engine restarts or the bulkhead is full; past it, 429/503."""
     queue_timeout_s: PositiveFloat = 30.0
     fingerprint_ignore: tuple[str, ...] = (
-        "user", "stream", "stream_options", "request_id", "metadata", "service_tier", "store",
+        "user",
+        "stream",
+        "stream_options",
+        "request_id",
+        "metadata",
+        "service_tier",
+        "store",
     )
 
     @cached_property
@@ -218,8 +226,9 @@ def _line_of(root: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
             if match is None:
                 break
             line, node = match[0].start_mark.line + 1, match[1]
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) \
-                and part < len(node.value):
+        elif (
+            isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value)
+        ):
             node = node.value[part]
             line = node.start_mark.line + 1
         else:
@@ -227,8 +236,7 @@ def _line_of(root: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
     return line
 
 
-def _format_validation_error(path: str, err: ValidationError,
-                             root: yaml.Node | None = None) -> str:
+def _format_validation_error(path: str, err: ValidationError, root: yaml.Node | None = None) -> str:
     lines = [f"{path}: invalid configuration"]
     for item in err.errors():
         loc = tuple(item["loc"])

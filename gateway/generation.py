@@ -1,8 +1,8 @@
 """The generation paths: admission, then attempts at the engine until one answers.
 
-    body → view (schema) → quarantine? → engine ready (held while it restarts) → model known?
-    → prompt tokens (cheap bound first) → policy decision → gate (probation, bulkhead)
-    → relay; on an engine failure before the client saw a byte: settle, blame, retry.
+body → view (schema) → quarantine? → engine ready (held while it restarts) → model known?
+→ prompt tokens (cheap bound first) → policy decision → gate (probation, bulkhead)
+→ relay; on an engine failure before the client saw a byte: settle, blame, retry.
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ async def generation(request: web.Request) -> web.StreamResponse:
     path = canonical_path(request.path)
     _, body = await read_json_object(request)
     view: ChatView | CompletionView = (
-        parse_chat(body) if path.endswith("/chat/completions") else parse_completion(body))
+        parse_chat(body) if path.endswith("/chat/completions") else parse_completion(body)
+    )
     record.model = view.model[:MODEL_NAME_LOGGED] if view.model else view.model
     if app[LIFECYCLE].draining:
         raise EngineUnavailable("The gateway is shutting down.", retry_after_s=5)
@@ -79,33 +80,39 @@ async def generation(request: web.Request) -> web.StreamResponse:
         policy = config.policy_for(model)
     context_length = context_length_for(policy, supervisor.models.get(model))
     if context_length is None:  # the engine did not say; only the policy could
-        raise EngineUnavailable("The engine's context length is not known yet.",
-                                retry_after_s=supervisor.retry_after_s())
+        raise EngineUnavailable(
+            "The engine's context length is not known yet.",
+            retry_after_s=supervisor.retry_after_s(),
+        )
 
     if not policy.trust_request_chat_template and _brings_a_template(body):
         raise BadRequest(UNTRUSTED_TEMPLATE)
     counter = app[TOKENS].counter(model, policy)
-    prompt_tokens = await _prompt_tokens(counter, view, body, policy, context_length,
-                                         supervisor.models.get(model))
+    prompt_tokens = await _prompt_tokens(
+        counter, view, body, policy, context_length, supervisor.models.get(model)
+    )
     decision = decide(view, policy, prompt_tokens, context_length)
     if isinstance(decision, Reject):
         _reject(record.fields, decision)
     record.fields.update(decision.log_fields)
     record.fields["prompt_tokens"] = max(prompt_tokens)
-    return await _attempts(request, path, decision.rewrite(body), decision, model, fp, policy,
-                           deadline)
+    return await _attempts(
+        request, path, decision.rewrite(body), decision, model, fp, policy, deadline
+    )
 
 
 UNTRUSTED_TEMPLATE = (
     "Chat template is passed with request, but --trust-request-chat-template is not set. "
-    "Refused request with untrusted chat template.")
+    "Refused request with untrusted chat template."
+)
 """vLLM's own refusal (vllm/renderers/online_renderer.py), given before the engine sees it."""
 
 
 def _brings_a_template(body: Mapping[str, Any]) -> bool:
     kwargs = body.get("chat_template_kwargs")
     return body.get("chat_template") is not None or (
-        isinstance(kwargs, Mapping) and kwargs.get("chat_template") is not None)
+        isinstance(kwargs, Mapping) and kwargs.get("chat_template") is not None
+    )
 
 
 def _reject(fields: dict[str, Any], refusal: Reject) -> NoReturn:
@@ -123,16 +130,25 @@ def _served_model(requested: str | None, served: Mapping[str, int]) -> str:
         return next(iter(served))
     if requested not in served:
         aliases = ", ".join(served)
-        name = requested if len(requested) <= MODEL_NAME_LOGGED else \
-            requested[:MODEL_NAME_LOGGED] + "..."
-        raise NotFound(f"The model `{name}` does not exist. Valid aliases: {aliases}.",
-                       param="model")
+        name = (
+            requested
+            if len(requested) <= MODEL_NAME_LOGGED
+            else requested[:MODEL_NAME_LOGGED] + "..."
+        )
+        raise NotFound(
+            f"The model `{name}` does not exist. Valid aliases: {aliases}.", param="model"
+        )
     return requested
 
 
-async def _prompt_tokens(counter: TokenCounter, view: ChatView | CompletionView,
-                         body: dict[str, Any], policy: Policy, context_length: int,
-                         max_model_len: int | None) -> list[int]:
+async def _prompt_tokens(
+    counter: TokenCounter,
+    view: ChatView | CompletionView,
+    body: dict[str, Any],
+    policy: Policy,
+    context_length: int,
+    max_model_len: int | None,
+) -> list[int]:
     """Per prompt, a count that decides as the exact one would: the cheap upper bound when
     it is below every threshold of the policy, else the exact count (one render either way)."""
     limit = exact_count_above(view, policy, context_length)
@@ -143,8 +159,16 @@ async def _prompt_tokens(counter: TokenCounter, view: ChatView | CompletionView,
     return [c.tokens for c in counts]
 
 
-async def _attempts(request: web.Request, path: str, body: dict[str, Any], decision: Admit,
-                    model: str, fp: str, policy: Policy, deadline: float) -> web.StreamResponse:
+async def _attempts(
+    request: web.Request,
+    path: str,
+    body: dict[str, Any],
+    decision: Admit,
+    model: str,
+    fp: str,
+    policy: Policy,
+    deadline: float,
+) -> web.StreamResponse:
     """Send the admitted request until an attempt answers. An engine failure before the
     client saw a byte is retried (as a suspect: probation decides); a stream cut after that
     is resumed where it stopped (gateway.resume), or ended with vLLM's error event."""
@@ -163,8 +187,7 @@ async def _attempts(request: web.Request, path: str, body: dict[str, Any], decis
     while True:
         attempt += 1
         try:
-            ticket = await gate.enter(record.request_id, model, fp, policy.max_in_flight,
-                                      deadline)
+            ticket = await gate.enter(record.request_id, model, fp, policy.max_in_flight, deadline)
         except GuardError as err:
             if stream is None:
                 raise
@@ -221,16 +244,20 @@ async def _attempts(request: web.Request, path: str, body: dict[str, Any], decis
             if not failed or log is None or partial_answer(log, chat) is None:
                 record.outcome = "stream_cut"
                 await end_stream_with_error(
-                    stream, "The engine failed during the stream; the answer is incomplete.")
+                    stream, "The engine failed during the stream; the answer is incomplete."
+                )
                 return stream
             record.fields["resumed"] = record.fields.get("resumed", 0) + 1
         except TimeoutError:
-            message = ("The request is a suspect of an engine failure and did not finish alone "
-                       "on probation in time.")
+            message = (
+                "The request is a suspect of an engine failure and did not finish alone "
+                "on probation in time."
+            )
             if stream is not None:
                 await end_stream_with_error(stream, message)
                 return stream
-            raise EngineUnavailable(message,
-                                    retry_after_s=app[SUPERVISOR].retry_after_s()) from None
+            raise EngineUnavailable(
+                message, retry_after_s=app[SUPERVISOR].retry_after_s()
+            ) from None
         finally:
             gate.leave(ticket, answered=answered)

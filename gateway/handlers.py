@@ -31,7 +31,7 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 def canonical_path(path: str) -> str:
     """KServe clients call the engine's paths under /openai; the engine knows them without."""
     if path.startswith(KSERVE_PREFIX + "/"):
-        return path[len(KSERVE_PREFIX):]
+        return path[len(KSERVE_PREFIX) :]
     return path
 
 
@@ -51,8 +51,11 @@ async def ready(request: web.Request) -> web.Response:
     state = str(supervisor.state)
     if supervisor.is_ready() and not request.app[LIFECYCLE].draining:
         return web.json_response({"status": "ready", "engine": state})
-    return web.json_response({"status": "not ready", "engine": state}, status=503,
-                             headers={"Retry-After": str(round(supervisor.retry_after_s()))})
+    return web.json_response(
+        {"status": "not ready", "engine": state},
+        status=503,
+        headers={"Retry-After": str(round(supervisor.retry_after_s()))},
+    )
 
 
 async def engine_live(request: web.Request) -> web.Response:
@@ -69,7 +72,8 @@ async def read_json_object(request: web.Request) -> tuple[bytes, dict[str, Any]]
     The size bound is the app's client_max_size (413 past it)."""
     if request.content_type not in _JSON_TYPES and not request.content_type.endswith("+json"):
         raise UnsupportedMediaType(
-            f"Content-Type must be application/json, not {request.content_type!r}.")
+            f"Content-Type must be application/json, not {request.content_type!r}."
+        )
     raw = await request.read()
     if not raw:
         raise BadRequest("The request body is empty; a JSON object is required.")
@@ -84,14 +88,14 @@ async def read_json_object(request: web.Request) -> tuple[bytes, dict[str, Any]]
     except ValueError as err:
         raise BadRequest(f"The request body is not valid JSON: {err}.") from None
     if not isinstance(body, dict):
-        raise BadRequest(
-            f"The request body must be a JSON object, not {type(body).__name__}.")
+        raise BadRequest(f"The request body must be a JSON object, not {type(body).__name__}.")
     if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _too_deep(body):
-        raise BadRequest(f"The request body is nested more than {MAX_JSON_DEPTH} levels "
-                         "deep.")
+        raise BadRequest(f"The request body is nested more than {MAX_JSON_DEPTH} levels deep.")
     if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(body):
-        raise BadRequest("The request body holds an unpaired UTF-16 surrogate escape "
-                         "(\\ud800-\\udfff): that is not valid Unicode text.")
+        raise BadRequest(
+            "The request body holds an unpaired UTF-16 surrogate escape "
+            "(\\ud800-\\udfff): that is not valid Unicode text."
+        )
     return raw, body
 
 
@@ -104,8 +108,7 @@ def _too_deep(value: object) -> bool:
             if depth > MAX_JSON_DEPTH:
                 return True
             children = item.values() if isinstance(item, dict) else item
-            stack.extend((child, depth + 1) for child in children
-                         if isinstance(child, dict | list))
+            stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
     return False
 
 
@@ -139,10 +142,14 @@ async def relay(request: web.Request) -> web.StreamResponse:
     raw = await request.read()
     try:
         upstream = await request.app[UPSTREAM].open(
-            request.method, path, raw or None,
-            forward_headers(request.headers, record.request_id))
-        return await relay_response(request, upstream, {"X-Request-Id": record.request_id},
-                                    lambda _chunk: record.mark_first_byte())
+            request.method, path, raw or None, forward_headers(request.headers, record.request_id)
+        )
+        return await relay_response(
+            request,
+            upstream,
+            {"X-Request-Id": record.request_id},
+            lambda _chunk: record.mark_first_byte(),
+        )
     except StreamCut as cut:
         await end_stream_with_error(cut.response, "The engine failed during the stream.")
         return cut.response

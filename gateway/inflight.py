@@ -35,8 +35,7 @@ class InflightLedger:
         self._clock = clock
         self._entries: dict[int, Inflight] = {}
 
-    def add(self, request_id: str, model: str | None, fingerprint: str, *,
-            solo: bool) -> Inflight:
+    def add(self, request_id: str, model: str | None, fingerprint: str, *, solo: bool) -> Inflight:
         now = self._clock()
         entry = Inflight(request_id, model, fingerprint, solo, now, now)
         self._entries[id(entry)] = entry

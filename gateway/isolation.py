@@ -24,8 +24,9 @@ def fingerprint(body: Mapping[str, Any], ignore: frozenset[str]) -> str:
     request (`isolation.fingerprint_ignore`: user, stream, stream_options, request ids, ...).
     Keys are sorted, so the same request in another key order has the same fingerprint."""
     kept = {k: v for k, v in body.items() if k not in ignore}
-    canonical = json.dumps(kept, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                           allow_nan=True)
+    canonical = json.dumps(
+        kept, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=True
+    )
     return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
@@ -41,8 +42,14 @@ class QuarantineEntry:
 
     def public(self) -> dict[str, Any]:
         """What the operator sees: never the prompt text."""
-        return {"fingerprint": self.fingerprint, "model": self.model, "since": self.since,
-                "until": self.until, "reason": self.reason, "failures": self.failures}
+        return {
+            "fingerprint": self.fingerprint,
+            "model": self.model,
+            "since": self.since,
+            "until": self.until,
+            "reason": self.reason,
+            "failures": self.failures,
+        }
 
 
 class Quarantine:
@@ -54,8 +61,9 @@ class Quarantine:
         self.max_entries = max_entries
         self._entries: OrderedDict[str, QuarantineEntry] = OrderedDict()
 
-    def add(self, fp: str, model: str | None, reason: str, failures: int,
-            now: float) -> QuarantineEntry:
+    def add(
+        self, fp: str, model: str | None, reason: str, failures: int, now: float
+    ) -> QuarantineEntry:
         entry = QuarantineEntry(fp, model, now, now + self.ttl_s, reason, failures)
         self._entries.pop(fp, None)
         self._entries[fp] = entry
@@ -153,8 +161,14 @@ def attribute_failure(
     if solo:
         for fp, model, _ in solo:
             suspect = book.charge(fp, model, now)
-            quarantine.append((fp, model, suspect.failures,
-                               "the engine failed while this request ran alone on probation"))
+            quarantine.append(
+                (
+                    fp,
+                    model,
+                    suspect.failures,
+                    "the engine failed while this request ran alone on probation",
+                )
+            )
         return Verdict(tuple(quarantine), ())
     seen: set[str] = set()
     for fp, model, _ in entries:
@@ -163,8 +177,9 @@ def attribute_failure(
         seen.add(fp)
         suspect = book.charge(fp, model, now)
         if suspect.failures >= suspect_failures:
-            quarantine.append((fp, model, suspect.failures,
-                               f"in flight at {suspect.failures} engine failures"))
+            quarantine.append(
+                (fp, model, suspect.failures, f"in flight at {suspect.failures} engine failures")
+            )
         else:
             suspects.append(fp)
     return Verdict(tuple(quarantine), tuple(suspects))

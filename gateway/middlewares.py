@@ -21,14 +21,18 @@ log = structlog.get_logger("gateway")
 
 # aiohttp's own HTTP errors (a body over client_max_size, a malformed request line) get the
 # same envelope; their vLLM-style type names:
-_HTTP_TYPES = {400: "BadRequestError", 404: "NotFoundError", 405: "MethodNotAllowed",
-               413: "RequestTooLargeError", 415: "UnsupportedMediaTypeError"}
+_HTTP_TYPES = {
+    400: "BadRequestError",
+    404: "NotFoundError",
+    405: "MethodNotAllowed",
+    413: "RequestTooLargeError",
+    415: "UnsupportedMediaTypeError",
+}
 
 
 def render_error(err: GuardError, request_id: str) -> web.Response:
     headers = {"X-Request-Id": request_id, **err.headers}
-    return web.json_response(err.body(), status=err.status, headers=headers,
-                             dumps=_dumps)
+    return web.json_response(err.body(), status=err.status, headers=headers, dumps=_dumps)
 
 
 def _dumps(obj: object) -> str:
@@ -46,8 +50,9 @@ def _render_http(exc: web.HTTPException, request_id: str) -> web.Response:
 
 @web.middleware
 async def guard_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    record = RequestRecord(request_id_from(request.headers.get("X-Request-Id")),
-                           request.method, request.path)
+    record = RequestRecord(
+        request_id_from(request.headers.get("X-Request-Id")), request.method, request.path
+    )
     request[RECORD] = record
     try:
         resp = await handler(request)
@@ -68,14 +73,26 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
         log.exception("gateway_bug", request_id=record.request_id)
         record.outcome = "error"
         resp = web.json_response(
-            error_body("The gateway failed on this request; this is a bug in vllm-guard.",
-                       "InternalServerError", None, 500),
-            status=500, headers={"X-Request-Id": record.request_id})
+            error_body(
+                "The gateway failed on this request; this is a bug in vllm-guard.",
+                "InternalServerError",
+                None,
+                500,
+            ),
+            status=500,
+            headers={"X-Request-Id": record.request_id},
+        )
     if not resp.prepared:
         resp.headers["X-Request-Id"] = record.request_id
-        nbytes = resp.body_length if resp.body_length else (
-            len(resp.body) if isinstance(resp, web.Response) and isinstance(resp.body, bytes)
-            else None)
+        nbytes = (
+            resp.body_length
+            if resp.body_length
+            else (
+                len(resp.body)
+                if isinstance(resp, web.Response) and isinstance(resp.body, bytes)
+                else None
+            )
+        )
     else:
         nbytes = resp.body_length
     record.status = resp.status

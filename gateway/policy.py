@@ -73,8 +73,11 @@ class Reject:
 
     @property
     def log_fields(self) -> dict[str, object]:
-        return {"reason": self.reason.value, "param": self.error.param,
-                "message": self.error.message}
+        return {
+            "reason": self.reason.value,
+            "param": self.error.param,
+            "message": self.error.message,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,13 +153,9 @@ def decide(
     chat-templated count); `context_length` is `context_length_for(policy, max_model_len)`.
     """
     if len(prompt_tokens) != view.num_prompts:
-        raise ValueError(f"{len(prompt_tokens)} prompt token counts for "
-                         f"{view.num_prompts} prompts")
+        raise ValueError(f"{len(prompt_tokens)} prompt token counts for {view.num_prompts} prompts")
     longest = max(prompt_tokens)
-    refusal = (
-        _check_counts(view, policy)
-        or _check_prompt(policy, longest, context_length)
-    )
+    refusal = _check_counts(view, policy) or _check_prompt(policy, longest, context_length)
     requested = view.requested_max_tokens
     room = context_length - longest
     # With no room at all the prompt is refused above; report mode still needs a positive limit.
@@ -200,8 +199,11 @@ def precheck(view: RequestView, policy: Policy) -> Reject | None:
     if refusal is not None:
         return refusal
     requested = view.requested_max_tokens
-    if (policy.on_exceed is OnExceed.REJECT and requested is not None
-            and requested > policy.max_tokens_limit):
+    if (
+        policy.on_exceed is OnExceed.REJECT
+        and requested is not None
+        and requested > policy.max_tokens_limit
+    ):
         return _limit_refusal(view, policy, requested)
     return None
 
@@ -228,8 +230,11 @@ def exact_count_above(view: RequestView, policy: Policy, context_length: int) ->
     `needs_exact_count`): a counter may answer with its bound up to this, and must count
     exactly past it."""
     requested = view.requested_max_tokens
-    budget = requested if requested is not None else min(
-        policy.default_max_tokens, policy.max_tokens_limit)
+    budget = (
+        requested
+        if requested is not None
+        else min(policy.default_max_tokens, policy.max_tokens_limit)
+    )
     limit = context_length - budget
     if policy.max_prompt_tokens is not None:
         limit = min(limit, policy.max_prompt_tokens)
@@ -251,16 +256,20 @@ def _check_counts(view: RequestView, policy: Policy) -> Reject | None:
     if num_prompts > policy.max_prompts:
         # Wording of vLLM 0.32, CompletionRequest.validate_prompt_list_length.
         return _reject(
-            Reason.MAX_PROMPTS, "prompt",
+            Reason.MAX_PROMPTS,
+            "prompt",
             f"prompt list length {num_prompts} exceeds the maximum allowed count of "
-            f"{policy.max_prompts} (this server's max_prompts policy for this model).")
+            f"{policy.max_prompts} (this server's max_prompts policy for this model).",
+        )
     for param, value in (("n", view.n), ("best_of", view.best_of)):
         if value is not None and value > policy.max_n:
             # Wording of vLLM 0.32, _verify_num_sequences (vllm/sampling_params.py).
             return _reject(
-                Reason.MAX_N, param,
+                Reason.MAX_N,
+                param,
                 f"{param} must be at most {policy.max_n}, got {value} "
-                "(this server's max_n policy for this model).")
+                "(this server's max_n policy for this model).",
+            )
     return None
 
 
@@ -269,20 +278,27 @@ def _check_prompt(policy: Policy, longest: int, context_length: int) -> Reject |
         # vLLM 0.32, TokenizeParams._token_len_check (vllm/renderers/params.py), rendered by
         # VLLMValidationError.__str__. The engine lets a prompt of exactly the context length
         # through to fail later on max_tokens=0; the gateway refuses it here, in the same words.
-        overflow = ("exceeds this limit even without any output tokens"
-                    if longest > context_length else "leaves no room for any output tokens")
+        overflow = (
+            "exceeds this limit even without any output tokens"
+            if longest > context_length
+            else "leaves no room for any output tokens"
+        )
         return _reject(
-            Reason.CONTEXT_LENGTH, "input_tokens",
+            Reason.CONTEXT_LENGTH,
+            "input_tokens",
             f"This model's maximum context length is {context_length} tokens. However, your "
             f"prompt contains {longest} input tokens, which {overflow}. Please reduce the "
-            f"length of the input prompt. (parameter=input_tokens, value={longest})")
+            f"length of the input prompt. (parameter=input_tokens, value={longest})",
+        )
     if policy.max_prompt_tokens is not None and longest > policy.max_prompt_tokens:
         return _reject(
-            Reason.MAX_PROMPT_TOKENS, "input_tokens",
+            Reason.MAX_PROMPT_TOKENS,
+            "input_tokens",
             f"This server accepts at most {policy.max_prompt_tokens} input tokens per prompt "
             f"for this model (its max_prompt_tokens policy). However, your prompt contains "
             f"{longest} input tokens. Please reduce the length of the input prompt. "
-            f"(parameter=input_tokens, value={longest})")
+            f"(parameter=input_tokens, value={longest})",
+        )
     return None
 
 
@@ -297,20 +313,24 @@ def _output_refusal(
     # later versions append. vLLM 0.32 no longer refuses this: it shortens the output silently.
     param = view.max_tokens_param
     return _reject(
-        Reason.MAX_TOKENS_CONTEXT, param,
+        Reason.MAX_TOKENS_CONTEXT,
+        param,
         f"'max_tokens' or 'max_completion_tokens' is too large: {requested}. This model's "
         f"maximum context length is {context_length} tokens and your request has {longest} "
         f"input tokens ({requested} > {context_length} - {longest}). "
-        f"(parameter={param}, value={requested})")
+        f"(parameter={param}, value={requested})",
+    )
 
 
 def _limit_refusal(view: RequestView, policy: Policy, requested: int) -> Reject:
     limit, param = policy.max_tokens_limit, view.max_tokens_param
     return _reject(
-        Reason.MAX_TOKENS_LIMIT, param,
+        Reason.MAX_TOKENS_LIMIT,
+        param,
         f"'max_tokens' or 'max_completion_tokens' is too large: {requested}. This server "
         f"limits output to {limit} tokens per request for this model (its max_tokens_limit "
-        f"policy) ({requested} > {limit}). (parameter={param}, value={requested})")
+        f"policy) ({requested} > {limit}). (parameter={param}, value={requested})",
+    )
 
 
 def _reject(reason: Reason, param: str, message: str) -> Reject:

@@ -27,10 +27,21 @@ from gateway.errors import (
     error_bytes,
 )
 
-HOP_BY_HOP: Final = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-    "trailers", "transfer-encoding", "upgrade", "host", "content-length",
-})
+HOP_BY_HOP: Final = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
 _STREAM_BODY_BYTES: Final = 1 << 20  # aiohttp's TOO_LARGE_BYTES_BODY
 # Response headers the gateway sets itself.
 _RESPONSE_DROP: Final = HOP_BY_HOP | {"date", "server", "x-request-id"}
@@ -70,54 +81,68 @@ Transform = Callable[[bytes], bytes]
 class Upstream:
     """Where the engine answers, and how the gateway talks to it."""
 
-    def __init__(self, session: aiohttp.ClientSession, base_url: str,
-                 retry_after_s: Callable[[], float]) -> None:
+    def __init__(
+        self, session: aiohttp.ClientSession, base_url: str, retry_after_s: Callable[[], float]
+    ) -> None:
         self._session = session
         self.base_url = base_url.rstrip("/")
         self._retry_after_s = retry_after_s
 
-    async def open(self, method: str, path: str, body: bytes | None,
-                   headers: Mapping[str, str]) -> aiohttp.ClientResponse:
+    async def open(
+        self, method: str, path: str, body: bytes | None, headers: Mapping[str, str]
+    ) -> aiohttp.ClientResponse:
         """Send the request and return the engine's response once its headers arrived."""
         try:
             return await self._session.request(
-                method, self.base_url + path, data=_body_data(body), headers=headers,
+                method,
+                self.base_url + path,
+                data=_body_data(body),
+                headers=headers,
                 allow_redirects=False,
             )
         except aiohttp.ClientConnectorError as err:
             raise EngineFailed(
                 f"The engine is not reachable ({err.os_error.strerror or err}); "
-                "it may be starting or restarting.") from None
+                "it may be starting or restarting."
+            ) from None
         except (TimeoutError, aiohttp.ServerTimeoutError):
             raise EngineTimeout("The engine did not answer in time.") from None
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as err:
             raise EngineFailed(
-                f"The engine closed the connection before answering ({err}).") from None
+                f"The engine closed the connection before answering ({err})."
+            ) from None
 
-    async def json(self, method: str, path: str, payload: object | None = None, *,
-                   timeout: float) -> tuple[int, object]:
+    async def json(
+        self, method: str, path: str, payload: object | None = None, *, timeout: float
+    ) -> tuple[int, object]:
         """A small JSON exchange with the engine (probes, /tokenize, /v1/models)."""
         body = None if payload is None else json.dumps(payload).encode()
         headers = {"Content-Type": "application/json"} if body is not None else {}
         try:
             async with self._session.request(
-                method, self.base_url + path, data=_body_data(body), headers=headers,
+                method,
+                self.base_url + path,
+                data=_body_data(body),
+                headers=headers,
                 timeout=aiohttp.ClientTimeout(total=timeout),
             ) as resp:
                 raw = await resp.read()
         except aiohttp.ClientConnectorError:
-            raise EngineUnavailable("The engine is not reachable.",
-                                    retry_after_s=self._retry_after_s()) from None
+            raise EngineUnavailable(
+                "The engine is not reachable.", retry_after_s=self._retry_after_s()
+            ) from None
         except (TimeoutError, aiohttp.ServerTimeoutError):
             raise EngineTimeout("The engine did not answer in time.") from None
         except aiohttp.ClientError as err:
-            raise EngineUnavailable(f"The engine failed to answer ({err}).",
-                                    retry_after_s=self._retry_after_s()) from None
+            raise EngineUnavailable(
+                f"The engine failed to answer ({err}).", retry_after_s=self._retry_after_s()
+            ) from None
         try:
             return resp.status, json.loads(raw)
         except ValueError:
-            raise BadGateway(f"The engine answered {resp.status} with a body that is not "
-                             "JSON.") from None
+            raise BadGateway(
+                f"The engine answered {resp.status} with a body that is not JSON."
+            ) from None
 
 
 def _body_data(body: bytes | None) -> bytes | io.BytesIO | None:
@@ -161,33 +186,37 @@ _ENGINE_CUT = (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aioh
 
 
 async def _relay_whole(
-    upstream: aiohttp.ClientResponse, headers: CIMultiDict[str],
+    upstream: aiohttp.ClientResponse,
+    headers: CIMultiDict[str],
     on_progress: ProgressCallback | None,
 ) -> web.Response:
     try:
         body = await upstream.read()
     except _ENGINE_CUT as err:
-        raise EngineFailed(
-            f"The engine failed while answering ({type(err).__name__}).") from None
+        raise EngineFailed(f"The engine failed while answering ({type(err).__name__}).") from None
     if on_progress is not None:
         on_progress(body)
     failure: GuardError | None = None
     if upstream.status >= 400 and not _is_json(body):
         failure = BadGateway(
-            f"The engine answered HTTP {upstream.status} with a body that is not JSON.")
+            f"The engine answered HTTP {upstream.status} with a body that is not JSON."
+        )
     response = web.Response(status=upstream.status, body=body, headers=headers)
     if upstream.status >= 500:
         # Perhaps the engine died (vLLM answers a bare 500 after EngineDeadError): let the
         # caller settle that before relaying the answer.
-        raise EngineFailed(f"The engine answered HTTP {upstream.status}.",
-                           fallback=failure or response)
+        raise EngineFailed(
+            f"The engine answered HTTP {upstream.status}.", fallback=failure or response
+        )
     if failure is not None:
         raise failure
     return response
 
 
 async def _relay_stream(
-    request: web.Request, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str],
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    headers: CIMultiDict[str],
     on_progress: ProgressCallback | None,
 ) -> web.StreamResponse:
     # Nothing goes to the client before the engine's first chunk: a stream the engine cuts
@@ -202,7 +231,9 @@ async def _relay_stream(
 
 
 async def continue_stream(
-    resp: web.StreamResponse, upstream: aiohttp.ClientResponse, transform: Transform,
+    resp: web.StreamResponse,
+    upstream: aiohttp.ClientResponse,
+    transform: Transform,
     on_progress: ProgressCallback | None,
 ) -> None:
     """Relay a continuation into a stream the client already has open (see gateway.resume).
@@ -226,15 +257,21 @@ async def _first_chunk(chunks: AsyncIterator[bytes]) -> bytes:
         first = await anext(chunks, b"")
     except _ENGINE_CUT as err:
         raise EngineFailed(
-            f"The engine failed before the stream began ({type(err).__name__}).") from None
+            f"The engine failed before the stream began ({type(err).__name__})."
+        ) from None
     if not first:
         raise EngineFailed("The engine ended the stream before sending anything.")
     return first
 
 
-async def _pump(resp: web.StreamResponse, upstream: aiohttp.ClientResponse,
-                chunks: AsyncIterator[bytes], first: bytes, transform: Transform | None,
-                on_progress: ProgressCallback | None) -> None:
+async def _pump(
+    resp: web.StreamResponse,
+    upstream: aiohttp.ClientResponse,
+    chunks: AsyncIterator[bytes],
+    first: bytes,
+    transform: Transform | None,
+    on_progress: ProgressCallback | None,
+) -> None:
     chunk = first
     try:
         while chunk:
@@ -263,8 +300,11 @@ def engine_answer(err: EngineFailed, retry_after_s: float) -> web.StreamResponse
 async def end_stream_with_error(resp: web.StreamResponse, message: str) -> None:
     """End a started stream the way vLLM reports an error inside one: a `data:` event with
     the error envelope, then `[DONE]`, so the client reads a reason, not a cut connection."""
-    await resp.write(b"data: " + error_bytes(message, "ServiceUnavailableError", None, 503)
-                     + b"\n\ndata: [DONE]\n\n")
+    await resp.write(
+        b"data: "
+        + error_bytes(message, "ServiceUnavailableError", None, 503)
+        + b"\n\ndata: [DONE]\n\n"
+    )
     await resp.write_eof()
 
 

@@ -46,7 +46,8 @@ class RequestRecord:
             "status": self.status,
             "outcome": self.outcome,
             "bytes": nbytes,
-            "ttfb_ms": None if self.first_byte is None
+            "ttfb_ms": None
+            if self.first_byte is None
             else round((self.first_byte - self.started) * 1000, 2),
             "duration_ms": round((now - self.started) * 1000, 2),
         }

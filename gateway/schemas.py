@@ -163,8 +163,9 @@ class ChatView(_GenerationView):
             raise _fail("messages must not be empty: send at least one message.")
         for index, message in enumerate(value):
             if not isinstance(message, dict):
-                raise _fail(f"messages[{index}] must be an object with a 'role', "
-                            f"got {_describe(message)}.")
+                raise _fail(
+                    f"messages[{index}] must be an object with a 'role', got {_describe(message)}."
+                )
             role = message.get("role")
             if not isinstance(role, str):
                 if "role" not in message:
@@ -202,8 +203,10 @@ class CompletionView(_GenerationView):
     @classmethod
     def _no_prompt_embeds(cls, value: object) -> None:
         if value is not None:
-            raise _fail("prompt_embeds is not supported through this gateway: the length of an "
-                        "embedded prompt cannot be checked. Send prompt as text or token ids.")
+            raise _fail(
+                "prompt_embeds is not supported through this gateway: the length of an "
+                "embedded prompt cannot be checked. Send prompt as text or token ids."
+            )
 
     @field_validator("prompt", mode="plain")
     @classmethod
@@ -220,20 +223,24 @@ class CompletionView(_GenerationView):
         if isinstance(first, str):
             for index, item in enumerate(value):
                 if not isinstance(item, str):
-                    raise _fail(f"prompt[{index}] must be a string like prompt[0], "
-                                f"got {_describe(item)}.")
+                    raise _fail(
+                        f"prompt[{index}] must be a string like prompt[0], got {_describe(item)}."
+                    )
             return cast(list[str], value)
         if isinstance(first, list):
             for index, item in enumerate(value):
                 if not isinstance(item, list) or (item and not _is_token_id(item[0])):
-                    raise _fail(f"prompt[{index}] must be a list of token ids (integers >= 0), "
-                                f"got {_describe(item)}.")
+                    raise _fail(
+                        f"prompt[{index}] must be a list of token ids (integers >= 0), "
+                        f"got {_describe(item)}."
+                    )
             return cast(list[list[int]], value)
         if _is_token_id(first):
             # The other ids are the engine's to check: admission reads only the length.
             return cast(list[int], value)
-        raise _fail(f"prompt must be {_PROMPT_SHAPES}, got a list starting with "
-                    f"{_describe(first)}.")
+        raise _fail(
+            f"prompt must be {_PROMPT_SHAPES}, got a list starting with {_describe(first)}."
+        )
 
     @property
     def prompts(self) -> list[str] | list[list[int]]:
@@ -266,8 +273,9 @@ def _as_object(body: object) -> Mapping[str, Any]:
     # vLLM 0.32, validate_stream_options (chat_completion/protocol.py, completion/protocol.py):
     # the same truthiness test on the raw values.
     if body.get("stream_options") and not body.get("stream"):
-        raise BadRequest("Stream options can only be defined when `stream=True`.",
-                         param="stream_options")
+        raise BadRequest(
+            "Stream options can only be defined when `stream=True`.", param="stream_options"
+        )
     return body
 
 

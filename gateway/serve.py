@@ -20,8 +20,9 @@ async def serve(app: web.Application, config: Config) -> None:
     """Listen at once (probes must find the port open while the engine loads), run until
     SIGTERM or SIGINT, then drain: in-flight requests finish up to `shutdown_grace_s`,
     then the app's cleanup stops the engine."""
-    runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True,
-                           access_log=None, shutdown_timeout=1.0)
+    runner = web.AppRunner(
+        app, handle_signals=False, handler_cancellation=True, access_log=None, shutdown_timeout=1.0
+    )
     await runner.setup()
     sites = [web.TCPSite(runner, config.server.host, config.server.port)]
     if config.admin.enabled and ADMIN_APP in app:
@@ -32,8 +33,13 @@ async def serve(app: web.Application, config: Config) -> None:
         admin_runner = None
     for site in sites:
         await site.start()
-    log.info("gateway_listening", host=config.server.host, port=config.server.port,
-             engine=config.engine.url, supervised=config.engine.command is not None)
+    log.info(
+        "gateway_listening",
+        host=config.server.host,
+        port=config.server.port,
+        engine=config.engine.url,
+        supervised=config.engine.command is not None,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -58,4 +64,3 @@ async def drain(app: web.Application, grace_s: float) -> None:
             await asyncio.sleep(0.1)
     if len(ledger):
         log.warning("gateway_drain_deadline", in_flight=len(ledger))
-

@@ -94,8 +94,9 @@ class _Chat:
             raise BadRequest("chat_template must be a string.", param="chat_template")
         kwargs = body.get("chat_template_kwargs")
         if kwargs is not None and not isinstance(kwargs, dict):
-            raise BadRequest("chat_template_kwargs must be an object.",
-                             param="chat_template_kwargs")
+            raise BadRequest(
+                "chat_template_kwargs must be an object.", param="chat_template_kwargs"
+            )
         effort = body.get("reasoning_effort")
         if effort is not None and not isinstance(effort, str):
             raise BadRequest("reasoning_effort must be a string.", param="reasoning_effort")
@@ -103,28 +104,37 @@ class _Chat:
         if max_output is None:
             max_output = _int_field(body, "max_tokens")
         return cls(
-            messages=body.get("messages"), tools=body.get("tools"), chat_template=template,
-            chat_template_kwargs=kwargs, documents=body.get("documents"),
+            messages=body.get("messages"),
+            tools=body.get("tools"),
+            chat_template=template,
+            chat_template_kwargs=kwargs,
+            documents=body.get("documents"),
             reasoning_effort=effort,
             add_generation_prompt=_flag(body, "add_generation_prompt", True),
             continue_final_message=_flag(body, "continue_final_message", False),
             add_special_tokens=_flag(body, "add_special_tokens", False),
-            truncate=_truncate_field(body), max_output=max_output or 0,
+            truncate=_truncate_field(body),
+            max_output=max_output or 0,
         )
 
     def render(self, tok: PromptTokenizer) -> str:
         return tok.render_chat(
-            self.messages, add_generation_prompt=self.add_generation_prompt,
-            continue_final_message=self.continue_final_message, tools=self.tools,
-            chat_template=self.chat_template, chat_template_kwargs=self.chat_template_kwargs,
-            documents=self.documents, reasoning_effort=self.reasoning_effort,
+            self.messages,
+            add_generation_prompt=self.add_generation_prompt,
+            continue_final_message=self.continue_final_message,
+            tools=self.tools,
+            chat_template=self.chat_template,
+            chat_template_kwargs=self.chat_template_kwargs,
+            documents=self.documents,
+            reasoning_effort=self.reasoning_effort,
         )
 
     def tokenize_payload(self, model: str) -> dict[str, object]:
         """The /tokenize request that counts this chat. /tokenize has no `documents` or
         `reasoning_effort`; vLLM passes them to the template as kwargs, so they go there."""
         payload: dict[str, object] = {
-            "model": model, "messages": self.messages,
+            "model": model,
+            "messages": self.messages,
             "add_generation_prompt": self.add_generation_prompt,
             "continue_final_message": self.continue_final_message,
             "add_special_tokens": self.add_special_tokens,
@@ -170,8 +180,11 @@ def _truncate_field(body: Mapping[str, object]) -> int | None:
         return None
     number = _int_field(body, "truncate_prompt_tokens")
     if number is None or number < -1:
-        raise BadRequest("truncate_prompt_tokens must be an integer of at least -1 (-1: the "
-                         "model's context length).", param="truncate_prompt_tokens")
+        raise BadRequest(
+            "truncate_prompt_tokens must be an integer of at least -1 (-1: the "
+            "model's context length).",
+            param="truncate_prompt_tokens",
+        )
     return number
 
 
@@ -180,9 +193,11 @@ def _truncation(k: int | None, max_output: int, max_model_len: int | None) -> in
     if k is None:
         return None
     if max_model_len is not None and k > max_model_len:
-        raise BadRequest(f"truncate_prompt_tokens={k} cannot be greater than max_model_len = "
-                         f"{max_model_len}. Please request a smaller truncation size.",
-                         param="truncate_prompt_tokens")
+        raise BadRequest(
+            f"truncate_prompt_tokens={k} cannot be greater than max_model_len = "
+            f"{max_model_len}. Please request a smaller truncation size.",
+            param="truncate_prompt_tokens",
+        )
     if k >= 0:
         return k
     if max_model_len is None:
@@ -211,8 +226,9 @@ def _text_size(value: object, limit: int) -> int:
     return total
 
 
-def _read_completion(body: Mapping[str, object], max_model_len: int | None
-                     ) -> tuple[Sequence[str | list[int]], bool, int | None]:
+def _read_completion(
+    body: Mapping[str, object], max_model_len: int | None
+) -> tuple[Sequence[str | list[int]], bool, int | None]:
     """A completions request's prompts, add_special_tokens, and how many tokens vLLM keeps."""
     max_output = _int_field(body, "max_tokens")
     if body.get("max_tokens") is None:  # CompletionRequest.normalize_null_max_tokens
@@ -233,8 +249,14 @@ def _bad_request(err: InvalidChat) -> BadRequest:
 class TokenCounter:
     """Counts the prompt tokens of one model's requests."""
 
-    def __init__(self, model: str, *, tokenizer: PromptTokenizer | None,
-                 remote: Remote | None, inline_chars: int = INLINE_CHARS) -> None:
+    def __init__(
+        self,
+        model: str,
+        *,
+        tokenizer: PromptTokenizer | None,
+        remote: Remote | None,
+        inline_chars: int = INLINE_CHARS,
+    ) -> None:
         if tokenizer is None and remote is None:
             raise ValueError("a token counter needs a local tokenizer or the engine")
         self.model = model
@@ -253,17 +275,27 @@ class TokenCounter:
         tokenizer = None
         if policy.token_source is not TokenSource.ENGINE and policy.tokenizer is not None:
             try:
-                template = (None if policy.chat_template is None
-                            else Path(policy.chat_template).read_text(encoding="utf-8"))
+                template = (
+                    None
+                    if policy.chat_template is None
+                    else Path(policy.chat_template).read_text(encoding="utf-8")
+                )
                 tokenizer = PromptTokenizer.from_dir(
-                    Path(policy.tokenizer), chat_template=template,
-                    chat_template_kwargs=policy.default_chat_template_kwargs)
+                    Path(policy.tokenizer),
+                    chat_template=template,
+                    chat_template_kwargs=policy.default_chat_template_kwargs,
+                )
             except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception
                 if policy.token_source is TokenSource.LOCAL:
-                    raise ConfigError(f"models.{model}.tokenizer: cannot load the tokenizer in "
-                                      f"{policy.tokenizer}: {err}") from None
-            if (tokenizer is not None and not tokenizer.exact
-                    and policy.token_source is TokenSource.AUTO):
+                    raise ConfigError(
+                        f"models.{model}.tokenizer: cannot load the tokenizer in "
+                        f"{policy.tokenizer}: {err}"
+                    ) from None
+            if (
+                tokenizer is not None
+                and not tokenizer.exact
+                and policy.token_source is TokenSource.AUTO
+            ):
                 tokenizer = None  # counted by the engine: the local encoding may differ
         elif policy.token_source is TokenSource.LOCAL:
             raise ConfigError(f"models.{model}: token_source local needs a tokenizer folder")
@@ -271,8 +303,9 @@ class TokenCounter:
 
     # -- counting ------------------------------------------------------------------------------
 
-    async def count_chat(self, body: Mapping[str, object], *,
-                         max_model_len: int | None = None) -> int:
+    async def count_chat(
+        self, body: Mapping[str, object], *, max_model_len: int | None = None
+    ) -> int:
         """The exact prompt tokens of a chat request (after vLLM's truncation, if asked)."""
         return (await self.count_chat_within(body, None, max_model_len=max_model_len)).tokens
 
@@ -282,8 +315,9 @@ class TokenCounter:
         body = {"prompt": prompt, "add_special_tokens": add_special_tokens}
         return [c.tokens for c in await self.count_completion_within(body, None)]
 
-    async def count_chat_within(self, body: Mapping[str, object], limit: int | None, *,
-                                max_model_len: int | None = None) -> PromptCount:
+    async def count_chat_within(
+        self, body: Mapping[str, object], limit: int | None, *, max_model_len: int | None = None
+    ) -> PromptCount:
         """The upper bound when it is at most `limit` (no decision can then depend on the
         exact count), else the exact count. `limit=None` always counts exactly."""
         chat = _Chat.read(body)
@@ -294,13 +328,17 @@ class TokenCounter:
         tokens = await self._ask_engine(chat.tokenize_payload(self.model), local)
         return _truncated(PromptCount(tokens, True, "engine"), keep)
 
-    async def count_completion(self, body: Mapping[str, object], *,
-                               max_model_len: int | None = None) -> list[int]:
+    async def count_completion(
+        self, body: Mapping[str, object], *, max_model_len: int | None = None
+    ) -> list[int]:
         counts = await self.count_completion_within(body, None, max_model_len=max_model_len)
         return [c.tokens for c in counts]
 
     async def count_completion_within(
-        self, body: Mapping[str, object], limit: int | None, *,
+        self,
+        body: Mapping[str, object],
+        limit: int | None,
+        *,
         max_model_len: int | None = None,
     ) -> list[PromptCount]:
         """Per prompt of a completions request: its bound when at most `limit`, else exact."""
@@ -308,8 +346,9 @@ class TokenCounter:
         local = await self._prompts_local(prompts, add_special_tokens, keep, limit)
         if local is not None:
             return local
-        counts = await asyncio.gather(*(
-            self._engine_prompt(p, add_special_tokens) for p in prompts))
+        counts = await asyncio.gather(
+            *(self._engine_prompt(p, add_special_tokens) for p in prompts)
+        )
         return [_truncated(c, keep) for c in counts]
 
     def upper_bound(self, text: str) -> int | None:
@@ -319,8 +358,9 @@ class TokenCounter:
 
     # -- the two steps, separately ---------------------------------------------------------------
 
-    async def upper_bounds(self, view: object, body: Mapping[str, object], *,
-                           max_model_len: int | None = None) -> list[int] | None:
+    async def upper_bounds(
+        self, view: object, body: Mapping[str, object], *, max_model_len: int | None = None
+    ) -> list[int] | None:
         """Per prompt, a count never below vLLM's, without asking the engine; None when only
         the engine (or exact counting, which then names the client's mistake) can say."""
         try:
@@ -335,8 +375,9 @@ class TokenCounter:
             return None
         return None if counts is None else [c.tokens for c in counts]
 
-    async def count(self, view: object, body: Mapping[str, object], *,
-                    max_model_len: int | None = None) -> list[int]:
+    async def count(
+        self, view: object, body: Mapping[str, object], *, max_model_len: int | None = None
+    ) -> list[int]:
         """Per prompt, vLLM's exact count (one for a chat)."""
         if _is_chat(view, body):
             return [await self.count_chat(body, max_model_len=max_model_len)]
@@ -346,33 +387,42 @@ class TokenCounter:
     # `limit`: None counts exactly; a number returns the bound when the (truncated) bound is at
     # most that (math.inf: always).
 
-    async def _chat_local(self, chat: _Chat, body: Mapping[str, object], keep: int | None,
-                          limit: float | None) -> PromptCount | str:
+    async def _chat_local(
+        self, chat: _Chat, body: Mapping[str, object], keep: int | None, limit: float | None
+    ) -> PromptCount | str:
         """The count made here, or why the engine must make it."""
         if self.tokenizer is None:
             return "the engine counts this model"
         size = sum(_text_size(body.get(key), self._inline_chars) for key in _RENDERED_FIELDS)
         own = self.tokenizer.chat_template
-        if chat.chat_template is not None and not (isinstance(own, dict)
-                                                   and chat.chat_template in own):
+        if chat.chat_template is not None and not (
+            isinstance(own, dict) and chat.chat_template in own
+        ):
             # The client's own template: its loops can make a short request slow to render.
             size = self._inline_chars + 1
         try:
             count: PromptCount = await self._off_loop(
-                size, _local_chat, self.tokenizer, chat, keep, limit)
+                size, _local_chat, self.tokenizer, chat, keep, limit
+            )
         except InvalidChat as err:
             raise _bad_request(err) from None
         except UnsupportedLocally as err:
             return str(err)
         return _truncated(count, keep)
 
-    async def _prompts_local(self, prompts: Sequence[str | list[int]], add_special_tokens: bool,
-                             keep: int | None, limit: float | None) -> list[PromptCount] | None:
+    async def _prompts_local(
+        self,
+        prompts: Sequence[str | list[int]],
+        add_special_tokens: bool,
+        keep: int | None,
+        limit: float | None,
+    ) -> list[PromptCount] | None:
         """The counts made here; None when a text prompt needs the engine."""
         if self.tokenizer is not None:
             size = sum(len(p) for p in prompts if isinstance(p, str))
             counts: list[PromptCount] = await self._off_loop(
-                size, _local_prompts, self.tokenizer, prompts, add_special_tokens, keep, limit)
+                size, _local_prompts, self.tokenizer, prompts, add_special_tokens, keep, limit
+            )
         elif any(isinstance(p, str) for p in prompts):
             return None
         else:
@@ -384,20 +434,24 @@ class TokenCounter:
             return await asyncio.to_thread(fn, *args)
         return fn(*args)
 
-    async def _engine_prompt(self, prompt: str | list[int],
-                             add_special_tokens: bool) -> PromptCount:
+    async def _engine_prompt(
+        self, prompt: str | list[int], add_special_tokens: bool
+    ) -> PromptCount:
         if isinstance(prompt, list):
             return PromptCount(len(prompt), True, "ids")
-        tokens = await self._ask_engine({"model": self.model, "prompt": prompt,
-                                         "add_special_tokens": add_special_tokens},
-                                        "the engine counts this model")
+        tokens = await self._ask_engine(
+            {"model": self.model, "prompt": prompt, "add_special_tokens": add_special_tokens},
+            "the engine counts this model",
+        )
         return PromptCount(tokens, True, "engine")
 
     async def _ask_engine(self, payload: dict[str, object], reason: str) -> int:
         if self._remote is None:
-            raise BadRequest(f"This request's prompt cannot be counted by the gateway "
-                             f"({reason}) and no engine tokenizer is configured.",
-                             param="messages" if "messages" in payload else "prompt")
+            raise BadRequest(
+                f"This request's prompt cannot be counted by the gateway "
+                f"({reason}) and no engine tokenizer is configured.",
+                param="messages" if "messages" in payload else "prompt",
+            )
         answer = await self._remote(payload)
         count = answer.get("count")
         if type(count) is int:
@@ -427,8 +481,9 @@ def _within(bound: int, keep: int | None, limit: float | None) -> bool:
     return limit is not None and min(bound, keep if keep is not None else bound) <= limit
 
 
-def _local_chat(tok: PromptTokenizer, chat: _Chat, keep: int | None,
-                limit: float | None) -> PromptCount:
+def _local_chat(
+    tok: PromptTokenizer, chat: _Chat, keep: int | None, limit: float | None
+) -> PromptCount:
     """Render once; the bound when it settles the decision, else encode."""
     text = chat.render(tok)
     if limit is not None:
@@ -438,9 +493,13 @@ def _local_chat(tok: PromptTokenizer, chat: _Chat, keep: int | None,
     return PromptCount(len(tok.encode_completion(text, chat.add_special_tokens)), True, "local")
 
 
-def _local_prompts(tok: PromptTokenizer, prompts: Sequence[str | list[int]],
-                   add_special_tokens: bool, keep: int | None,
-                   limit: float | None) -> list[PromptCount]:
+def _local_prompts(
+    tok: PromptTokenizer,
+    prompts: Sequence[str | list[int]],
+    add_special_tokens: bool,
+    keep: int | None,
+    limit: float | None,
+) -> list[PromptCount]:
     out = []
     for prompt in prompts:
         if isinstance(prompt, list):
@@ -459,23 +518,29 @@ def _local_prompts(tok: PromptTokenizer, prompts: Sequence[str | list[int]],
 class JsonExchange(Protocol):
     """What the counters need of `gateway.proxy.Upstream`."""
 
-    async def json(self, method: str, path: str, payload: object | None = None, *,
-                   timeout: float) -> tuple[int, object]: ...
+    async def json(
+        self, method: str, path: str, payload: object | None = None, *, timeout: float
+    ) -> tuple[int, object]: ...
 
 
 class TokenCounters:
     """The counters of all models, made on first use and remade when the policy's tokenizer
     settings change (a config reload)."""
 
-    def __init__(self, upstream: JsonExchange | None,
-                 timeout_s: float = TOKENIZE_TIMEOUT_S) -> None:
+    def __init__(
+        self, upstream: JsonExchange | None, timeout_s: float = TOKENIZE_TIMEOUT_S
+    ) -> None:
         self._upstream = upstream
         self._timeout_s = timeout_s
         self._counters: dict[str, tuple[tuple[object, ...], TokenCounter]] = {}
 
     def counter(self, model: str, policy: Policy) -> TokenCounter:
-        key: tuple[object, ...] = (policy.tokenizer, policy.token_source, policy.chat_template,
-                                   policy.default_chat_template_kwargs)
+        key: tuple[object, ...] = (
+            policy.tokenizer,
+            policy.token_source,
+            policy.chat_template,
+            policy.default_chat_template_kwargs,
+        )
         known = self._counters.get(model)
         if known is not None and known[0] == key:
             return known[1]
@@ -486,8 +551,9 @@ class TokenCounters:
     async def _remote(self, payload: dict[str, object]) -> Mapping[str, object]:
         if self._upstream is None:
             raise BadGateway("No engine to count the prompt with.")
-        status, answer = await self._upstream.json("POST", "/tokenize", payload,
-                                                   timeout=self._timeout_s)
+        status, answer = await self._upstream.json(
+            "POST", "/tokenize", payload, timeout=self._timeout_s
+        )
         if not isinstance(answer, Mapping):
             raise BadGateway(f"The engine's /tokenize answered {status} with no JSON object.")
         if status >= 400 and "error" not in answer and "message" not in answer:

@@ -34,23 +34,45 @@ MAX_MODEL_LEN = 512
 
 def engine_env() -> dict[str, str]:
     env = dict(os.environ)
-    env.update({"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
-                "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
-                "DO_NOT_TRACK": "1"})
+    env.update(
+        {
+            "VLLM_CPU_KVCACHE_SPACE": "1",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "VLLM_NO_USAGE_STATS": "1",
+            "DO_NOT_TRACK": "1",
+        }
+    )
     return env
 
 
 def engine_argv(port: int, *extra: str) -> list[str]:
-    return [str(ENGINE_PYTHON), "-m", "vllm.entrypoints.openai.api_server",
-            "--model", str(MODEL_DIR), "--served-model-name", MODEL_NAME,
-            "--max-model-len", str(MAX_MODEL_LEN), "--dtype", "bfloat16", "--enforce-eager",
-            "--host", "127.0.0.1", "--port", str(port), "--trust-request-chat-template",
-            *extra]
+    return [
+        str(ENGINE_PYTHON),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(MODEL_DIR),
+        "--served-model-name",
+        MODEL_NAME,
+        "--max-model-len",
+        str(MAX_MODEL_LEN),
+        "--dtype",
+        "bfloat16",
+        "--enforce-eager",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--trust-request-chat-template",
+        *extra,
+    ]
 
 
 def _post_json(url: str, payload: dict[str, Any], timeout: float) -> tuple[int, Any]:
-    req = urllib.request.Request(url, data=json.dumps(payload).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, json.loads(resp.read())
@@ -83,22 +105,28 @@ class RealEngine:
         return total
 
 
-def start_engine(log_path: Path, *extra: str, timeout: float = 420.0) -> tuple[
-        subprocess.Popen[bytes], str]:
+def start_engine(
+    log_path: Path, *extra: str, timeout: float = 420.0
+) -> tuple[subprocess.Popen[bytes], str]:
     """Start a real vLLM on a free port and wait until it really generated one token."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with log_path.open("wb") as log:  # the child keeps its own descriptor
-        proc = subprocess.Popen(engine_argv(port, *extra), stdout=log,
-                                stderr=subprocess.STDOUT, env=engine_env(),
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            engine_argv(port, *extra),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=engine_env(),
+            start_new_session=True,
+        )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"vLLM exited with {proc.returncode}; see {log_path}")
         with contextlib.suppress(OSError, ValueError):
-            status, _ = _post_json(url + "/v1/completions",
-                                   {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 1}, 30)
+            status, _ = _post_json(
+                url + "/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "max_tokens": 1}, 30
+            )
             if status == 200:
                 return proc, url
         time.sleep(1.0)
@@ -143,8 +171,12 @@ def gateway_config(engine_url: str, **sections: Any) -> Config:
     data: dict[str, Any] = {
         "server": {"host": "127.0.0.1", "port": 0},
         "admin": {"enabled": False},
-        "engine": {"url": engine_url, "probe_interval_s": 0.5,
-                   "startup_probe_interval_s": 0.2, "probe_timeout_s": 30},
+        "engine": {
+            "url": engine_url,
+            "probe_interval_s": 0.5,
+            "startup_probe_interval_s": 0.2,
+            "probe_timeout_s": 30,
+        },
         "logging": {"format": "json"},
     }
     for key, value in sections.items():
@@ -161,11 +193,11 @@ async def gateway_server() -> AsyncIterator[Callable[..., Any]]:
     production); optionally wait until the engine behind them is ready."""
     servers: list[TestServer] = []
 
-    async def start(config: Config, *, wait_ready: bool = True,
-                    timeout: float = 120.0) -> TestServer:
+    async def start(
+        config: Config, *, wait_ready: bool = True, timeout: float = 120.0
+    ) -> TestServer:
         app = create_app(config)
-        server = TestServer(app, host="127.0.0.1", port=free_port(),
-                            handler_cancellation=True)
+        server = TestServer(app, host="127.0.0.1", port=free_port(), handler_cancellation=True)
         await server.start_server()
         servers.append(server)
         if wait_ready:
@@ -182,4 +214,3 @@ async def run_fake_upstream(app: web.Application) -> TestServer:
     server = TestServer(app, host="127.0.0.1", port=free_port())
     await server.start_server()
     return server
-

@@ -51,17 +51,20 @@ def _tok_params(request: Any, model_config: Any) -> Any:
     return dataclasses.replace(params, max_total_tokens=None)
 
 
-def _chat(renderer: Any, model_config: Any, body: dict[str, Any],
-          server: dict[str, Any]) -> dict[str, Any]:
+def _chat(
+    renderer: Any, model_config: Any, body: dict[str, Any], server: dict[str, Any]
+) -> dict[str, Any]:
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.renderers.params import merge_kwargs
 
     request = ChatCompletionRequest.model_validate(body)
     tool_dicts = None if request.tools is None else [t.model_dump() for t in request.tools]
-    defaults = merge_kwargs(server.get("chat_template_kwargs"),
-                            {"tools": tool_dicts, "tokenize": False})
-    chat_params = request.build_chat_params(
-        server.get("chat_template"), "auto").with_defaults(defaults)
+    defaults = merge_kwargs(
+        server.get("chat_template_kwargs"), {"tools": tool_dicts, "tokenize": False}
+    )
+    chat_params = request.build_chat_params(server.get("chat_template"), "auto").with_defaults(
+        defaults
+    )
     tok_params = _tok_params(request, model_config)
     _, prompt = renderer.render_messages(request.messages, chat_params)
     text = prompt.get("prompt")
@@ -69,8 +72,9 @@ def _chat(renderer: Any, model_config: Any, body: dict[str, Any],
     return {"ids": [list(tokens["prompt_token_ids"])], "prompt": text, "error": None}
 
 
-def _completion(renderer: Any, model_config: Any, body: dict[str, Any],
-                server: dict[str, Any]) -> dict[str, Any]:
+def _completion(
+    renderer: Any, model_config: Any, body: dict[str, Any], server: dict[str, Any]
+) -> dict[str, Any]:
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
     from vllm.renderers.inputs.preprocess import parse_model_prompt, prompt_to_seq
 
@@ -95,11 +99,13 @@ def main() -> int:
         for case in run["cases"]:
             handler = _chat if case["kind"] == "chat" else _completion
             try:
-                results.append(handler(renderer, model_config, case["body"],
-                                       run.get("server") or {}))
+                results.append(
+                    handler(renderer, model_config, case["body"], run.get("server") or {})
+                )
             except Exception as exc:  # every rejection is an answer here
-                results.append({"ids": None, "prompt": None,
-                                "error": f"{type(exc).__name__}: {exc}"})
+                results.append(
+                    {"ids": None, "prompt": None, "error": f"{type(exc).__name__}: {exc}"}
+                )
         answer.append({"results": results})
     from vllm.renderers.hf import _detect_content_format
 

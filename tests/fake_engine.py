@@ -26,9 +26,11 @@ from aiohttp import web
 MODEL = "fake"
 LORA = "fake-lora"
 MAX_MODEL_LEN = 512
-CHILD_CODE = "import signal, sys, time\n" \
-             "if sys.argv[1] == 'ignore': signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" \
-             "time.sleep(120)\n"
+CHILD_CODE = (
+    "import signal, sys, time\n"
+    "if sys.argv[1] == 'ignore': signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "time.sleep(120)\n"
+)
 
 
 def build_app(state: dict[str, Any]) -> web.Application:
@@ -36,11 +38,21 @@ def build_app(state: dict[str, Any]) -> web.Application:
         return web.Response(status=state["health"])
 
     async def models(request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [
-            {"id": MODEL, "object": "model", "root": MODEL, "parent": None,
-             "max_model_len": MAX_MODEL_LEN},
-            {"id": LORA, "object": "model", "root": "/adapters/x", "parent": MODEL},
-        ]})
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": MODEL,
+                        "object": "model",
+                        "root": MODEL,
+                        "parent": None,
+                        "max_model_len": MAX_MODEL_LEN,
+                    },
+                    {"id": LORA, "object": "model", "root": "/adapters/x", "parent": MODEL},
+                ],
+            }
+        )
 
     async def completions(request: web.Request) -> web.Response:
         body = await request.json()
@@ -49,18 +61,27 @@ def build_app(state: dict[str, Any]) -> web.Application:
         if state["hang"]:
             await asyncio.Event().wait()  # wedged: no bytes, no tokens, forever
         state["tokens"] += 1
-        return web.json_response({"id": "cmpl-1", "object": "text_completion",
-                                  "model": body.get("model"),
-                                  "choices": [{"index": 0, "text": " pong"}]})
+        return web.json_response(
+            {
+                "id": "cmpl-1",
+                "object": "text_completion",
+                "model": body.get("model"),
+                "choices": [{"index": 0, "text": " pong"}],
+            }
+        )
 
     async def metrics(request: web.Request) -> web.Response:
         if not state["metrics"]:
             raise web.HTTPNotFound
-        return web.Response(text=(
-            "# HELP vllm:generation_tokens_total Number of generation tokens processed.\n"
-            "# TYPE vllm:generation_tokens_total counter\n"
-            f'vllm:generation_tokens_total{{engine="0",model_name="{MODEL}"}} {state["tokens"]}\n'
-            f'vllm:generation_tokens_created{{engine="0",model_name="{MODEL}"}} 1.7e9\n'))
+        return web.Response(
+            text=(
+                "# HELP vllm:generation_tokens_total Number of generation tokens processed.\n"
+                "# TYPE vllm:generation_tokens_total counter\n"
+                f'vllm:generation_tokens_total{{engine="0",model_name="{MODEL}"}} '
+                f"{state['tokens']}\n"
+                f'vllm:generation_tokens_created{{engine="0",model_name="{MODEL}"}} 1.7e9\n'
+            )
+        )
 
     async def control(request: web.Request) -> web.Response:
         changes = await request.json()
@@ -93,11 +114,19 @@ async def busy_loop(state: dict[str, Any]) -> None:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    state: dict[str, Any] = {"health": 200, "hang": False, "busy": False, "metrics": True,
-                             "tokens": 0, "never_ready": args.never_ready, "child_pid": None}
+    state: dict[str, Any] = {
+        "health": 200,
+        "hang": False,
+        "busy": False,
+        "metrics": True,
+        "tokens": 0,
+        "never_ready": args.never_ready,
+        "child_pid": None,
+    }
     if args.child:
-        child = subprocess.Popen([sys.executable, "-c", CHILD_CODE,
-                                  "ignore" if args.child_ignores_term else "default"])
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD_CODE, "ignore" if args.child_ignores_term else "default"]
+        )
         state["child_pid"] = child.pid
     runner = web.AppRunner(build_app(state), handle_signals=False, shutdown_timeout=0.5)
     await runner.setup()

@@ -87,8 +87,9 @@ async def status_of(session: aiohttp.ClientSession, url: str) -> int | None:
         return None
 
 
-async def wait_status(session: aiohttp.ClientSession, url: str, status: int,
-                      timeout: float) -> bool:
+async def wait_status(
+    session: aiohttp.ClientSession, url: str, status: int, timeout: float
+) -> bool:
     """Poll a GET until it answers `status`, for at most `timeout` seconds."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -104,12 +105,23 @@ async def wait_status(session: aiohttp.ClientSession, url: str, status: int,
 
 def emulator_argv(port: int, *flags: str) -> list[str]:
     """`python -m engine.emulator` serving "tiny" (512 tokens of context) on `port`."""
-    return [sys.executable, "-m", "engine.emulator", "--port", str(port),
-            "--served-model-name", "tiny", "--max-model-len", "512", *flags]
+    return [
+        sys.executable,
+        "-m",
+        "engine.emulator",
+        "--port",
+        str(port),
+        "--served-model-name",
+        "tiny",
+        "--max-model-len",
+        "512",
+        *flags,
+    ]
 
 
-def emulator_section(port: int, *flags: str, timings: Mapping[str, Any],
-                     supervised: bool = True, **overrides: Any) -> dict[str, Any]:
+def emulator_section(
+    port: int, *flags: str, timings: Mapping[str, Any], supervised: bool = True, **overrides: Any
+) -> dict[str, Any]:
     """A gateway config's `engine` section for the emulator on `port`: started by the gateway
     with `flags` when `supervised`, else someone else's to run (the sidecar shape)."""
     section: dict[str, Any] = {**timings, "url": f"http://127.0.0.1:{port}", **overrides}
@@ -123,8 +135,11 @@ def emulator_section(port: int, *flags: str, timings: Mapping[str, Any],
 
 def chat(content: str, *, max_tokens: int | None = 8, stream: bool = False) -> dict[str, Any]:
     """A greedy chat body for "tiny" with one user message (`stream` sent only when true)."""
-    body: dict[str, Any] = {"model": "tiny", "temperature": 0,
-                            "messages": [{"role": "user", "content": content}]}
+    body: dict[str, Any] = {
+        "model": "tiny",
+        "temperature": 0,
+        "messages": [{"role": "user", "content": content}],
+    }
     if max_tokens is not None:
         body["max_tokens"] = max_tokens
     if stream:
@@ -132,15 +147,23 @@ def chat(content: str, *, max_tokens: int | None = 8, stream: bool = False) -> d
     return body
 
 
-async def send(session: aiohttp.ClientSession, url: str, body: dict[str, Any],
-               timeout: float | None = 60.0, *,
-               content_type: str | None = "application/json") -> dict[str, Any]:
+async def send(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: dict[str, Any],
+    timeout: float | None = 60.0,
+    *,
+    content_type: str | None = "application/json",
+) -> dict[str, Any]:
     """POST `body` as JSON within `timeout` (None: no bound of its own): its status, headers and
     content type, and its JSON body (expected as `content_type`; None: any), or for a stream
     its events."""
     async with asyncio.timeout(timeout), session.post(url, json=body) as resp:
-        out: dict[str, Any] = {"status": resp.status, "headers": resp.headers,
-                               "content_type": resp.content_type}
+        out: dict[str, Any] = {
+            "status": resp.status,
+            "headers": resp.headers,
+            "content_type": resp.content_type,
+        }
         if resp.content_type != "text/event-stream":
             out["json"] = await resp.json(content_type=content_type)
             return out
@@ -159,15 +182,18 @@ async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[Any]:
     async for line in resp.content:
         text = line.decode().strip()
         if text.startswith("data: "):
-            data = text[len("data: "):]
+            data = text[len("data: ") :]
             yield data if data == "[DONE]" else json.loads(data)
 
 
 def content_of(events: list[Any]) -> str:
     """The text the choices of a chat stream's events carry."""
-    return "".join(choice["delta"].get("content") or ""
-                   for event in events if isinstance(event, dict)
-                   for choice in event.get("choices", []))
+    return "".join(
+        choice["delta"].get("content") or ""
+        for event in events
+        if isinstance(event, dict)
+        for choice in event.get("choices", [])
+    )
 
 
 def stream_summary(events: list[Any]) -> dict[str, Any]:

@@ -55,17 +55,19 @@ def test_snapshot_is_frozen_and_swapped_whole() -> None:
     assert holder.current.server.port == 9000
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("server:\n  prot: 80\n", "server.prot (line 2): Extra inputs are not permitted"),
-    ("defaults:\n  on_exceed: chop\n", "defaults.on_exceed (line 2)"),
-    ("models:\n  tiny:\n    max_tokens_limit: -3\n", "models.tiny.max_tokens_limit (line 3)"),
-    ("server:\n  relay_paths: [\"POST /v1/completions\"]\n", "generation paths"),
-    ("server:\n  relay_paths: [\"/v1/models\"]\n", "must look like 'GET /path'"),
-    ("- a\n- b\n", "top level must be a mapping"),
-    ("server: [unclosed\n", "not valid YAML"),
-])
-def test_bad_files_name_the_key_and_what_is_wrong(tmp_path: Path, text: str,
-                                                  expected: str) -> None:
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("server:\n  prot: 80\n", "server.prot (line 2): Extra inputs are not permitted"),
+        ("defaults:\n  on_exceed: chop\n", "defaults.on_exceed (line 2)"),
+        ("models:\n  tiny:\n    max_tokens_limit: -3\n", "models.tiny.max_tokens_limit (line 3)"),
+        ('server:\n  relay_paths: ["POST /v1/completions"]\n', "generation paths"),
+        ('server:\n  relay_paths: ["/v1/models"]\n', "must look like 'GET /path'"),
+        ("- a\n- b\n", "top level must be a mapping"),
+        ("server: [unclosed\n", "not valid YAML"),
+    ],
+)
+def test_bad_files_name_the_key_and_what_is_wrong(tmp_path: Path, text: str, expected: str) -> None:
     """Loading a bad file fails with a message that names the key, its line and the fault."""
     path = tmp_path / "config.yaml"
     path.write_text(text)
@@ -79,10 +81,12 @@ def test_check_config_command_exit_codes(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("engine:\n  urll: x\n")
     cmd = [sys.executable, "-m", "gateway", "check-config"]
-    good = subprocess.run([*cmd, str(ROOT / "config.yaml")], capture_output=True, text=True,
-                          check=False, timeout=60)
+    good = subprocess.run(
+        [*cmd, str(ROOT / "config.yaml")], capture_output=True, text=True, check=False, timeout=60
+    )
     assert good.returncode == 0, good.stderr
-    failed = subprocess.run([*cmd, str(bad)], capture_output=True, text=True, check=False,
-                            timeout=60)
+    failed = subprocess.run(
+        [*cmd, str(bad)], capture_output=True, text=True, check=False, timeout=60
+    )
     assert failed.returncode == 1
     assert "engine.urll (line 2)" in failed.stderr

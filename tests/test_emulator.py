@@ -739,6 +739,7 @@ async def test_die_on_marker_kills_the_process_and_everything_in_flight() -> Non
 
 MODEL_DIR = REPO / "models" / "tiny"
 
+
 def _model_dir() -> Path:
     if not (MODEL_DIR / "tokenizer.json").exists():
         pytest.fail("models/tiny is missing: run `make model` (make test does)")

@@ -14,8 +14,15 @@ def test_fingerprint_ignores_fields_that_vary_between_retries() -> None:
     """user, stream, stream_options and request ids do not change the fingerprint; key order
     does not either; the prompt and sampling fields do."""
     base = {"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 0}
-    retry = {"temperature": 0, "stream": True, "stream_options": {"include_usage": True},
-             "user": "u2", "request_id": "r", "messages": base["messages"], "model": "m"}
+    retry = {
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "user": "u2",
+        "request_id": "r",
+        "messages": base["messages"],
+        "model": "m",
+    }
     assert fingerprint(base, IGNORE) == fingerprint(retry, IGNORE)
     assert fingerprint(base, IGNORE) != fingerprint({**base, "temperature": 1}, IGNORE)
     other = {**base, "messages": [{"role": "user", "content": "y"}]}
@@ -39,23 +46,33 @@ def test_public_entry_never_holds_the_prompt() -> None:
     """What the operator lists is fingerprint, model, times, reason: no body text."""
     q = Quarantine(ttl_s=10, max_entries=5)
     entry = q.add("fp", "tiny", "engine died", 2, now=100)
-    assert set(entry.public()) == {"fingerprint", "model", "since", "until", "reason",
-                                   "failures"}
+    assert set(entry.public()) == {"fingerprint", "model", "since", "until", "reason", "failures"}
     assert entry.public()["until"] == 110
 
 
-@pytest.mark.parametrize(("rounds", "threshold", "quarantined_after"), [
-    (1, 2, None), (2, 2, 2), (3, 3, 3), (1, 1, 1),
-])
-def test_in_flight_at_repeated_failures_is_quarantined(rounds: int, threshold: int,
-                                                       quarantined_after: int | None) -> None:
+@pytest.mark.parametrize(
+    ("rounds", "threshold", "quarantined_after"),
+    [
+        (1, 2, None),
+        (2, 2, 2),
+        (3, 3, 3),
+        (1, 1, 1),
+    ],
+)
+def test_in_flight_at_repeated_failures_is_quarantined(
+    rounds: int, threshold: int, quarantined_after: int | None
+) -> None:
     """Without probation a fingerprint is quarantined once it was in flight at
     `suspect_failures` failures, and stays a suspect before that."""
     book = SuspectBook(ttl_s=100, max_entries=10)
     seen_at = None
     for i in range(1, rounds + 1):
-        verdict = attribute_failure([("fp", "m", False), ("other", "m", False)] if i == 1
-                                    else [("fp", "m", False)], book, threshold, now=i)
+        verdict = attribute_failure(
+            [("fp", "m", False), ("other", "m", False)] if i == 1 else [("fp", "m", False)],
+            book,
+            threshold,
+            now=i,
+        )
         if verdict.quarantine and seen_at is None:
             seen_at = i
     assert seen_at == quarantined_after

@@ -29,25 +29,46 @@ HANG = "HANG-91c2"
 
 
 TIMINGS: dict[str, Any] = {
-    "probe_interval_s": 0.5, "startup_probe_interval_s": 0.1, "probe_timeout_s": 2,
-    "health_failures": 2, "restart_backoff_s": 0.1, "restart_backoff_max_s": 0.5,
-    "stop_grace_s": 2, "wedge_timeout_s": 2, "wedge_check_interval_s": 0.25,
+    "probe_interval_s": 0.5,
+    "startup_probe_interval_s": 0.1,
+    "probe_timeout_s": 2,
+    "health_failures": 2,
+    "restart_backoff_s": 0.1,
+    "restart_backoff_max_s": 0.5,
+    "stop_grace_s": 2,
+    "wedge_timeout_s": 2,
+    "wedge_check_interval_s": 0.25,
     "max_restarts": 10,
 }
 
 
-def _config(*flags: str, isolation: dict[str, Any] | None = None,
-            policy: dict[str, Any] | None = None, **timings: Any) -> Any:
+def _config(
+    *flags: str,
+    isolation: dict[str, Any] | None = None,
+    policy: dict[str, Any] | None = None,
+    **timings: Any,
+) -> Any:
     port = free_port()
     return gateway_config(
         f"http://127.0.0.1:{port}",
-        engine=emulator_section(port, "--tokenizer", str(MODEL_DIR), *flags, timings=TIMINGS,
-                                **timings),
+        engine=emulator_section(
+            port, "--tokenizer", str(MODEL_DIR), *flags, timings=TIMINGS, **timings
+        ),
         admin={"enabled": True, "port": free_port()},
-        models={"tiny": {"tokenizer": str(MODEL_DIR), "token_source": "local",
-                         "deadline_s": 90, **(policy or {})}},
-        isolation={"probation_timeout_s": 20, "queue_timeout_s": 60, "queue_max": 512,
-                   **(isolation or {})},
+        models={
+            "tiny": {
+                "tokenizer": str(MODEL_DIR),
+                "token_source": "local",
+                "deadline_s": 90,
+                **(policy or {}),
+            }
+        },
+        isolation={
+            "probation_timeout_s": 20,
+            "queue_timeout_s": 60,
+            "queue_max": 512,
+            **(isolation or {}),
+        },
     )
 
 
@@ -69,8 +90,9 @@ async def _start(gateway_server: Any, config: Any) -> tuple[TestServer, Deaths, 
     return server, deaths, base_url(server)
 
 
-async def _send(session: aiohttp.ClientSession, base: str, body: dict[str, Any],
-                timeout: float = 120) -> dict[str, Any]:
+async def _send(
+    session: aiohttp.ClientSession, base: str, body: dict[str, Any], timeout: float = 120
+) -> dict[str, Any]:
     """One chat request; for a stream, also the text it assembled and whether it ended in an
     error."""
     out = await send(session, base + CHAT_PATH, body, timeout)
@@ -83,8 +105,9 @@ async def test_the_original_crash_cannot_happen(gateway_server: Any) -> None:
     """kserve#3971: behind the gateway, 1,000 chat requests without max_tokens (some
     concurrent) to an engine with the multi-step bug all succeed and the engine never dies."""
     server, deaths, base = await _start(
-        gateway_server, _config("--multi-step-bug", "--on-death", "exit",
-                                policy={"default_max_tokens": 4}))
+        gateway_server,
+        _config("--multi-step-bug", "--on-death", "exit", policy={"default_max_tokens": 4}),
+    )
     epoch = server.app[SUPERVISOR].epoch
     statuses: list[int] = []
 
@@ -115,24 +138,27 @@ async def _expected_answers(base: str, bodies: Sequence[dict[str, Any]]) -> list
 
 
 async def test_a_query_of_death_is_quarantined_and_the_innocent_are_saved(
-        gateway_server: Any) -> None:
+    gateway_server: Any,
+) -> None:
     """50 innocent requests (half streamed) while one poison request is sent 5 times: the
     engine dies at most twice, the poison ends quarantined, every non-streamed innocent and
     every stream that had not started gets its complete answer, no stream hangs."""
     server, deaths, base = await _start(
-        gateway_server, _config("--die-on", POISON, "--tokens-per-second", "40"))
-    innocents = [chat(f"innocent number {i}", max_tokens=20, stream=i % 2 == 1)
-                 for i in range(50)]
+        gateway_server, _config("--die-on", POISON, "--tokens-per-second", "40")
+    )
+    innocents = [chat(f"innocent number {i}", max_tokens=20, stream=i % 2 == 1) for i in range(50)]
     poison = chat(f"please {POISON} now", max_tokens=20)
 
     async with aiohttp.ClientSession() as session:
+
         async def poison_later(delay: float) -> dict[str, Any]:
             await asyncio.sleep(delay)
             return await _send(session, base, poison)
 
         results = await asyncio.gather(
             *(_send(session, base, body) for body in innocents),
-            *(poison_later(0.2 + 0.3 * k) for k in range(5)))
+            *(poison_later(0.2 + 0.3 * k) for k in range(5)),
+        )
     innocent_results, poison_results = results[:50], results[50:]
 
     assert deaths.count <= 2
@@ -172,15 +198,19 @@ async def test_a_wedge_is_detected_and_its_culprit_quarantined(gateway_server: A
     """An engine that hangs (health still 200) on one request is detected as wedged and
     restarted; the culprit is quarantined and the innocent requests are served."""
     server, deaths, base = await _start(
-        gateway_server, _config("--hang-on", HANG, "--tokens-per-second", "40"))
+        gateway_server, _config("--hang-on", HANG, "--tokens-per-second", "40")
+    )
     innocents = [chat(f"bystander {i}", max_tokens=10) for i in range(6)]
     culprit = chat(f"now {HANG} forever", max_tokens=10)
     async with aiohttp.ClientSession() as session:
+
         async def culprit_later() -> dict[str, Any]:
             await asyncio.sleep(0.1)
             return await _send(session, base, culprit)
-        results = await asyncio.gather(*(_send(session, base, b) for b in innocents),
-                                       culprit_later())
+
+        results = await asyncio.gather(
+            *(_send(session, base, b) for b in innocents), culprit_later()
+        )
     assert deaths.count >= 1
     assert all(r["status"] == 200 for r in results[:-1]), results
     assert results[-1]["status"] in {422, 503}
@@ -208,11 +238,17 @@ async def test_overload_gets_429_and_nothing_is_lost(gateway_server: Any) -> Non
     gets an answer."""
     _server, _, base = await _start(
         gateway_server,
-        _config("--tokens-per-second", "20", isolation={"queue_max": 3, "queue_timeout_s": 30},
-                policy={"max_in_flight": 2}))
+        _config(
+            "--tokens-per-second",
+            "20",
+            isolation={"queue_max": 3, "queue_timeout_s": 30},
+            policy={"max_in_flight": 2},
+        ),
+    )
     async with aiohttp.ClientSession() as session:
-        results = await asyncio.gather(*(_send(session, base, chat(f"load {i}", max_tokens=10))
-                                         for i in range(12)))
+        results = await asyncio.gather(
+            *(_send(session, base, chat(f"load {i}", max_tokens=10)) for i in range(12))
+        )
     statuses = sorted(r["status"] for r in results)
     assert set(statuses) <= {200, 429}
     assert statuses.count(200) >= 5  # 2 in flight + 3 queued at least
@@ -240,9 +276,12 @@ async def test_a_started_stream_is_resumed_after_the_engine_dies(gateway_server:
     a pause, then the rest of one answer: same text as uninterrupted, one id, one role chunk,
     the whole budget in its usage, no error event."""
     _server, deaths, base = await _start(
-        gateway_server, _config("--die-on", POISON, "--tokens-per-second", "20"))
-    body = {**chat("tell me a long story", max_tokens=40, stream=True),
-            "stream_options": {"include_usage": True}}
+        gateway_server, _config("--die-on", POISON, "--tokens-per-second", "20")
+    )
+    body = {
+        **chat("tell me a long story", max_tokens=40, stream=True),
+        "stream_options": {"include_usage": True},
+    }
     async with aiohttp.ClientSession() as session:
         expected = (await _send(session, base, body))["text"]
         stream = asyncio.ensure_future(_send(session, base, body))

@@ -10,8 +10,17 @@ import structlog
 from engine.emulator import EmulatorSettings, create_emulator_app
 from tests.conftest import MODEL_DIR, gateway_config, run_fake_upstream
 
-FIELDS = {"request_id", "method", "path", "model", "status", "outcome", "bytes", "ttfb_ms",
-          "duration_ms"}
+FIELDS = {
+    "request_id",
+    "method",
+    "path",
+    "model",
+    "status",
+    "outcome",
+    "bytes",
+    "ttfb_ms",
+    "duration_ms",
+}
 
 
 async def test_one_request_finished_line_per_request(gateway_server: Any) -> None:
@@ -19,20 +28,31 @@ async def test_one_request_finished_line_per_request(gateway_server: Any) -> Non
     canonical fields and what admission did."""
     emulator = await run_fake_upstream(create_emulator_app(EmulatorSettings(tokenizer=MODEL_DIR)))
     try:
-        config = gateway_config(str(emulator.make_url("")).rstrip("/"), models={
-            "tiny": {"tokenizer": str(MODEL_DIR), "token_source": "local",
-                     "default_max_tokens": 5}})
+        config = gateway_config(
+            str(emulator.make_url("")).rstrip("/"),
+            models={
+                "tiny": {
+                    "tokenizer": str(MODEL_DIR),
+                    "token_source": "local",
+                    "default_max_tokens": 5,
+                }
+            },
+        )
         server = await gateway_server(config)
         with structlog.testing.capture_logs() as logs:
             async with aiohttp.ClientSession() as session:
-                async with session.post(server.make_url("/v1/chat/completions"), json={
-                        "model": "tiny", "messages": [{"role": "user", "content": "hi"}]},
-                        headers={"X-Request-Id": "req-1"}) as resp:
+                async with session.post(
+                    server.make_url("/v1/chat/completions"),
+                    json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}]},
+                    headers={"X-Request-Id": "req-1"},
+                ) as resp:
                     assert resp.status == 200
                     body = await resp.read()
-                async with session.post(server.make_url("/v1/completions"),
-                                        json={"model": "tiny", "prompt": "x", "n": 99},
-                                        headers={"X-Request-Id": "req-2"}) as resp:
+                async with session.post(
+                    server.make_url("/v1/completions"),
+                    json={"model": "tiny", "prompt": "x", "n": 99},
+                    headers={"X-Request-Id": "req-2"},
+                ) as resp:
                     assert resp.status == 400
     finally:
         await emulator.close()
@@ -41,7 +61,11 @@ async def test_one_request_finished_line_per_request(gateway_server: Any) -> Non
     ok, refused = finished
     assert set(ok) >= FIELDS
     assert (ok["method"], ok["path"], ok["model"], ok["status"]) == (
-        "POST", "/v1/chat/completions", "tiny", 200)
+        "POST",
+        "/v1/chat/completions",
+        "tiny",
+        200,
+    )
     assert ok["bytes"] == len(body)
     assert ok["max_tokens_action"] == "defaulted"
     assert ok["max_tokens"] == 5

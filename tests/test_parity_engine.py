@@ -65,8 +65,11 @@ JsonObj = dict[str, Any]
 @cache
 def shipped_templates() -> dict[str, str]:
     """The example chat templates inside the engine's vLLM package, by file stem."""
-    found = sorted(ROOT.glob(
-        ".venv-engine/lib/python3*/site-packages/vllm/transformers_utils/chat_templates/*.jinja"))
+    found = sorted(
+        ROOT.glob(
+            ".venv-engine/lib/python3*/site-packages/vllm/transformers_utils/chat_templates/*.jinja"
+        )
+    )
     return {p.stem: p.read_text(encoding="utf-8") for p in found}
 
 
@@ -120,8 +123,11 @@ def probes(template: str) -> list[Probe]:
 
 
 def rejected_probes() -> list[Probe]:
-    return [Probe(c["id"], "model", c["kind"], _request(c, None))
-            for c in cases() if c["id"].startswith("bad-")]
+    return [
+        Probe(c["id"], "model", c["kind"], _request(c, None))
+        for c in cases()
+        if c["id"].startswith("bad-")
+    ]
 
 
 # -- the three counts ---------------------------------------------------------------------------
@@ -149,8 +155,9 @@ class Remote:
         return answer if isinstance(answer, dict) else {}
 
 
-def counter(remote: Callable[[dict[str, object]], Awaitable[Mapping[str, object]]] | None
-            ) -> TokenCounter:
+def counter(
+    remote: Callable[[dict[str, object]], Awaitable[Mapping[str, object]]] | None,
+) -> TokenCounter:
     policy = Policy(tokenizer=str(MODEL_DIR), token_source=TokenSource.LOCAL)
     made = TokenCounter.for_policy(MODEL_NAME, policy, remote)
     assert made.source == "local"
@@ -166,10 +173,10 @@ async def gateway_count(tokens: TokenCounter, probe: Probe) -> list[PromptCount]
     return await tokens.count_completion_within(probe.body, None, max_model_len=MAX_MODEL_LEN)
 
 
-async def post(session: aiohttp.ClientSession, url: str, payload: object
-               ) -> tuple[int, Any]:
-    async with session.post(url, json=payload,
-                            timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)) as resp:
+async def post(session: aiohttp.ClientSession, url: str, payload: object) -> tuple[int, Any]:
+    async with session.post(
+        url, json=payload, timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
+    ) as resp:
         return resp.status, await resp.json(content_type=None)
 
 
@@ -188,14 +195,29 @@ def tokenize_payloads(body: JsonObj) -> list[JsonObj]:
     derived from the effort), so they go there."""
     if "prompt" in body:
         prompt = body["prompt"]
-        prompts = [prompt] if isinstance(prompt, str) or not prompt or not isinstance(
-            prompt[0], str | list) else prompt
-        return [{"model": MODEL_NAME, "prompt": p,
-                 "add_special_tokens": body.get("add_special_tokens", True)}
-                if isinstance(p, str) else {"ids": p} for p in prompts]
+        prompts = (
+            [prompt]
+            if isinstance(prompt, str) or not prompt or not isinstance(prompt[0], str | list)
+            else prompt
+        )
+        return [
+            {
+                "model": MODEL_NAME,
+                "prompt": p,
+                "add_special_tokens": body.get("add_special_tokens", True),
+            }
+            if isinstance(p, str)
+            else {"ids": p}
+            for p in prompts
+        ]
     payload: JsonObj = {"model": MODEL_NAME, "messages": body["messages"]}
-    for key in ("add_generation_prompt", "continue_final_message", "add_special_tokens",
-                "tools", "chat_template"):
+    for key in (
+        "add_generation_prompt",
+        "continue_final_message",
+        "add_special_tokens",
+        "tools",
+        "chat_template",
+    ):
         if key in body:
             payload[key] = body[key]
     kwargs = dict(body.get("chat_template_kwargs") or {})
@@ -209,8 +231,9 @@ def tokenize_payloads(body: JsonObj) -> list[JsonObj]:
     return [payload]
 
 
-async def engine_tokenize(session: aiohttp.ClientSession, engine: RealEngine,
-                          body: JsonObj) -> list[int] | str:
+async def engine_tokenize(
+    session: aiohttp.ClientSession, engine: RealEngine, body: JsonObj
+) -> list[int] | str:
     """Per prompt, /tokenize's count (truncated as vLLM would); or the engine's refusal."""
     out = []
     for payload in tokenize_payloads(body):
@@ -232,8 +255,9 @@ def generable(tokenized: list[int] | None) -> bool:
     return bool(tokenized) and all(0 < n < MAX_MODEL_LEN for n in tokenized or [])
 
 
-async def measure(session: aiohttp.ClientSession, engine: RealEngine, probe: Probe,
-                  tokens: TokenCounter) -> Counts:
+async def measure(
+    session: aiohttp.ClientSession, engine: RealEngine, probe: Probe, tokens: TokenCounter
+) -> Counts:
     counts = Counts()
     try:
         made = await gateway_count(tokens, probe)
@@ -268,8 +292,11 @@ def mismatch(probe: Probe, counts: Counts) -> str | None:
         return f"{where}: counted by {counts.gateway_sources}, not locally"
     if counts.gateway != counts.tokenize:
         return f"{where}: gateway {counts.gateway} != /tokenize {counts.tokenize}"
-    if counts.usage is not None and counts.gateway is not None \
-            and counts.usage != sum(counts.gateway):
+    if (
+        counts.usage is not None
+        and counts.gateway is not None
+        and counts.usage != sum(counts.gateway)
+    ):
         return f"{where}: gateway {counts.gateway} != usage.prompt_tokens {counts.usage}"
     return None
 
@@ -304,17 +331,20 @@ async def test_the_engine_applies_a_request_template(real_engine: RealEngine) ->
     """The session's engine honours a request's chat_template (--trust-request-chat-template),
     for /tokenize and for a generation, so the shipped templates below are really applied."""
     marker = "{% for m in messages %}[[{{ m.content }}]]{% endfor %}"
-    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}],
-            "max_tokens": 1}
+    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
     async with aiohttp.ClientSession() as session:
         _, own = await post(session, real_engine.url + "/tokenize", body)
-        _, templated = await post(session, real_engine.url + "/tokenize",
-                                  {**body, "chat_template": marker})
-        _, text = await post(session, real_engine.url + "/tokenize",
-                             {"model": MODEL_NAME, "prompt": "[[hi]]",
-                              "add_special_tokens": False})
-        status, answer = await post(session, real_engine.url + "/v1/chat/completions",
-                                    {**body, "chat_template": marker})
+        _, templated = await post(
+            session, real_engine.url + "/tokenize", {**body, "chat_template": marker}
+        )
+        _, text = await post(
+            session,
+            real_engine.url + "/tokenize",
+            {"model": MODEL_NAME, "prompt": "[[hi]]", "add_special_tokens": False},
+        )
+        status, answer = await post(
+            session, real_engine.url + "/v1/chat/completions", {**body, "chat_template": marker}
+        )
     assert templated["tokens"] == text["tokens"]
     assert templated["count"] != own["count"]
     assert status == 200
@@ -328,8 +358,9 @@ async def test_counts_agree(real_engine: RealEngine, template: str) -> None:
     /tokenize's count and the usage.prompt_tokens of a real one-token generation, and what the
     engine refuses the gateway refuses too."""
     results = await run_probes(real_engine, probes(template))
-    failures = [problem for probe, counts in results
-                if (problem := mismatch(probe, counts)) is not None]
+    failures = [
+        problem for probe, counts in results if (problem := mismatch(probe, counts)) is not None
+    ]
     assert not failures, "\n".join(failures)
     generated = [probe for probe, counts in results if counts.usage is not None]
     assert generated
@@ -356,18 +387,25 @@ async def test_rejections_agree(real_engine: RealEngine) -> None:
     assert not failures, "\n".join(failures)
 
 
-async def test_counts_agree_through_the_gateway(gateway_server: Any,
-                                                real_engine: RealEngine) -> None:
+async def test_counts_agree_through_the_gateway(
+    gateway_server: Any, real_engine: RealEngine
+) -> None:
     """Through a gateway in front of the engine (one probe in four, across all templates): a
     one-token generation is admitted as sent and reports the gateway's count; asking for one
     token more than the window leaves is refused by the gateway naming exactly that count,
     which pins admission's count from both sides."""
-    config = gateway_config(real_engine.url, defaults={"max_tokens_limit": 4096,
-                                                      "on_exceed": "reject"},
-                            models={MODEL_NAME: {"tokenizer": str(MODEL_DIR),
-                                                 "token_source": "local",
-                                                 # as the engine: --trust-request-chat-template
-                                                 "trust_request_chat_template": True}})
+    config = gateway_config(
+        real_engine.url,
+        defaults={"max_tokens_limit": 4096, "on_exceed": "reject"},
+        models={
+            MODEL_NAME: {
+                "tokenizer": str(MODEL_DIR),
+                "token_source": "local",
+                # as the engine: --trust-request-chat-template
+                "trust_request_chat_template": True,
+            }
+        },
+    )
     base = str((await gateway_server(config)).make_url("")).rstrip("/")
     every = [p for t in _template_names() for p in probes(t)]
     failures, sent = [], 0
@@ -377,12 +415,13 @@ async def test_counts_agree_through_the_gateway(gateway_server: Any,
             if isinstance(tokenized, str) or not generable(tokenized):
                 continue  # refused, or nothing a generation could report on (see above)
             sent += 1
-            status, answer, header = await _post_with_header(session, base + probe.path,
-                                                             probe.body)
+            status, answer, header = await _post_with_header(session, base + probe.path, probe.body)
             usage = answer.get("usage", {}).get("prompt_tokens") if status == 200 else None
             if usage != sum(tokenized) or header != "kept 1":
-                failures.append(f"{probe.template}/{probe.id}: {status} {header} "
-                                f"{str(answer)[:300]}, expected {tokenized}")
+                failures.append(
+                    f"{probe.template}/{probe.id}: {status} {header} "
+                    f"{str(answer)[:300]}, expected {tokenized}"
+                )
                 continue
             longest = max(tokenized)
             over = {**probe.body, "max_tokens": MAX_MODEL_LEN - longest + 1}
@@ -390,19 +429,26 @@ async def test_counts_agree_through_the_gateway(gateway_server: Any,
             message = refusal.get("error", {}).get("message", "") if status == 400 else ""
             said = re.search(r"your request has (\d+) input tokens", message)
             if said is None or int(said.group(1)) != longest:
-                failures.append(f"{probe.template}/{probe.id}: max_tokens "
-                                f"{over['max_tokens']} answered {status} {str(refusal)[:300]}, "
-                                f"expected a refusal naming {longest} input tokens")
+                failures.append(
+                    f"{probe.template}/{probe.id}: max_tokens "
+                    f"{over['max_tokens']} answered {status} {str(refusal)[:300]}, "
+                    f"expected a refusal naming {longest} input tokens"
+                )
     assert not failures, "\n".join(failures)
     assert sent >= 30
 
 
-async def _post_with_header(session: aiohttp.ClientSession, url: str, payload: object
-                            ) -> tuple[int, Any, str | None]:
-    async with session.post(url, json=payload,
-                            timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)) as resp:
-        return (resp.status, await resp.json(content_type=None),
-                resp.headers.get("X-Vllm-Guard-Max-Tokens"))
+async def _post_with_header(
+    session: aiohttp.ClientSession, url: str, payload: object
+) -> tuple[int, Any, str | None]:
+    async with session.post(
+        url, json=payload, timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
+    ) as resp:
+        return (
+            resp.status,
+            await resp.json(content_type=None),
+            resp.headers.get("X-Vllm-Guard-Max-Tokens"),
+        )
 
 
 async def _access_count(engine: RealEngine, path: str, expected: int) -> int:
@@ -417,25 +463,33 @@ async def _access_count(engine: RealEngine, path: str, expected: int) -> int:
 
 
 async def test_what_the_local_path_cannot_count_goes_to_the_engine(
-        gateway_server: Any, real_engine: RealEngine) -> None:
+    gateway_server: Any, real_engine: RealEngine
+) -> None:
     """Requests the local path cannot reproduce (a chat_template_kwargs key that changes how
     the template is called, an image part) are counted by the engine's /tokenize, even with
     local tokenizer files: the count's source says so, the engine's access log shows the
     /tokenize call, and the gateway answers what the engine answers."""
-    kwargs_body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "Hello"}],
-                   "chat_template_kwargs": {"tokenize": False}, "max_tokens": 1}
+    kwargs_body = {
+        "model": MODEL_NAME,
+        "messages": [{"role": "user", "content": "Hello"}],
+        "chat_template_kwargs": {"tokenize": False},
+        "max_tokens": 1,
+    }
     image_body = _request(next(c for c in cases() if c["id"] == "unsupported-image"), None)
     async with aiohttp.ClientSession() as session:
         remote = Remote(session, real_engine)
-        made = await counter(remote).count_chat_within(kwargs_body, None,
-                                                       max_model_len=MAX_MODEL_LEN)
+        made = await counter(remote).count_chat_within(
+            kwargs_body, None, max_model_len=MAX_MODEL_LEN
+        )
         assert made.source == "engine"
         assert remote.calls == 1
         _, direct = await post(session, real_engine.url + "/tokenize", kwargs_body)
         assert made.tokens == direct["count"]
 
-        config = gateway_config(real_engine.url, models={MODEL_NAME: {
-            "tokenizer": str(MODEL_DIR), "token_source": "local"}})
+        config = gateway_config(
+            real_engine.url,
+            models={MODEL_NAME: {"tokenizer": str(MODEL_DIR), "token_source": "local"}},
+        )
         base = str((await gateway_server(config)).make_url("")).rstrip("/")
         before = real_engine.access_count("/tokenize")
         status, answer = await post(session, base + "/v1/chat/completions", kwargs_body)
@@ -446,7 +500,8 @@ async def test_what_the_local_path_cannot_count_goes_to_the_engine(
         # The tiny model is text-only: the engine refuses the image, at /tokenize as at
         # generation, and the gateway passes that refusal on.
         engine_status, engine_answer = await post(
-            session, real_engine.url + "/v1/chat/completions", image_body)
+            session, real_engine.url + "/v1/chat/completions", image_body
+        )
         status, answer = await post(session, base + "/v1/chat/completions", image_body)
         assert await _access_count(real_engine, "/tokenize", before + 2) == before + 2
     assert engine_status == status == 400

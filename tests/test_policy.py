@@ -41,8 +41,12 @@ def completion(prompt: object = "Hello", **fields: Any) -> CompletionView:
 
 def policy(**fields: Any) -> Policy:
     """The tables' policy: default 256, limit 1024, clamp, enforce, max_n 8, max_prompts 16."""
-    values: dict[str, Any] = {"default_max_tokens": 256, "max_tokens_limit": 1024,
-                              "max_n": 8, "max_prompts": 16}
+    values: dict[str, Any] = {
+        "default_max_tokens": 256,
+        "max_tokens_limit": 1024,
+        "max_n": 8,
+        "max_prompts": 16,
+    }
     values.update(fields)
     return Policy(**values)
 
@@ -59,20 +63,19 @@ def rejected(result: Admit | Reject) -> Reject:
 
 # --- enforce mode: admitted --------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("view", "prompt_tokens", "pol", "action", "max_tokens", "header"),
     [
         # A missing limit: the policy default, unless the window is smaller.
         (chat(), [100], policy(), Action.DEFAULTED, 256, "defaulted 256"),
         (chat(max_tokens=None), [100], policy(), Action.DEFAULTED, 256, "defaulted 256"),
-        (chat(max_completion_tokens=None), [100], policy(), Action.DEFAULTED, 256,
-         "defaulted 256"),
+        (chat(max_completion_tokens=None), [100], policy(), Action.DEFAULTED, 256, "defaulted 256"),
         (chat(), [1792], policy(), Action.DEFAULTED, 256, "defaulted 256"),
         (chat(), [1793], policy(), Action.DEFAULTED, 255, "defaulted 255"),
         (chat(), [1900], policy(), Action.DEFAULTED, 148, "defaulted 148"),
         (chat(), [CTX - 1], policy(), Action.DEFAULTED, 1, "defaulted 1"),
-        (chat(), [100], policy(default_max_tokens=2000), Action.DEFAULTED, 1024,
-         "defaulted 1024"),
+        (chat(), [100], policy(default_max_tokens=2000), Action.DEFAULTED, 1024, "defaulted 1024"),
         (completion(), [100], policy(), Action.DEFAULTED, 256, "defaulted 256"),
         # A limit within both the policy limit and the window is kept.
         (chat(max_tokens=100), [100], policy(), Action.KEPT, 100, "kept 100"),
@@ -81,8 +84,14 @@ def rejected(result: Admit | Reject) -> Reject:
         (chat(max_tokens=1024), [100], policy(), Action.KEPT, 1024, "kept 1024"),
         (chat(max_tokens=448), [1600], policy(), Action.KEPT, 448, "kept 448"),
         (chat(max_completion_tokens=300), [100], policy(), Action.KEPT, 300, "kept 300"),
-        (chat(max_tokens=2000, max_completion_tokens=300), [100], policy(), Action.KEPT, 300,
-         "kept 300"),
+        (
+            chat(max_tokens=2000, max_completion_tokens=300),
+            [100],
+            policy(),
+            Action.KEPT,
+            300,
+            "kept 300",
+        ),
         (completion(max_tokens=16), [100], policy(), Action.KEPT, 16, "kept 16"),
         # Over the policy limit or the window: clamped to the smaller of the two.
         (chat(max_tokens=1025), [100], policy(), Action.CLAMPED, 1024, "clamped 1025->1024"),
@@ -90,25 +99,46 @@ def rejected(result: Admit | Reject) -> Reject:
         (chat(max_tokens=449), [1600], policy(), Action.CLAMPED, 448, "clamped 449->448"),
         (chat(max_tokens=4096), [1600], policy(), Action.CLAMPED, 448, "clamped 4096->448"),
         (chat(max_tokens=2), [CTX - 1], policy(), Action.CLAMPED, 1, "clamped 2->1"),
-        (chat(max_tokens=10, max_completion_tokens=2000), [100], policy(), Action.CLAMPED, 1024,
-         "clamped 2000->1024"),
-        (completion(max_tokens=4096), [1600], policy(), Action.CLAMPED, 448,
-         "clamped 4096->448"),
+        (
+            chat(max_tokens=10, max_completion_tokens=2000),
+            [100],
+            policy(),
+            Action.CLAMPED,
+            1024,
+            "clamped 2000->1024",
+        ),
+        (completion(max_tokens=4096), [1600], policy(), Action.CLAMPED, 448, "clamped 4096->448"),
         # Prompts up to max_prompt_tokens, n and best_of up to max_n, up to max_prompts prompts.
         (chat(), [1000], policy(max_prompt_tokens=1000), Action.DEFAULTED, 256, "defaulted 256"),
         (chat(n=8), [100], policy(), Action.DEFAULTED, 256, "defaulted 256"),
         (completion(best_of=8, n=2), [100], policy(), Action.DEFAULTED, 256, "defaulted 256"),
         (completion(["p"] * 16), [1] * 16, policy(), Action.DEFAULTED, 256, "defaulted 256"),
         # Several prompts share one max_tokens: the longest sets the window.
-        (completion(["a", "b", "c"]), [10, 1900, 5], policy(), Action.DEFAULTED, 148,
-         "defaulted 148"),
-        (completion([[1, 2], [3]], max_tokens=500), [10, 1600], policy(), Action.CLAMPED, 448,
-         "clamped 500->448"),
+        (
+            completion(["a", "b", "c"]),
+            [10, 1900, 5],
+            policy(),
+            Action.DEFAULTED,
+            148,
+            "defaulted 148",
+        ),
+        (
+            completion([[1, 2], [3]], max_tokens=500),
+            [10, 1600],
+            policy(),
+            Action.CLAMPED,
+            448,
+            "clamped 500->448",
+        ),
         (completion([1, 2, 3], max_tokens=500), [3], policy(), Action.KEPT, 500, "kept 500"),
     ],
 )
 def test_enforce_admits(
-    view: RequestView, prompt_tokens: list[int], pol: Policy, action: Action, max_tokens: int,
+    view: RequestView,
+    prompt_tokens: list[int],
+    pol: Policy,
+    action: Action,
+    max_tokens: int,
     header: str,
 ) -> None:
     """In enforce mode a request that breaks no rule is admitted with the limit the rules give."""
@@ -120,30 +150,39 @@ def test_enforce_admits(
 
 # --- enforce mode: refused ---------------------------------------------------------------------
 
+
 def context_message(prompt: int, overflow: str) -> str:
-    return (f"This model's maximum context length is {CTX} tokens. However, your prompt contains "
-            f"{prompt} input tokens, which {overflow}. Please reduce the length of the input "
-            f"prompt. (parameter=input_tokens, value={prompt})")
+    return (
+        f"This model's maximum context length is {CTX} tokens. However, your prompt contains "
+        f"{prompt} input tokens, which {overflow}. Please reduce the length of the input "
+        f"prompt. (parameter=input_tokens, value={prompt})"
+    )
 
 
 NO_ROOM = "leaves no room for any output tokens"
 EXCEEDS = "exceeds this limit even without any output tokens"
-PROMPT_POLICY = ("This server accepts at most 1000 input tokens per prompt for this model (its "
-                 "max_prompt_tokens policy). However, your prompt contains 1001 input tokens. "
-                 "Please reduce the length of the input prompt. "
-                 "(parameter=input_tokens, value=1001)")
+PROMPT_POLICY = (
+    "This server accepts at most 1000 input tokens per prompt for this model (its "
+    "max_prompt_tokens policy). However, your prompt contains 1001 input tokens. "
+    "Please reduce the length of the input prompt. "
+    "(parameter=input_tokens, value=1001)"
+)
 
 
 def limit_message(requested: int, param: str = "max_tokens") -> str:
-    return (f"'max_tokens' or 'max_completion_tokens' is too large: {requested}. This server "
-            f"limits output to 1024 tokens per request for this model (its max_tokens_limit "
-            f"policy) ({requested} > 1024). (parameter={param}, value={requested})")
+    return (
+        f"'max_tokens' or 'max_completion_tokens' is too large: {requested}. This server "
+        f"limits output to 1024 tokens per request for this model (its max_tokens_limit "
+        f"policy) ({requested} > 1024). (parameter={param}, value={requested})"
+    )
 
 
 def window_message(requested: int, prompt: int, param: str = "max_tokens") -> str:
-    return (f"'max_tokens' or 'max_completion_tokens' is too large: {requested}. This model's "
-            f"maximum context length is {CTX} tokens and your request has {prompt} input tokens "
-            f"({requested} > {CTX} - {prompt}). (parameter={param}, value={requested})")
+    return (
+        f"'max_tokens' or 'max_completion_tokens' is too large: {requested}. This model's "
+        f"maximum context length is {CTX} tokens and your request has {prompt} input tokens "
+        f"({requested} > {CTX} - {prompt}). (parameter={param}, value={requested})"
+    )
 
 
 REJECT = policy(on_exceed=OnExceed.REJECT)
@@ -153,76 +192,223 @@ REJECT = policy(on_exceed=OnExceed.REJECT)
     ("view", "prompt_tokens", "pol", "reason", "param", "message"),
     [
         # The prompt must leave room for output: the engine's words.
-        (chat(), [CTX], policy(), Reason.CONTEXT_LENGTH, "input_tokens",
-         context_message(CTX, NO_ROOM)),
-        (chat(), [CTX + 1], policy(), Reason.CONTEXT_LENGTH, "input_tokens",
-         context_message(CTX + 1, EXCEEDS)),
-        (chat(max_tokens=1), [CTX], policy(), Reason.CONTEXT_LENGTH, "input_tokens",
-         context_message(CTX, NO_ROOM)),
-        (completion(["a", "b"]), [10, CTX], policy(), Reason.CONTEXT_LENGTH, "input_tokens",
-         context_message(CTX, NO_ROOM)),
-        (chat(), [CTX + 1], policy(max_prompt_tokens=1000), Reason.CONTEXT_LENGTH,
-         "input_tokens", context_message(CTX + 1, EXCEEDS)),
+        (
+            chat(),
+            [CTX],
+            policy(),
+            Reason.CONTEXT_LENGTH,
+            "input_tokens",
+            context_message(CTX, NO_ROOM),
+        ),
+        (
+            chat(),
+            [CTX + 1],
+            policy(),
+            Reason.CONTEXT_LENGTH,
+            "input_tokens",
+            context_message(CTX + 1, EXCEEDS),
+        ),
+        (
+            chat(max_tokens=1),
+            [CTX],
+            policy(),
+            Reason.CONTEXT_LENGTH,
+            "input_tokens",
+            context_message(CTX, NO_ROOM),
+        ),
+        (
+            completion(["a", "b"]),
+            [10, CTX],
+            policy(),
+            Reason.CONTEXT_LENGTH,
+            "input_tokens",
+            context_message(CTX, NO_ROOM),
+        ),
+        (
+            chat(),
+            [CTX + 1],
+            policy(max_prompt_tokens=1000),
+            Reason.CONTEXT_LENGTH,
+            "input_tokens",
+            context_message(CTX + 1, EXCEEDS),
+        ),
         # The policy's own prompt limit names the policy, not the context length.
-        (chat(), [1001], policy(max_prompt_tokens=1000), Reason.MAX_PROMPT_TOKENS,
-         "input_tokens", PROMPT_POLICY),
-        (completion([[1], [2]]), [3, 1001], policy(max_prompt_tokens=1000),
-         Reason.MAX_PROMPT_TOKENS, "input_tokens", PROMPT_POLICY),
+        (
+            chat(),
+            [1001],
+            policy(max_prompt_tokens=1000),
+            Reason.MAX_PROMPT_TOKENS,
+            "input_tokens",
+            PROMPT_POLICY,
+        ),
+        (
+            completion([[1], [2]]),
+            [3, 1001],
+            policy(max_prompt_tokens=1000),
+            Reason.MAX_PROMPT_TOKENS,
+            "input_tokens",
+            PROMPT_POLICY,
+        ),
         # on_exceed: reject names the limit that binds, and the parameter the client sent.
-        (chat(max_tokens=1025), [100], REJECT, Reason.MAX_TOKENS_LIMIT, "max_tokens",
-         limit_message(1025)),
-        (chat(max_tokens=4096), [100], REJECT, Reason.MAX_TOKENS_LIMIT, "max_tokens",
-         limit_message(4096)),
-        (chat(max_completion_tokens=1025), [100], REJECT, Reason.MAX_TOKENS_LIMIT,
-         "max_completion_tokens", limit_message(1025, "max_completion_tokens")),
-        (chat(max_tokens=449), [1600], REJECT, Reason.MAX_TOKENS_CONTEXT, "max_tokens",
-         window_message(449, 1600)),
-        (chat(max_tokens=4096), [1600], REJECT, Reason.MAX_TOKENS_CONTEXT, "max_tokens",
-         window_message(4096, 1600)),
-        (chat(max_tokens=2), [CTX - 1], REJECT, Reason.MAX_TOKENS_CONTEXT, "max_tokens",
-         window_message(2, CTX - 1)),
-        (chat(max_tokens=1, max_completion_tokens=500), [1600], REJECT,
-         Reason.MAX_TOKENS_CONTEXT, "max_completion_tokens",
-         window_message(500, 1600, "max_completion_tokens")),
-        (completion(["a", "b"], max_tokens=449), [1600, 3], REJECT, Reason.MAX_TOKENS_CONTEXT,
-         "max_tokens", window_message(449, 1600)),
+        (
+            chat(max_tokens=1025),
+            [100],
+            REJECT,
+            Reason.MAX_TOKENS_LIMIT,
+            "max_tokens",
+            limit_message(1025),
+        ),
+        (
+            chat(max_tokens=4096),
+            [100],
+            REJECT,
+            Reason.MAX_TOKENS_LIMIT,
+            "max_tokens",
+            limit_message(4096),
+        ),
+        (
+            chat(max_completion_tokens=1025),
+            [100],
+            REJECT,
+            Reason.MAX_TOKENS_LIMIT,
+            "max_completion_tokens",
+            limit_message(1025, "max_completion_tokens"),
+        ),
+        (
+            chat(max_tokens=449),
+            [1600],
+            REJECT,
+            Reason.MAX_TOKENS_CONTEXT,
+            "max_tokens",
+            window_message(449, 1600),
+        ),
+        (
+            chat(max_tokens=4096),
+            [1600],
+            REJECT,
+            Reason.MAX_TOKENS_CONTEXT,
+            "max_tokens",
+            window_message(4096, 1600),
+        ),
+        (
+            chat(max_tokens=2),
+            [CTX - 1],
+            REJECT,
+            Reason.MAX_TOKENS_CONTEXT,
+            "max_tokens",
+            window_message(2, CTX - 1),
+        ),
+        (
+            chat(max_tokens=1, max_completion_tokens=500),
+            [1600],
+            REJECT,
+            Reason.MAX_TOKENS_CONTEXT,
+            "max_completion_tokens",
+            window_message(500, 1600, "max_completion_tokens"),
+        ),
+        (
+            completion(["a", "b"], max_tokens=449),
+            [1600, 3],
+            REJECT,
+            Reason.MAX_TOKENS_CONTEXT,
+            "max_tokens",
+            window_message(449, 1600),
+        ),
         # n and best_of: at most max_n.
-        (chat(n=9), [100], policy(), Reason.MAX_N, "n",
-         "n must be at most 8, got 9 (this server's max_n policy for this model)."),
-        (completion(n=9.0), [100], policy(), Reason.MAX_N, "n",
-         "n must be at most 8, got 9 (this server's max_n policy for this model)."),
-        (completion(best_of=9), [100], policy(), Reason.MAX_N, "best_of",
-         "best_of must be at most 8, got 9 (this server's max_n policy for this model)."),
-        (chat(best_of=20, n=2), [100], policy(max_n=4), Reason.MAX_N, "best_of",
-         "best_of must be at most 4, got 20 (this server's max_n policy for this model)."),
+        (
+            chat(n=9),
+            [100],
+            policy(),
+            Reason.MAX_N,
+            "n",
+            "n must be at most 8, got 9 (this server's max_n policy for this model).",
+        ),
+        (
+            completion(n=9.0),
+            [100],
+            policy(),
+            Reason.MAX_N,
+            "n",
+            "n must be at most 8, got 9 (this server's max_n policy for this model).",
+        ),
+        (
+            completion(best_of=9),
+            [100],
+            policy(),
+            Reason.MAX_N,
+            "best_of",
+            "best_of must be at most 8, got 9 (this server's max_n policy for this model).",
+        ),
+        (
+            chat(best_of=20, n=2),
+            [100],
+            policy(max_n=4),
+            Reason.MAX_N,
+            "best_of",
+            "best_of must be at most 4, got 20 (this server's max_n policy for this model).",
+        ),
         # The number of prompts: at most max_prompts.
-        (completion(["p"] * 17), [1] * 17, policy(), Reason.MAX_PROMPTS, "prompt",
-         "prompt list length 17 exceeds the maximum allowed count of 16 (this server's "
-         "max_prompts policy for this model)."),
-        (completion([[1]] * 3), [1] * 3, policy(max_prompts=2), Reason.MAX_PROMPTS, "prompt",
-         "prompt list length 3 exceeds the maximum allowed count of 2 (this server's "
-         "max_prompts policy for this model)."),
+        (
+            completion(["p"] * 17),
+            [1] * 17,
+            policy(),
+            Reason.MAX_PROMPTS,
+            "prompt",
+            "prompt list length 17 exceeds the maximum allowed count of 16 (this server's "
+            "max_prompts policy for this model).",
+        ),
+        (
+            completion([[1]] * 3),
+            [1] * 3,
+            policy(max_prompts=2),
+            Reason.MAX_PROMPTS,
+            "prompt",
+            "prompt list length 3 exceeds the maximum allowed count of 2 (this server's "
+            "max_prompts policy for this model).",
+        ),
         # The first broken rule is the one reported.
-        (completion(["p"] * 17, n=9, max_tokens=5000), [CTX] * 17, REJECT,
-         Reason.MAX_PROMPTS, "prompt",
-         "prompt list length 17 exceeds the maximum allowed count of 16 (this server's "
-         "max_prompts policy for this model)."),
-        (chat(n=9, max_tokens=5000), [CTX], REJECT, Reason.MAX_N, "n",
-         "n must be at most 8, got 9 (this server's max_n policy for this model)."),
-        (chat(max_tokens=5000), [CTX], REJECT, Reason.CONTEXT_LENGTH, "input_tokens",
-         context_message(CTX, NO_ROOM)),
+        (
+            completion(["p"] * 17, n=9, max_tokens=5000),
+            [CTX] * 17,
+            REJECT,
+            Reason.MAX_PROMPTS,
+            "prompt",
+            "prompt list length 17 exceeds the maximum allowed count of 16 (this server's "
+            "max_prompts policy for this model).",
+        ),
+        (
+            chat(n=9, max_tokens=5000),
+            [CTX],
+            REJECT,
+            Reason.MAX_N,
+            "n",
+            "n must be at most 8, got 9 (this server's max_n policy for this model).",
+        ),
+        (
+            chat(max_tokens=5000),
+            [CTX],
+            REJECT,
+            Reason.CONTEXT_LENGTH,
+            "input_tokens",
+            context_message(CTX, NO_ROOM),
+        ),
     ],
 )
 def test_enforce_rejects(
-    view: RequestView, prompt_tokens: list[int], pol: Policy, reason: Reason, param: str,
+    view: RequestView,
+    prompt_tokens: list[int],
+    pol: Policy,
+    reason: Reason,
+    param: str,
     message: str,
 ) -> None:
     """In enforce mode a request that breaks a rule is a 400 naming the rule and parameter."""
     reject = rejected(decide(view, pol, prompt_tokens, CTX))
     assert reject.reason is reason
     assert isinstance(reject.error, BadRequest)
-    assert reject.error.body() == {"error": {"message": message, "type": "BadRequestError",
-                                             "param": param, "code": 400}}
+    assert reject.error.body() == {
+        "error": {"message": message, "type": "BadRequestError", "param": param, "code": 400}
+    }
     assert reject.log_fields == {"reason": reason.value, "param": param, "message": message}
 
 
@@ -239,37 +425,126 @@ REPORT = PolicyMode.REPORT
         (chat(), [100], policy(mode=REPORT), Action.DEFAULTED, 256, "defaulted 256", None),
         (chat(), [1900], policy(mode=REPORT), Action.DEFAULTED, 148, "defaulted 148", None),
         # Clamps are only reported: the client's value is forwarded.
-        (chat(max_tokens=4096), [1600], policy(mode=REPORT), Action.WOULD_CLAMP, 4096,
-         "would-clamp 4096->448", None),
-        (chat(max_completion_tokens=1025), [100], policy(mode=REPORT), Action.WOULD_CLAMP, 1025,
-         "would-clamp 1025->1024", None),
+        (
+            chat(max_tokens=4096),
+            [1600],
+            policy(mode=REPORT),
+            Action.WOULD_CLAMP,
+            4096,
+            "would-clamp 4096->448",
+            None,
+        ),
+        (
+            chat(max_completion_tokens=1025),
+            [100],
+            policy(mode=REPORT),
+            Action.WOULD_CLAMP,
+            1025,
+            "would-clamp 1025->1024",
+            None,
+        ),
         # Refusals are only reported.
-        (chat(max_tokens=1025), [100], policy(mode=REPORT, on_exceed=OnExceed.REJECT),
-         Action.WOULD_REJECT, 1025, "would-reject 1025", Reason.MAX_TOKENS_LIMIT),
-        (chat(max_tokens=449), [1600], policy(mode=REPORT, on_exceed=OnExceed.REJECT),
-         Action.WOULD_REJECT, 449, "would-reject 449", Reason.MAX_TOKENS_CONTEXT),
-        (chat(n=9), [100], policy(mode=REPORT), Action.DEFAULTED, 256, "defaulted 256",
-         Reason.MAX_N),
-        (completion(best_of=9, max_tokens=10), [100], policy(mode=REPORT), Action.KEPT, 10,
-         "kept 10", Reason.MAX_N),
-        (completion(["p"] * 17), [1] * 17, policy(mode=REPORT), Action.DEFAULTED, 256,
-         "defaulted 256", Reason.MAX_PROMPTS),
-        (chat(), [1001], policy(mode=REPORT, max_prompt_tokens=1000), Action.DEFAULTED, 256,
-         "defaulted 256", Reason.MAX_PROMPT_TOKENS),
-        (chat(max_tokens=100), [CTX], policy(mode=REPORT), Action.KEPT, 100, "kept 100",
-         Reason.CONTEXT_LENGTH),
+        (
+            chat(max_tokens=1025),
+            [100],
+            policy(mode=REPORT, on_exceed=OnExceed.REJECT),
+            Action.WOULD_REJECT,
+            1025,
+            "would-reject 1025",
+            Reason.MAX_TOKENS_LIMIT,
+        ),
+        (
+            chat(max_tokens=449),
+            [1600],
+            policy(mode=REPORT, on_exceed=OnExceed.REJECT),
+            Action.WOULD_REJECT,
+            449,
+            "would-reject 449",
+            Reason.MAX_TOKENS_CONTEXT,
+        ),
+        (
+            chat(n=9),
+            [100],
+            policy(mode=REPORT),
+            Action.DEFAULTED,
+            256,
+            "defaulted 256",
+            Reason.MAX_N,
+        ),
+        (
+            completion(best_of=9, max_tokens=10),
+            [100],
+            policy(mode=REPORT),
+            Action.KEPT,
+            10,
+            "kept 10",
+            Reason.MAX_N,
+        ),
+        (
+            completion(["p"] * 17),
+            [1] * 17,
+            policy(mode=REPORT),
+            Action.DEFAULTED,
+            256,
+            "defaulted 256",
+            Reason.MAX_PROMPTS,
+        ),
+        (
+            chat(),
+            [1001],
+            policy(mode=REPORT, max_prompt_tokens=1000),
+            Action.DEFAULTED,
+            256,
+            "defaulted 256",
+            Reason.MAX_PROMPT_TOKENS,
+        ),
+        (
+            chat(max_tokens=100),
+            [CTX],
+            policy(mode=REPORT),
+            Action.KEPT,
+            100,
+            "kept 100",
+            Reason.CONTEXT_LENGTH,
+        ),
         # A prompt with no room left still gets a positive limit: the policy default.
-        (chat(), [CTX], policy(mode=REPORT), Action.DEFAULTED, 256, "defaulted 256",
-         Reason.CONTEXT_LENGTH),
-        (chat(), [CTX + 500], policy(mode=REPORT), Action.DEFAULTED, 256, "defaulted 256",
-         Reason.CONTEXT_LENGTH),
-        (chat(max_tokens=4096), [CTX + 1], policy(mode=REPORT), Action.WOULD_CLAMP, 4096,
-         "would-clamp 4096->1024", Reason.CONTEXT_LENGTH),
+        (
+            chat(),
+            [CTX],
+            policy(mode=REPORT),
+            Action.DEFAULTED,
+            256,
+            "defaulted 256",
+            Reason.CONTEXT_LENGTH,
+        ),
+        (
+            chat(),
+            [CTX + 500],
+            policy(mode=REPORT),
+            Action.DEFAULTED,
+            256,
+            "defaulted 256",
+            Reason.CONTEXT_LENGTH,
+        ),
+        (
+            chat(max_tokens=4096),
+            [CTX + 1],
+            policy(mode=REPORT),
+            Action.WOULD_CLAMP,
+            4096,
+            "would-clamp 4096->1024",
+            Reason.CONTEXT_LENGTH,
+        ),
     ],
 )
 def test_report_mode(
-    view: RequestView, prompt_tokens: list[int], pol: Policy, action: Action, max_tokens: int,
-    header: str, would_reject: Reason | None,
+    view: RequestView,
+    prompt_tokens: list[int],
+    pol: Policy,
+    action: Action,
+    max_tokens: int,
+    header: str,
+    would_reject: Reason | None,
 ) -> None:
     """In report mode nothing is refused or clamped; what enforce would do shows in headers."""
     admit = admitted(decide(view, pol, prompt_tokens, CTX))
@@ -312,18 +587,41 @@ def test_report_mode_refuses_what_enforce_refuses(
 
 # --- log fields --------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("view", "pol", "fields"),
     [
-        (chat(), policy(),
-         {"policy_mode": "enforce", "max_tokens_action": "defaulted", "max_tokens": 256,
-          "max_tokens_requested": None}),
-        (chat(max_tokens=4096), policy(),
-         {"policy_mode": "enforce", "max_tokens_action": "clamped", "max_tokens": 448,
-          "max_tokens_requested": 4096}),
-        (chat(max_tokens=4096), policy(mode=REPORT),
-         {"policy_mode": "report", "max_tokens_action": "would-clamp", "max_tokens": 4096,
-          "max_tokens_requested": 4096, "max_tokens_enforced": 448}),
+        (
+            chat(),
+            policy(),
+            {
+                "policy_mode": "enforce",
+                "max_tokens_action": "defaulted",
+                "max_tokens": 256,
+                "max_tokens_requested": None,
+            },
+        ),
+        (
+            chat(max_tokens=4096),
+            policy(),
+            {
+                "policy_mode": "enforce",
+                "max_tokens_action": "clamped",
+                "max_tokens": 448,
+                "max_tokens_requested": 4096,
+            },
+        ),
+        (
+            chat(max_tokens=4096),
+            policy(mode=REPORT),
+            {
+                "policy_mode": "report",
+                "max_tokens_action": "would-clamp",
+                "max_tokens": 4096,
+                "max_tokens_requested": 4096,
+                "max_tokens_enforced": 448,
+            },
+        ),
     ],
 )
 def test_admit_log_fields(view: RequestView, pol: Policy, fields: dict[str, object]) -> None:
@@ -333,6 +631,7 @@ def test_admit_log_fields(view: RequestView, pol: Policy, fields: dict[str, obje
 
 # --- the rewrite -------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("sent", "prompt", "expected"),
     [
@@ -340,19 +639,29 @@ def test_admit_log_fields(view: RequestView, pol: Policy, fields: dict[str, obje
         ({"max_tokens": None}, 100, {"max_tokens": 256}),
         ({"max_tokens": 5.0}, 100, {"max_tokens": 5}),
         ({"max_tokens": 4096}, 1600, {"max_tokens": 448}),
-        ({"max_completion_tokens": 300}, 100,
-         {"max_tokens": 300, "max_completion_tokens": 300}),
-        ({"max_completion_tokens": 4096, "max_tokens": 7}, 1600,
-         {"max_tokens": 448, "max_completion_tokens": 448}),
-        ({"max_completion_tokens": None, "max_tokens": 7}, 100,
-         {"max_tokens": 7, "max_completion_tokens": None}),
+        ({"max_completion_tokens": 300}, 100, {"max_tokens": 300, "max_completion_tokens": 300}),
+        (
+            {"max_completion_tokens": 4096, "max_tokens": 7},
+            1600,
+            {"max_tokens": 448, "max_completion_tokens": 448},
+        ),
+        (
+            {"max_completion_tokens": None, "max_tokens": 7},
+            100,
+            {"max_tokens": 7, "max_completion_tokens": None},
+        ),
     ],
 )
 def test_rewrite(sent: dict[str, Any], prompt: int, expected: dict[str, Any]) -> None:
     """The forwarded body carries the decided limit in max_tokens (and max_completion_tokens
     where the client sent it); every other field is as sent and the original is untouched."""
-    body = {"model": "tiny", "messages": MESSAGES, "temperature": 0.3,
-            "response_format": {"type": "json_object"}, **sent}
+    body = {
+        "model": "tiny",
+        "messages": MESSAGES,
+        "temperature": 0.3,
+        "response_format": {"type": "json_object"},
+        **sent,
+    }
     before = copy.deepcopy(body)
     admit = admitted(decide(parse_chat(body), policy(), [prompt], CTX))
     forwarded = admit.rewrite(body)
@@ -371,8 +680,11 @@ def test_report_mode_rewrite_forwards_the_clients_limit() -> None:
 # --- properties --------------------------------------------------------------------------------
 
 LIMITS = st.integers(min_value=1, max_value=5000)
-REQUESTED = st.none() | st.integers(min_value=1, max_value=10**6) | st.integers(
-    min_value=1, max_value=5000).map(float)
+REQUESTED = (
+    st.none()
+    | st.integers(min_value=1, max_value=10**6)
+    | st.integers(min_value=1, max_value=5000).map(float)
+)
 
 
 @st.composite
@@ -391,8 +703,11 @@ def policies(draw: st.DrawFn) -> Policy:
 @st.composite
 def requests(draw: st.DrawFn) -> tuple[dict[str, Any], RequestView, int]:
     """A body with unknown fields, its view and its number of prompts."""
-    fields: dict[str, Any] = {"temperature": draw(st.floats(0, 2)), "seed": draw(st.integers()),
-                              "x-unknown": draw(st.lists(st.text(max_size=3), max_size=2))}
+    fields: dict[str, Any] = {
+        "temperature": draw(st.floats(0, 2)),
+        "seed": draw(st.integers()),
+        "x-unknown": draw(st.lists(st.text(max_size=3), max_size=2)),
+    }
     for name in ("max_tokens", "n"):
         if draw(st.booleans()):
             fields[name] = draw(REQUESTED) if name == "max_tokens" else draw(st.integers(1, 12))
@@ -407,17 +722,24 @@ def requests(draw: st.DrawFn) -> tuple[dict[str, Any], RequestView, int]:
 
 
 @settings(max_examples=500, deadline=None)
-@given(request=requests(), pol=policies(), data=st.data(),
-       context_length=st.integers(min_value=1, max_value=8192))
+@given(
+    request=requests(),
+    pol=policies(),
+    data=st.data(),
+    context_length=st.integers(min_value=1, max_value=8192),
+)
 def test_forwarded_body_always_has_a_positive_limit(
-    request: tuple[dict[str, Any], RequestView, int], pol: Policy, data: st.DataObject,
+    request: tuple[dict[str, Any], RequestView, int],
+    pol: Policy,
+    data: st.DataObject,
     context_length: int,
 ) -> None:
     """Whatever is admitted is forwarded with a positive int max_tokens that, in enforce mode,
     fits the policy limit and the window, with unknown fields untouched."""
     body, view, prompts = request
-    counts = data.draw(st.lists(st.integers(0, context_length + 100), min_size=prompts,
-                                max_size=prompts))
+    counts = data.draw(
+        st.lists(st.integers(0, context_length + 100), min_size=prompts, max_size=prompts)
+    )
     before = copy.deepcopy(body)
     result = decide(view, pol, counts, context_length)
     if isinstance(result, Reject):
@@ -432,9 +754,9 @@ def test_forwarded_body_always_has_a_positive_limit(
     assert limit == result.max_tokens
     if "max_completion_tokens" in body and body["max_completion_tokens"] is not None:
         assert forwarded["max_completion_tokens"] == limit
-    assert {k: v for k, v in forwarded.items() if k not in ("max_tokens",
-                                                          "max_completion_tokens")} == {
-        k: v for k, v in before.items() if k not in ("max_tokens", "max_completion_tokens")}
+    assert {
+        k: v for k, v in forwarded.items() if k not in ("max_tokens", "max_completion_tokens")
+    } == {k: v for k, v in before.items() if k not in ("max_tokens", "max_completion_tokens")}
     if pol.mode is PolicyMode.ENFORCE:
         assert limit <= pol.max_tokens_limit
         assert max(counts) + limit <= context_length
@@ -444,10 +766,16 @@ def test_forwarded_body_always_has_a_positive_limit(
 
 
 @settings(max_examples=500, deadline=None)
-@given(request=requests(), pol=policies(), data=st.data(),
-       context_length=st.integers(min_value=1, max_value=8192))
+@given(
+    request=requests(),
+    pol=policies(),
+    data=st.data(),
+    context_length=st.integers(min_value=1, max_value=8192),
+)
 def test_needs_exact_count_is_safe(
-    request: tuple[dict[str, Any], RequestView, int], pol: Policy, data: st.DataObject,
+    request: tuple[dict[str, Any], RequestView, int],
+    pol: Policy,
+    data: st.DataObject,
     context_length: int,
 ) -> None:
     """When needs_exact_count says no, every count up to the bound decides as the bound does."""
@@ -456,7 +784,8 @@ def test_needs_exact_count_is_safe(
     assume(not needs_exact_count(view, pol, bound, context_length))
     exact = data.draw(st.lists(st.integers(0, bound), min_size=prompts, max_size=prompts))
     assert summary(decide(view, pol, exact, context_length)) == summary(
-        decide(view, pol, [bound] * prompts, context_length))
+        decide(view, pol, [bound] * prompts, context_length)
+    )
 
 
 def summary(result: Admit | Reject) -> tuple[object, ...]:
@@ -467,6 +796,7 @@ def summary(result: Admit | Reject) -> tuple[object, ...]:
 
 
 # --- the caller's helpers ----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     ("view", "pol", "bound", "expected"),
@@ -529,14 +859,16 @@ def test_precheck(view: RequestView, pol: Policy, reason: Reason | None) -> None
         (None, None, None),
     ],
 )
-def test_context_length_for(configured: int | None, max_model_len: int | None,
-                            expected: int | None) -> None:
+def test_context_length_for(
+    configured: int | None, max_model_len: int | None, expected: int | None
+) -> None:
     """The policy's context length applies when set, never beyond the engine's max_model_len."""
     assert context_length_for(policy(context_length=configured), max_model_len) == expected
 
 
-@pytest.mark.parametrize(("view", "counts"), [(chat(), [1, 2]), (completion(["a", "b"]), [1]),
-                                              (chat(), [])])
+@pytest.mark.parametrize(
+    ("view", "counts"), [(chat(), [1, 2]), (completion(["a", "b"]), [1]), (chat(), [])]
+)
 def test_decide_needs_one_count_per_prompt(view: RequestView, counts: list[int]) -> None:
     """A count list that does not match the prompts is a caller's bug, not a client's 400."""
     with pytest.raises(ValueError, match="prompt token counts"):

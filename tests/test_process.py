@@ -27,8 +27,9 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
         yield s
 
 
-async def fake_info(session: aiohttp.ClientSession, port: int,
-                    timeout: float = 10.0) -> dict[str, Any]:
+async def fake_info(
+    session: aiohttp.ClientSession, port: int, timeout: float = 10.0
+) -> dict[str, Any]:
     """Wait until the fake engine answers, and what it says about itself."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -46,11 +47,14 @@ async def fake_info(session: aiohttp.ClientSession, port: int,
 async def test_output_lines_are_logged_as_engine_output() -> None:
     """Each stdout and stderr line of the engine is one `engine_output` log entry, tagged with
     its stream; the engine sees the extra environment."""
-    code = ("import os, sys\nprint('hello', os.environ['GUARD_TEST_VALUE'], flush=True)\n"
-            "print('trouble ahead', file=sys.stderr, flush=True)\n")
+    code = (
+        "import os, sys\nprint('hello', os.environ['GUARD_TEST_VALUE'], flush=True)\n"
+        "print('trouble ahead', file=sys.stderr, flush=True)\n"
+    )
     with capture_logs() as logs:
-        proc = await EngineProcess.spawn([sys.executable, "-c", code],
-                                         env={"GUARD_TEST_VALUE": "42"}, grace_s=1.0)
+        proc = await EngineProcess.spawn(
+            [sys.executable, "-c", code], env={"GUARD_TEST_VALUE": "42"}, grace_s=1.0
+        )
         assert await asyncio.wait_for(proc.wait(), 10) == 0
         await proc.stop(1.0)
     lines = {(e["stream"], e["line"]) for e in logs if e["event"] == "engine_output"}
@@ -58,11 +62,14 @@ async def test_output_lines_are_logged_as_engine_output() -> None:
     assert ("stderr", "trouble ahead") in lines
 
 
-@pytest.mark.parametrize(("code", "status"), [
-    ("raise SystemExit(0)", 0),
-    ("raise SystemExit(3)", 3),
-    ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", -signal.SIGKILL),
-])
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [
+        ("raise SystemExit(0)", 0),
+        ("raise SystemExit(3)", 3),
+        ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", -signal.SIGKILL),
+    ],
+)
 async def test_exit_status_passes_through_the_reaper(code: str, status: int) -> None:
     """The engine's own exit status (or the signal that killed it) is what `wait()` returns."""
     proc = await EngineProcess.spawn([sys.executable, "-c", code], grace_s=1.0)
@@ -142,8 +149,12 @@ async def test_sigkill_of_the_gateway_leaves_no_engine(session: aiohttp.ClientSe
     gone (SIGKILL after the grace included) and its port is free again."""
     port = free_port()
     argv = fake_argv(port, "--ignore-term", "--child", "--child-ignores-term")
-    parent = subprocess.Popen([sys.executable, "-c", PARENT, *argv], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT, *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     info: dict[str, Any] = {}
     try:
         info = await fake_info(session, port)
@@ -166,7 +177,9 @@ def test_reaper_starts_nothing_for_a_parent_already_gone(tmp_path: Any) -> None:
     code = f"open({str(marker)!r}, 'w').close()"
     result = subprocess.run(
         [sys.executable, "-I", str(REAPER), "--parent", "1", "--", sys.executable, "-c", code],
-        timeout=10, check=False)
+        timeout=10,
+        check=False,
+    )
     assert result.returncode == 1
     assert not marker.exists()
 
@@ -175,5 +188,7 @@ def test_reaper_runs_its_command() -> None:
     """Run by hand, the reaper runs its command and exits with its status."""
     result = subprocess.run(
         [sys.executable, "-I", str(REAPER), "--", sys.executable, "-c", "raise SystemExit(7)"],
-        timeout=10, check=False)
+        timeout=10,
+        check=False,
+    )
     assert result.returncode == 7

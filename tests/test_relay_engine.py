@@ -16,11 +16,23 @@ from tests.helpers import base_url, post
 
 pytestmark = pytest.mark.engine
 
-CHAT = {"model": "tiny", "messages": [{"role": "system", "content": "Be brief."},
-                                      {"role": "user", "content": "Tell me about pipes."}],
-        "max_tokens": 24, "temperature": 0, "seed": 7}
-COMPLETION = {"model": "tiny", "prompt": "The quick brown fox", "max_tokens": 24,
-              "temperature": 0, "seed": 7}
+CHAT = {
+    "model": "tiny",
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Tell me about pipes."},
+    ],
+    "max_tokens": 24,
+    "temperature": 0,
+    "seed": 7,
+}
+COMPLETION = {
+    "model": "tiny",
+    "prompt": "The quick brown fox",
+    "max_tokens": 24,
+    "temperature": 0,
+    "seed": 7,
+}
 VOLATILE = {"id", "created", "system_fingerprint"}
 
 
@@ -45,10 +57,12 @@ async def _sse(base: str, path: str, body: dict[str, Any]) -> list[Any]:
     return events
 
 
-@pytest.mark.parametrize(("path", "body"), [("/v1/chat/completions", CHAT),
-                                            ("/v1/completions", COMPLETION)])
-async def test_json_answers_equal_the_engines(gateway_server: Any, real_engine: RealEngine,
-                                              path: str, body: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    ("path", "body"), [("/v1/chat/completions", CHAT), ("/v1/completions", COMPLETION)]
+)
+async def test_json_answers_equal_the_engines(
+    gateway_server: Any, real_engine: RealEngine, path: str, body: dict[str, Any]
+) -> None:
     """A non-streamed answer through the gateway equals the engine's own (same seed)."""
     server = await gateway_server(gateway_config(real_engine.url))
     direct_status, direct = await _json(real_engine.url, path, body)
@@ -58,10 +72,12 @@ async def test_json_answers_equal_the_engines(gateway_server: Any, real_engine: 
     assert via["usage"]["completion_tokens"] >= 1
 
 
-@pytest.mark.parametrize(("path", "body"), [("/v1/chat/completions", CHAT),
-                                            ("/v1/completions", COMPLETION)])
-async def test_streamed_answers_equal_the_engines(gateway_server: Any, real_engine: RealEngine,
-                                                  path: str, body: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    ("path", "body"), [("/v1/chat/completions", CHAT), ("/v1/completions", COMPLETION)]
+)
+async def test_streamed_answers_equal_the_engines(
+    gateway_server: Any, real_engine: RealEngine, path: str, body: dict[str, Any]
+) -> None:
     """A streamed answer through the gateway has the same events as the engine's own."""
     server = await gateway_server(gateway_config(real_engine.url))
     body = {**body, "stream": True, "stream_options": {"include_usage": True}}
@@ -72,35 +88,44 @@ async def test_streamed_answers_equal_the_engines(gateway_server: Any, real_engi
     assert _strip(via) == _strip(direct)
 
 
-async def test_openai_client_works_against_the_gateway(gateway_server: Any,
-                                                       real_engine: RealEngine) -> None:
+async def test_openai_client_works_against_the_gateway(
+    gateway_server: Any, real_engine: RealEngine
+) -> None:
     """The official openai client gets chat answers, streamed and not, and lists models."""
     server = await gateway_server(gateway_config(real_engine.url))
-    client = openai.AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key="unused",
-                                max_retries=0)
+    client = openai.AsyncOpenAI(
+        base_url=str(server.make_url("/v1")), api_key="unused", max_retries=0
+    )
     try:
         models = await client.models.list()
         assert [m.id for m in models.data] == ["tiny"]
         chat = await client.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=5,
-            temperature=0)
+            model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=5, temperature=0
+        )
         assert chat.choices[0].message.content
-        assert (chat.usage is not None and chat.usage.completion_tokens == 5) or \
-            chat.choices[0].finish_reason == "stop"
+        assert (chat.usage is not None and chat.usage.completion_tokens == 5) or chat.choices[
+            0
+        ].finish_reason == "stop"
         stream = await client.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=5,
-            temperature=0, stream=True)
+            model="tiny",
+            messages=[{"role": "user", "content": "Hi"}],
+            max_tokens=5,
+            temperature=0,
+            stream=True,
+        )
         pieces = [c.choices[0].delta.content or "" async for c in stream if c.choices]
         assert "".join(pieces) == chat.choices[0].message.content
-        completion = await client.completions.create(model="tiny", prompt="Hello",
-                                                     max_tokens=3, temperature=0)
+        completion = await client.completions.create(
+            model="tiny", prompt="Hello", max_tokens=3, temperature=0
+        )
         assert completion.choices[0].text
     finally:
         await client.close()
 
 
-async def test_kserve_prefix_reaches_the_same_engine(gateway_server: Any,
-                                                     real_engine: RealEngine) -> None:
+async def test_kserve_prefix_reaches_the_same_engine(
+    gateway_server: Any, real_engine: RealEngine
+) -> None:
     """/openai/v1/... is the same engine path as /v1/..."""
     server = await gateway_server(gateway_config(real_engine.url))
     status, answer = await _json(base_url(server), "/openai/v1/completions", COMPLETION)
@@ -122,8 +147,14 @@ async def _wait_running(engine: RealEngine, predicate: Any, timeout: float) -> f
 async def _drop_stream_after(base: str, seconds: float, engine: RealEngine) -> float:
     """Stream a long generation, drop it after `seconds`; returns what vLLM was running
     just before the drop."""
-    body = {"model": "tiny", "prompt": "Once upon a time", "n": 64, "max_tokens": 480,
-            "ignore_eos": True, "stream": True}
+    body = {
+        "model": "tiny",
+        "prompt": "Once upon a time",
+        "n": 64,
+        "max_tokens": 480,
+        "ignore_eos": True,
+        "stream": True,
+    }
     session = aiohttp.ClientSession()
     try:
         resp = await session.post(base + "/v1/completions", json=body)
@@ -138,11 +169,11 @@ async def _drop_stream_after(base: str, seconds: float, engine: RealEngine) -> f
         await session.close()
 
 
-async def test_client_disconnect_stops_the_engine(gateway_server: Any,
-                                                  real_engine: RealEngine) -> None:
+async def test_client_disconnect_stops_the_engine(
+    gateway_server: Any, real_engine: RealEngine
+) -> None:
     """A client that drops a long stream makes the engine go idle (vLLM's own metric)."""
-    config = gateway_config(real_engine.url,
-                            defaults={"max_n": 64, "max_tokens_limit": 480})
+    config = gateway_config(real_engine.url, defaults={"max_n": 64, "max_tokens_limit": 480})
     server = await gateway_server(config)
     assert await _wait_running(real_engine, lambda r: r == 0, 30) is not None
     running = await _drop_stream_after(base_url(server), 0.5, real_engine)

@@ -41,6 +41,7 @@ def refusal(parse: Parser, body: object) -> BadRequest:
 
 # --- integer parameters ------------------------------------------------------------------------
 
+
 @both_kinds
 @pytest.mark.parametrize(
     ("field", "raw", "expected"),
@@ -80,10 +81,16 @@ def test_integer_parameter_accepted(
         ("max_tokens", [5], "max_tokens must be an integer, got a list."),
         ("max_tokens", {"v": 5}, "max_tokens must be an integer, got an object."),
         ("max_tokens", 0, "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)"),
-        ("max_tokens", 0.0,
-         "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)"),
-        ("max_tokens", -1,
-         "max_tokens must be at least 1, got -1. (parameter=max_tokens, value=-1)"),
+        (
+            "max_tokens",
+            0.0,
+            "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)",
+        ),
+        (
+            "max_tokens",
+            -1,
+            "max_tokens must be at least 1, got -1. (parameter=max_tokens, value=-1)",
+        ),
         ("n", True, "n must be an integer, got true."),
         ("n", "2", "n must be an integer, got a string ('2')."),
         ("n", 1.5, "n must be an integer, got 1.5."),
@@ -98,8 +105,12 @@ def test_integer_parameter_refused(
 ) -> None:
     """A boolean, a string, a fraction, zero or a negative is a 400 that names the parameter."""
     err = refusal(parse, body(**{field: raw}))
-    assert (err.status, err.type, err.param, err.message) == (400, "BadRequestError", field,
-                                                                message)
+    assert (err.status, err.type, err.param, err.message) == (
+        400,
+        "BadRequestError",
+        field,
+        message,
+    )
 
 
 @pytest.mark.parametrize(
@@ -108,10 +119,16 @@ def test_integer_parameter_refused(
         (True, "max_completion_tokens must be an integer, got true."),
         ("10", "max_completion_tokens must be an integer, got a string ('10')."),
         (2.5, "max_completion_tokens must be an integer, got 2.5."),
-        (0, "max_completion_tokens must be at least 1, got 0. "
-            "(parameter=max_completion_tokens, value=0)"),
-        (-1, "max_completion_tokens must be at least 1, got -1. "
-             "(parameter=max_completion_tokens, value=-1)"),
+        (
+            0,
+            "max_completion_tokens must be at least 1, got 0. "
+            "(parameter=max_completion_tokens, value=0)",
+        ),
+        (
+            -1,
+            "max_completion_tokens must be at least 1, got -1. "
+            "(parameter=max_completion_tokens, value=-1)",
+        ),
     ],
 )
 def test_max_completion_tokens_refused(raw: object, message: str) -> None:
@@ -152,6 +169,7 @@ def test_completion_ignores_max_completion_tokens() -> None:
 
 # --- messages ----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("messages", "message"),
     [
@@ -161,8 +179,10 @@ def test_completion_ignores_max_completion_tokens() -> None:
         ({"role": "user"}, "messages must be a list of message objects, got an object."),
         ([], "messages must not be empty: send at least one message."),
         (["Hello"], "messages[0] must be an object with a 'role', got a string ('Hello')."),
-        ([{"role": "user", "content": "a"}, 7],
-         "messages[1] must be an object with a 'role', got 7."),
+        (
+            [{"role": "user", "content": "a"}, 7],
+            "messages[1] must be an object with a 'role', got 7.",
+        ),
         ([{"content": "Hello"}], "messages[0] has no 'role'."),
         ([{"role": None, "content": "Hello"}], "messages[0].role must be a string, got null."),
         ([{"role": 1, "content": "Hello"}], "messages[0].role must be a string, got 1."),
@@ -191,6 +211,7 @@ def test_messages_pass_as_sent() -> None:
 
 
 # --- prompts -----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     ("prompt", "num_prompts", "prompts"),
@@ -264,6 +285,7 @@ def test_prompt_embeds_null_is_absent() -> None:
 
 # --- the rest of the body ----------------------------------------------------------------------
 
+
 @both_kinds
 @pytest.mark.parametrize("payload", [[], "text", None, 3, True])
 def test_body_must_be_an_object(
@@ -309,7 +331,9 @@ def test_stream_options_without_stream(
     """stream_options without stream is refused with vLLM's message."""
     err = refusal(parse, body(**fields))
     assert (err.param, err.message) == (
-        "stream_options", "Stream options can only be defined when `stream=True`.")
+        "stream_options",
+        "Stream options can only be defined when `stream=True`.",
+    )
 
 
 @both_kinds
@@ -335,8 +359,13 @@ def test_other_declared_fields_refused(
 @both_kinds
 def test_unknown_fields_pass_through(parse: Parser, body: Callable[..., dict[str, Any]]) -> None:
     """Fields the gateway does not read are kept as sent and the body is not modified."""
-    sent = body(temperature=0.2, top_k=-1, guided_json={"type": "object"}, vllm_xargs={"a": [1]},
-                max_tokens=5.0)
+    sent = body(
+        temperature=0.2,
+        top_k=-1,
+        guided_json={"type": "object"},
+        vllm_xargs={"a": [1]},
+        max_tokens=5.0,
+    )
     before = copy.deepcopy(sent)
     view = parse(sent)
     assert sent == before
@@ -348,12 +377,26 @@ def test_unknown_fields_pass_through(parse: Parser, body: Callable[..., dict[str
 JSON_SCALARS = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5)
 JSON_VALUES = st.recursive(
     JSON_SCALARS,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
-                                                                  max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
     max_leaves=8,
 )
-FIELDS = st.sampled_from(["model", "messages", "prompt", "max_tokens", "max_completion_tokens",
-                          "n", "best_of", "stream", "stream_options", "prompt_embeds", "x"])
+FIELDS = st.sampled_from(
+    [
+        "model",
+        "messages",
+        "prompt",
+        "max_tokens",
+        "max_completion_tokens",
+        "n",
+        "best_of",
+        "stream",
+        "stream_options",
+        "prompt_embeds",
+        "x",
+    ]
+)
 
 
 @settings(max_examples=300, deadline=None)

@@ -56,17 +56,25 @@ FAULT_FLAGS: dict[str, tuple[str, ...]] = {
 WEDGE_TIMEOUT_S = 1.5
 STOP_GRACE_S = 3.0
 TIMINGS: dict[str, Any] = {
-    "probe_interval_s": 0.2, "startup_probe_interval_s": 0.1, "probe_timeout_s": 3,
-    "health_failures": 2, "wedge_timeout_s": WEDGE_TIMEOUT_S, "wedge_check_interval_s": 0.2,
-    "startup_timeout_s": 30, "stop_grace_s": STOP_GRACE_S,
+    "probe_interval_s": 0.2,
+    "startup_probe_interval_s": 0.1,
+    "probe_timeout_s": 3,
+    "health_failures": 2,
+    "wedge_timeout_s": WEDGE_TIMEOUT_S,
+    "wedge_check_interval_s": 0.2,
+    "startup_timeout_s": 30,
+    "stop_grace_s": STOP_GRACE_S,
     # A whole second before each restart: long enough for a poll to see /ready 503.
-    "restart_backoff_s": 1.0, "restart_backoff_max_s": 1.0, "max_restarts": 5,
+    "restart_backoff_s": 1.0,
+    "restart_backoff_max_s": 1.0,
+    "max_restarts": 5,
     "expected_restart_s": 5,
 }
 
 
-def engine_section(port: int, *flags: str, supervised: bool = True,
-                   **overrides: Any) -> dict[str, Any]:
+def engine_section(
+    port: int, *flags: str, supervised: bool = True, **overrides: Any
+) -> dict[str, Any]:
     return emulator_section(port, *flags, timings=TIMINGS, supervised=supervised, **overrides)
 
 
@@ -75,17 +83,25 @@ async def trigger(session: aiohttp.ClientSession, engine_url: str, fault: str) -
     # Straight from the engine, an answer may be a bare 500: its body is read as any type.
     if fault == "exit":  # os._exit(0) while the request is in flight
         with pytest.raises(aiohttp.ClientError):
-            await send(session, engine_url + "/v1/completions",
-                       {"model": "tiny", "prompt": f"please {DIE}", "max_tokens": 4},
-                       content_type=None)
+            await send(
+                session,
+                engine_url + "/v1/completions",
+                {"model": "tiny", "prompt": f"please {DIE}", "max_tokens": 4},
+                content_type=None,
+            )
     elif fault == "health":  # no max_tokens: the multi-step bug kills the engine loop
-        result = await send(session, engine_url + "/v1/chat/completions",
-                            chat("no limit", max_tokens=None), content_type=None)
+        result = await send(
+            session,
+            engine_url + "/v1/chat/completions",
+            chat("no limit", max_tokens=None),
+            content_type=None,
+        )
         assert result["status"] == 500
     else:  # every generation stalls for good; the stream's headers are already sent
-        async with session.post(engine_url + "/v1/completions", json={
-                "model": "tiny", "prompt": f"stop {HANG}", "max_tokens": 4,
-                "stream": True}) as resp:
+        async with session.post(
+            engine_url + "/v1/completions",
+            json={"model": "tiny", "prompt": f"stop {HANG}", "max_tokens": 4, "stream": True},
+        ) as resp:
             assert resp.status == 200
         assert await status_of(session, engine_url + "/health") == 200
 
@@ -93,21 +109,25 @@ async def trigger(session: aiohttp.ClientSession, engine_url: str, fault: str) -
 # The supervised shape: the gateway starts the emulator and restarts it.
 
 
-@pytest.mark.parametrize(("fault", "reason"), [
-    ("exit", "engine exited with status 0 while ready"),
-    ("health", "/health failed 2 probes in a row (last: HTTP 503)"),
-    ("wedge", "wedged: no bytes to in-flight requests"),
-])
-async def test_supervised_failure_is_detected_and_restarted(gateway_server: Any, fault: str,
-                                                            reason: str) -> None:
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [
+        ("exit", "engine exited with status 0 while ready"),
+        ("health", "/health failed 2 probes in a row (last: HTTP 503)"),
+        ("wedge", "wedged: no bytes to in-flight requests"),
+    ],
+)
+async def test_supervised_failure_is_detected_and_restarted(
+    gateway_server: Any, fault: str, reason: str
+) -> None:
     """Supervised shape: an engine that exits with status 0, fails its /health probes, or
     wedges while /health says 200 is failed for that reason, /ready turns 503, the engine is
     restarted in a new process group, /ready returns to 200 and the next request succeeds."""
     port = free_port()
     engine_url = f"http://127.0.0.1:{port}"
     server = await gateway_server(
-        gateway_config(engine_url, engine=engine_section(port, *FAULT_FLAGS[fault])),
-        timeout=60)
+        gateway_config(engine_url, engine=engine_section(port, *FAULT_FLAGS[fault])), timeout=60
+    )
     base = base_url(server)
     supervisor: EngineSupervisor = server.app[SUPERVISOR]
     recorder = Recorder(supervisor)
@@ -119,7 +139,8 @@ async def test_supervised_failure_is_detected_and_restarted(gateway_server: Any,
         stalled = None
         if fault == "wedge":  # the gateway sees a wedge through the requests it relays
             stalled = asyncio.ensure_future(
-                send(session, base + "/v1/chat/completions", chat("waiting", stream=True)))
+                send(session, base + "/v1/chat/completions", chat("waiting", stream=True))
+            )
         assert await wait_status(session, base + "/ready", 503, 30)
         assert await wait_status(session, base + "/ready", 200, 30)
         after = await send(session, base + "/v1/chat/completions", chat("after the restart"))
@@ -130,7 +151,11 @@ async def test_supervised_failure_is_detected_and_restarted(gateway_server: Any,
             assert retried["events"][-1] == "[DONE]"
     assert recorder.reasons(EngineState.FAILED)[0].startswith(reason)
     assert [c.new for c in recorder.changes] == [
-        EngineState.FAILED, EngineState.RESTARTING, EngineState.STARTING, EngineState.READY]
+        EngineState.FAILED,
+        EngineState.RESTARTING,
+        EngineState.STARTING,
+        EngineState.READY,
+    ]
     assert supervisor.epoch == 2
     assert supervisor.pid not in {None, first_group}
     assert not group_alive(first_group)
@@ -145,9 +170,13 @@ async def test_supervised_give_up_turns_health_503(gateway_server: Any) -> None:
     port = free_port()
     config = gateway_config(
         f"http://127.0.0.1:{port}",
-        engine={**engine_section(port), "max_restarts": 2,
-                "command": [sys.executable, "-c", "raise SystemExit(0)"]},
-        isolation={"queue_timeout_s": 120})
+        engine={
+            **engine_section(port),
+            "max_restarts": 2,
+            "command": [sys.executable, "-c", "raise SystemExit(0)"],
+        },
+        isolation={"queue_timeout_s": 120},
+    )
     server = await gateway_server(config, wait_ready=False)
     base = base_url(server)
     supervisor: EngineSupervisor = server.app[SUPERVISOR]
@@ -156,8 +185,7 @@ async def test_supervised_give_up_turns_health_503(gateway_server: Any) -> None:
         assert await wait_status(session, base + "/health", 503, 30)
         assert supervisor.state is EngineState.GIVEN_UP
         assert await status_of(session, base + "/ready") == 503
-        result = await send(session, base + "/v1/chat/completions", chat("anyone?"),
-                            timeout=20)
+        result = await send(session, base + "/v1/chat/completions", chat("anyone?"), timeout=20)
     assert result["status"] == 503
     assert error_envelope(result["json"])["type"] == "ServiceUnavailableError"
     assert int(result["headers"]["Retry-After"]) >= 1
@@ -176,8 +204,9 @@ class Kubelet:
         self.runs: list[EngineProcess] = []
 
     async def start(self, *flags: str) -> None:
-        self.runs.append(await EngineProcess.spawn(emulator_argv(self.port, *flags),
-                                                   grace_s=STOP_GRACE_S))
+        self.runs.append(
+            await EngineProcess.spawn(emulator_argv(self.port, *flags), grace_s=STOP_GRACE_S)
+        )
 
     async def replace(self, *flags: str) -> None:
         await self.runs[-1].stop(STOP_GRACE_S)
@@ -197,14 +226,16 @@ async def kubelet() -> AsyncIterator[Kubelet]:
 
 @pytest.mark.parametrize("fault", ["exit", "health", "wedge"])
 async def test_sidecar_failure_turns_engine_live_503_until_replaced(
-        gateway_server: Any, kubelet: Kubelet, fault: str) -> None:
+    gateway_server: Any, kubelet: Kubelet, fault: str
+) -> None:
     """Sidecar shape: an engine that exits, fails its /health probes, or wedges turns
     /engine/live and /ready 503 while the gateway's own /health stays 200; once the engine is
     replaced on the same port both are 200 again and the next request succeeds."""
     await kubelet.start(*FAULT_FLAGS[fault])
     server = await gateway_server(
         gateway_config(kubelet.url, engine=engine_section(kubelet.port, supervised=False)),
-        timeout=60)
+        timeout=60,
+    )
     base = base_url(server)
     supervisor: EngineSupervisor = server.app[SUPERVISOR]
     async with aiohttp.ClientSession() as session:
@@ -214,7 +245,8 @@ async def test_sidecar_failure_turns_engine_live_503_until_replaced(
         stalled = None
         if fault == "wedge":
             stalled = asyncio.ensure_future(
-                send(session, base + "/v1/chat/completions", chat("waiting", stream=True)))
+                send(session, base + "/v1/chat/completions", chat("waiting", stream=True))
+            )
         assert await wait_status(session, base + "/engine/live", 503, 30)
         assert await status_of(session, base + "/ready") == 503
         assert await status_of(session, base + "/health") == 200
@@ -235,8 +267,9 @@ async def test_sidecar_failure_turns_engine_live_503_until_replaced(
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["streamed", "not-streamed"])
-async def test_sidecar_busy_engine_stays_live(gateway_server: Any, kubelet: Kubelet,
-                                              stream: bool) -> None:
+async def test_sidecar_busy_engine_stays_live(
+    gateway_server: Any, kubelet: Kubelet, stream: bool
+) -> None:
     """Sidecar shape: an engine at capacity (one slot, so a probe generation would wait) with
     a generation that lasts several wedge timeouts (streamed, bytes flow; not streamed, no
     byte until the end but the token counters move) keeps /engine/live at 200 throughout
@@ -244,15 +277,20 @@ async def test_sidecar_busy_engine_stays_live(gateway_server: Any, kubelet: Kube
     await kubelet.start("--tokens-per-second", "5", "--max-num-seqs", "1")
     server = await gateway_server(
         gateway_config(kubelet.url, engine=engine_section(kubelet.port, supervised=False)),
-        timeout=60)
+        timeout=60,
+    )
     base = base_url(server)
     supervisor: EngineSupervisor = server.app[SUPERVISOR]
     lives: list[int | None] = []
     async with aiohttp.ClientSession() as session:
         began = time.monotonic()
-        busy = asyncio.ensure_future(send(session, base + "/v1/chat/completions",
-                                          chat("take your time", max_tokens=25,
-                                               stream=stream)))
+        busy = asyncio.ensure_future(
+            send(
+                session,
+                base + "/v1/chat/completions",
+                chat("take your time", max_tokens=25, stream=stream),
+            )
+        )
         for _ in range(400):  # bounded: 25 tokens at 5 a second take about 5 s
             if busy.done():
                 break
@@ -295,7 +333,11 @@ class GatewayProcess:
         with self.log_path.open("wb") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "gateway", "run", "--config", str(path)],
-                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                start_new_session=True,
+            )
 
     def events(self, name: str) -> list[dict[str, Any]]:
         out = []
@@ -344,8 +386,9 @@ def gateway_process(tmp_path: Path) -> Iterator[list[GatewayProcess]]:
                 stop_process_group(event["pid"], grace=5)
 
 
-async def test_sigterm_drains_then_stops_the_engine(gateway_process: list[GatewayProcess],
-                                                    tmp_path: Path) -> None:
+async def test_sigterm_drains_then_stops_the_engine(
+    gateway_process: list[GatewayProcess], tmp_path: Path
+) -> None:
     """On SIGTERM the gateway answers /ready 503 at once and refuses new generations with 503
     while it keeps listening, lets the in-flight stream finish, then stops the engine's whole
     process group (its port freed) and exits 0."""
@@ -357,15 +400,18 @@ async def test_sigterm_drains_then_stops_the_engine(gateway_process: list[Gatewa
         assert group_alive(engine_group)
         assert port_open(gateway.engine_port)
         # 50 tokens at 10 a second: about 5 s in flight.
-        async with session.post(gateway.url + "/v1/chat/completions",
-                                json=chat("a long one", max_tokens=50, stream=True)) as resp:
+        async with session.post(
+            gateway.url + "/v1/chat/completions",
+            json=chat("a long one", max_tokens=50, stream=True),
+        ) as resp:
             assert resp.status == 200
             events = sse_events(resp)
             first = await anext(events)
             gateway.proc.send_signal(signal.SIGTERM)
             assert await wait_status(session, gateway.url + "/ready", 503, 10)
-            refused = await send(session, gateway.url + "/v1/chat/completions",
-                                 chat("too late"), timeout=10)
+            refused = await send(
+                session, gateway.url + "/v1/chat/completions", chat("too late"), timeout=10
+            )
             async with asyncio.timeout(60):
                 rest = [event async for event in events]
         assert await gateway.wait_exit(30) == 0
@@ -381,8 +427,9 @@ async def test_sigterm_drains_then_stops_the_engine(gateway_process: list[Gatewa
     assert not port_open(gateway.port)
 
 
-async def test_sigterm_cuts_requests_past_the_grace(gateway_process: list[GatewayProcess],
-                                                    tmp_path: Path) -> None:
+async def test_sigterm_cuts_requests_past_the_grace(
+    gateway_process: list[GatewayProcess], tmp_path: Path
+) -> None:
     """A request still in flight when `shutdown_grace_s` runs out is cut (its stream ends
     rather than hangs); the gateway still stops its engine and exits 0."""
     gateway = GatewayProcess(tmp_path, "--tokens-per-second", "2", shutdown_grace_s=1)
@@ -390,9 +437,10 @@ async def test_sigterm_cuts_requests_past_the_grace(gateway_process: list[Gatewa
     async with aiohttp.ClientSession() as session:
         await gateway.wait_ready(session)
         engine_group = gateway.engine_group()
-        async with session.post(gateway.url + "/v1/chat/completions",
-                                json=chat("an endless one", max_tokens=400, stream=True)
-                                ) as resp:
+        async with session.post(
+            gateway.url + "/v1/chat/completions",
+            json=chat("an endless one", max_tokens=400, stream=True),
+        ) as resp:
             events = sse_events(resp)
             await anext(events)
             gateway.proc.send_signal(signal.SIGTERM)
@@ -410,7 +458,8 @@ async def test_sigterm_cuts_requests_past_the_grace(gateway_process: list[Gatewa
 
 
 async def test_sigkill_of_the_gateway_takes_the_engine_down(
-        gateway_process: list[GatewayProcess], tmp_path: Path) -> None:
+    gateway_process: list[GatewayProcess], tmp_path: Path
+) -> None:
     """A gateway killed outright leaves no engine behind: its whole process group goes and
     its port is released."""
     gateway = GatewayProcess(tmp_path)

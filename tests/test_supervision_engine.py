@@ -20,8 +20,15 @@ pytestmark = pytest.mark.engine
 
 START_S = 400.0
 """Bound on a cold start of vLLM on this (shared, 2-core) machine."""
-LONG_STREAM = {"model": MODEL_NAME, "prompt": "Once upon a time", "n": 16, "max_tokens": 400,
-               "ignore_eos": True, "temperature": 1.0, "stream": True}
+LONG_STREAM = {
+    "model": MODEL_NAME,
+    "prompt": "Once upon a time",
+    "n": 16,
+    "max_tokens": 400,
+    "ignore_eos": True,
+    "temperature": 1.0,
+    "stream": True,
+}
 
 
 async def test_engine_killed_mid_stream_is_restarted(gateway_server: Any) -> None:
@@ -32,11 +39,20 @@ async def test_engine_killed_mid_stream_is_restarted(gateway_server: Any) -> Non
     env = {k: v for k, v in engine_env().items() if os.environ.get(k) != v}
     config = gateway_config(
         f"http://127.0.0.1:{port}",
-        engine={"command": engine_argv(port), "env": env, "startup_timeout_s": START_S,
-                "startup_probe_interval_s": 1.0, "probe_interval_s": 1.0,
-                "health_failures": 3, "stop_grace_s": 15, "restart_backoff_s": 1.0,
-                "wedge_timeout_s": 120, "max_restarts": 2},
-        defaults={"max_n": 16})
+        engine={
+            "command": engine_argv(port),
+            "env": env,
+            "startup_timeout_s": START_S,
+            "startup_probe_interval_s": 1.0,
+            "probe_interval_s": 1.0,
+            "health_failures": 3,
+            "stop_grace_s": 15,
+            "restart_backoff_s": 1.0,
+            "wedge_timeout_s": 120,
+            "max_restarts": 2,
+        },
+        defaults={"max_n": 16},
+    )
     server = await gateway_server(config, timeout=START_S + 20)
     base = base_url(server)
     supervisor: EngineSupervisor = server.app[SUPERVISOR]
@@ -61,9 +77,10 @@ async def test_engine_killed_mid_stream_is_restarted(gateway_server: Any) -> Non
         assert events[-1] == "[DONE]"
 
         assert await wait_status(session, base + "/ready", 200, START_S)
-        async with session.post(base + "/v1/completions", json={
-                "model": MODEL_NAME, "prompt": "Hello", "max_tokens": 8,
-                "ignore_eos": True}) as resp:
+        async with session.post(
+            base + "/v1/completions",
+            json={"model": MODEL_NAME, "prompt": "Hello", "max_tokens": 8, "ignore_eos": True},
+        ) as resp:
             assert resp.status == 200
             answer = await resp.json()
     assert answer["usage"]["completion_tokens"] == 8

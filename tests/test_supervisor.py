@@ -32,82 +32,129 @@ from tests.helpers import Recorder, free_port, kill_leftovers, pid_alive, until
 # The decisions.
 
 
-@pytest.mark.parametrize(("attempt", "expected"), [
-    (1, 1.0), (2, 2.0), (3, 4.0), (5, 16.0), (6, 30.0), (1000, 30.0), (0, 1.0),
-])
+@pytest.mark.parametrize(
+    ("attempt", "expected"),
+    [
+        (1, 1.0),
+        (2, 2.0),
+        (3, 4.0),
+        (5, 16.0),
+        (6, 30.0),
+        (1000, 30.0),
+        (0, 1.0),
+    ],
+)
 def test_backoff_delay(attempt: int, expected: float) -> None:
     """Restart delays double from the base and stop at the maximum."""
     assert backoff_delay(attempt, 1.0, 30.0) == expected
 
 
-@pytest.mark.parametrize(("times", "now", "expected"), [
-    ([], 100.0, False),
-    ([90.0, 95.0], 100.0, False),
-    ([90.0, 95.0, 99.0], 100.0, True),
-    ([10.0, 20.0, 99.0], 100.0, False),  # two of three are outside the window
-    ([41.0, 50.0, 60.0], 100.0, True),
-    ([40.0, 50.0, 60.0], 100.0, False),  # exactly a window ago is outside it
-])
+@pytest.mark.parametrize(
+    ("times", "now", "expected"),
+    [
+        ([], 100.0, False),
+        ([90.0, 95.0], 100.0, False),
+        ([90.0, 95.0, 99.0], 100.0, True),
+        ([10.0, 20.0, 99.0], 100.0, False),  # two of three are outside the window
+        ([41.0, 50.0, 60.0], 100.0, True),
+        ([40.0, 50.0, 60.0], 100.0, False),  # exactly a window ago is outside it
+    ],
+)
 def test_should_give_up(times: list[float], now: float, expected: bool) -> None:
     """Give up once `max_restarts` (3) restarts happened within the window (60 s)."""
     assert should_give_up(times, now, 3, 60.0) is expected
 
 
-@pytest.mark.parametrize(("stalled", "quiet", "cleared", "expected"), [
-    (None, 100.0, None, False),   # nothing in flight: nothing to be wedged on
-    (30.0, 100.0, None, False),   # a stall shorter than the timeout
-    (100.0, 5.0, None, False),    # busy: tokens moved recently
-    (100.0, 61.0, None, True),    # no bytes and no tokens
-    (100.0, None, None, True),    # no /metrics: the stall alone decides
-    (100.0, 100.0, 10.0, False),  # a probe answered recently
-    (100.0, 100.0, 61.0, True),   # ... but long ago
-    (60.0, 100.0, None, False),   # exactly the timeout is still patience
-])
-def test_decide_wedge(stalled: float | None, quiet: float | None, cleared: float | None,
-                      expected: bool) -> None:
+@pytest.mark.parametrize(
+    ("stalled", "quiet", "cleared", "expected"),
+    [
+        (None, 100.0, None, False),  # nothing in flight: nothing to be wedged on
+        (30.0, 100.0, None, False),  # a stall shorter than the timeout
+        (100.0, 5.0, None, False),  # busy: tokens moved recently
+        (100.0, 61.0, None, True),  # no bytes and no tokens
+        (100.0, None, None, True),  # no /metrics: the stall alone decides
+        (100.0, 100.0, 10.0, False),  # a probe answered recently
+        (100.0, 100.0, 61.0, True),  # ... but long ago
+        (60.0, 100.0, None, False),  # exactly the timeout is still patience
+    ],
+)
+def test_decide_wedge(
+    stalled: float | None, quiet: float | None, cleared: float | None, expected: bool
+) -> None:
     """A wedge is suspected only when bytes and token counters both stand still past the
     timeout (60 s), and no probe generation answered within it."""
     assert decide_wedge(stalled, quiet, cleared, 60.0) is expected
 
 
-@pytest.mark.parametrize(("ready_at", "now", "expected"), [
-    (None, 5.0, 30.0), (20.0, 5.0, 15.0), (5.5, 5.0, 1.0), (1.0, 5.0, 1.0),
-])
+@pytest.mark.parametrize(
+    ("ready_at", "now", "expected"),
+    [
+        (None, 5.0, 30.0),
+        (20.0, 5.0, 15.0),
+        (5.5, 5.0, 1.0),
+        (1.0, 5.0, 1.0),
+    ],
+)
 def test_retry_after(ready_at: float | None, now: float, expected: float) -> None:
     """Retry-After is the time left until the engine is expected ready, at least 1 s, and the
     configured guess when nothing is expected."""
     assert retry_after(ready_at, now, 30.0) == expected
 
 
-@pytest.mark.parametrize(("payload", "expected"), [
-    ({"data": [{"id": "a", "max_model_len": 512}, {"id": "l", "parent": "a"}]},
-     {"a": 512, "l": 512}),
-    ({"data": [{"id": "a", "max_model_len": 512}, {"id": "b", "max_model_len": 2048},
-               {"id": "l", "parent": "b", "max_model_len": None}]},
-     {"a": 512, "b": 2048, "l": 2048}),
-    ({"data": [{"id": "a", "max_model_len": 512}, {"id": "l", "parent": "gone"}]},
-     {"a": 512, "l": 512}),
-    ({"data": [{"id": "a"}]}, {}),
-    ({"data": [{"no": "id"}, "junk", {"id": "a", "max_model_len": True}]}, {}),
-    ({"object": "error"}, {}),
-    ([], {}),
-])
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        (
+            {"data": [{"id": "a", "max_model_len": 512}, {"id": "l", "parent": "a"}]},
+            {"a": 512, "l": 512},
+        ),
+        (
+            {
+                "data": [
+                    {"id": "a", "max_model_len": 512},
+                    {"id": "b", "max_model_len": 2048},
+                    {"id": "l", "parent": "b", "max_model_len": None},
+                ]
+            },
+            {"a": 512, "b": 2048, "l": 2048},
+        ),
+        (
+            {"data": [{"id": "a", "max_model_len": 512}, {"id": "l", "parent": "gone"}]},
+            {"a": 512, "l": 512},
+        ),
+        ({"data": [{"id": "a"}]}, {}),
+        ({"data": [{"no": "id"}, "junk", {"id": "a", "max_model_len": True}]}, {}),
+        ({"object": "error"}, {}),
+        ([], {}),
+    ],
+)
 def test_parse_models(payload: object, expected: dict[str, int]) -> None:
     """Model ids map to max_model_len; LoRA adapters (listed without one) take their parent's."""
     assert parse_models(payload) == expected
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ('vllm:generation_tokens_total{engine="0",model_name="m"} 12.0\n', 12.0),
-    ('vllm:generation_tokens_total{engine="0"} 2.0\nvllm:generation_tokens_total{engine="1"} 3.0\n'
-     'vllm:prompt_tokens_total{engine="0"} 5.0\n', 10.0),
-    ('vllm:generation_tokens_total{model_name="a b} c"} 7.0 1700000000\n', 7.0),
-    ("vllm:generation_tokens_total 4\n", 4.0),
-    ('# TYPE vllm:generation_tokens_total counter\nvllm:generation_tokens_created{x="1"} 1.7e9\n'
-     'vllm:num_requests_running{x="1"} 3.0\n', None),
-    ("", None),
-    ("vllm:generation_tokens_total{broken\n", None),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('vllm:generation_tokens_total{engine="0",model_name="m"} 12.0\n', 12.0),
+        (
+            'vllm:generation_tokens_total{engine="0"} 2.0\n'
+            'vllm:generation_tokens_total{engine="1"} 3.0\n'
+            'vllm:prompt_tokens_total{engine="0"} 5.0\n',
+            10.0,
+        ),
+        ('vllm:generation_tokens_total{model_name="a b} c"} 7.0 1700000000\n', 7.0),
+        ("vllm:generation_tokens_total 4\n", 4.0),
+        (
+            "# TYPE vllm:generation_tokens_total counter\n"
+            'vllm:generation_tokens_created{x="1"} 1.7e9\n'
+            'vllm:num_requests_running{x="1"} 3.0\n',
+            None,
+        ),
+        ("", None),
+        ("vllm:generation_tokens_total{broken\n", None),
+    ],
+)
 def test_parse_counters(text: str, expected: float | None) -> None:
     """The token counters are summed over all their samples; other series are ignored."""
     assert parse_counters(text) == expected
@@ -118,11 +165,20 @@ def test_parse_counters(text: str, expected: float | None) -> None:
 
 def engine_config(port: int, **overrides: Any) -> EngineConfig:
     values: dict[str, Any] = {
-        "url": f"http://127.0.0.1:{port}", "probe_interval_s": 0.1,
-        "startup_probe_interval_s": 0.1, "probe_timeout_s": 1.0, "health_failures": 2,
-        "wedge_timeout_s": 0.5, "wedge_check_interval_s": 0.1, "startup_timeout_s": 10.0,
-        "stop_grace_s": 1.0, "restart_backoff_s": 0.05, "restart_backoff_max_s": 0.2,
-        "max_restarts": 3, "restart_window_s": 60.0, "expected_restart_s": 60.0,
+        "url": f"http://127.0.0.1:{port}",
+        "probe_interval_s": 0.1,
+        "startup_probe_interval_s": 0.1,
+        "probe_timeout_s": 1.0,
+        "health_failures": 2,
+        "wedge_timeout_s": 0.5,
+        "wedge_check_interval_s": 0.1,
+        "startup_timeout_s": 10.0,
+        "stop_grace_s": 1.0,
+        "restart_backoff_s": 0.05,
+        "restart_backoff_max_s": 0.2,
+        "max_restarts": 3,
+        "restart_window_s": 60.0,
+        "expected_restart_s": 60.0,
     }
     return EngineConfig(**{**values, **overrides})
 
@@ -199,16 +255,19 @@ async def test_ready_means_a_generation_answered(make_supervisor: Factory) -> No
     assert dict(supervisor.models) == {MODEL: MAX_MODEL_LEN, LORA: MAX_MODEL_LEN}
     assert supervisor.live()
     assert {"event": "engine_state", "from": "starting", "to": "ready"}.items() <= next(
-        e for e in logs if e["event"] == "engine_state" and e["to"] == "ready").items()
+        e for e in logs if e["event"] == "engine_state" and e["to"] == "ready"
+    ).items()
 
 
 async def test_never_ready_engine_is_failed_after_the_startup_timeout(
-        make_supervisor: Factory) -> None:
+    make_supervisor: Factory,
+) -> None:
     """An engine whose generations never succeed (/health alone is not enough) is failed when
     the startup timeout passes, and restarted."""
     port = free_port()
-    config = engine_config(port, command=tuple(fake_argv(port, "--never-ready")),
-                           startup_timeout_s=1.5)
+    config = engine_config(
+        port, command=tuple(fake_argv(port, "--never-ready")), startup_timeout_s=1.5
+    )
     supervisor = make_supervisor(config)
     recorder = Recorder(supervisor)
     await supervisor.start()
@@ -218,9 +277,9 @@ async def test_never_ready_engine_is_failed_after_the_startup_timeout(
 
 
 @pytest.mark.parametrize("status", [0, 3])
-async def test_exit_is_detected_and_restarted(make_supervisor: Factory,
-                                              session: aiohttp.ClientSession,
-                                              status: int) -> None:
+async def test_exit_is_detected_and_restarted(
+    make_supervisor: Factory, session: aiohttp.ClientSession, status: int
+) -> None:
     """An engine that exits, with status 0 as much as any other, is failed and started again:
     failed → restarting → starting → ready, epoch 2."""
     port = free_port()
@@ -233,21 +292,27 @@ async def test_exit_is_detected_and_restarted(make_supervisor: Factory,
         await control(session, port, exit=status)
         assert await until(lambda: supervisor.epoch == 2 and supervisor.is_ready(), 15)
     assert [c.new for c in recorder.changes][-4:] == [
-        EngineState.FAILED, EngineState.RESTARTING, EngineState.STARTING, EngineState.READY]
+        EngineState.FAILED,
+        EngineState.RESTARTING,
+        EngineState.STARTING,
+        EngineState.READY,
+    ]
     assert f"exited with status {status}" in recorder.reasons(EngineState.FAILED)[0]
     assert not pid_alive(first_pid)
     assert await engine_pid(session, port) != first_pid
     failed = next(e for e in logs if e["event"] == "engine_state" and e["to"] == "failed")
     assert failed["from"] == "ready"
     assert "exited with status" in failed["reason"]
-    restarting = recorder.changes.index(next(c for c in recorder.changes
-                                             if c.new is EngineState.RESTARTING))
+    restarting = recorder.changes.index(
+        next(c for c in recorder.changes if c.new is EngineState.RESTARTING)
+    )
     assert recorder.retry_after[restarting] < 60.0  # the measured start, not the guess
     assert recorder.live[restarting] is False
 
 
-async def test_health_failures_in_a_row_fail_the_engine(make_supervisor: Factory,
-                                                        session: aiohttp.ClientSession) -> None:
+async def test_health_failures_in_a_row_fail_the_engine(
+    make_supervisor: Factory, session: aiohttp.ClientSession
+) -> None:
     """`health_failures` failed /health probes in a row fail a ready engine; it is restarted."""
     port = free_port()
     supervisor = make_supervisor(engine_config(port, command=tuple(fake_argv(port))))
@@ -256,17 +321,19 @@ async def test_health_failures_in_a_row_fail_the_engine(make_supervisor: Factory
     assert await supervisor.wait_ready(15.0)
     await control(session, port, health=503)
     assert await until(lambda: supervisor.epoch == 2 and supervisor.is_ready(), 15)
-    assert "/health failed 2 probes in a row (last: HTTP 503)" in recorder.reasons(
-        EngineState.FAILED)[0]
+    assert (
+        "/health failed 2 probes in a row (last: HTTP 503)"
+        in recorder.reasons(EngineState.FAILED)[0]
+    )
 
 
-async def test_one_failure_report_does_not_fail_a_healthy_engine(
-        make_supervisor: Factory) -> None:
+async def test_one_failure_report_does_not_fail_a_healthy_engine(make_supervisor: Factory) -> None:
     """A report of a failed request makes the supervisor probe, and a healthy engine stays
     ready."""
     port = free_port()
-    supervisor = make_supervisor(engine_config(port, command=tuple(fake_argv(port)),
-                                               probe_interval_s=30.0))
+    supervisor = make_supervisor(
+        engine_config(port, command=tuple(fake_argv(port)), probe_interval_s=30.0)
+    )
     await supervisor.start()
     assert await supervisor.wait_ready(15.0)
     with capture_logs() as logs:
@@ -278,9 +345,9 @@ async def test_one_failure_report_does_not_fail_a_healthy_engine(
     assert any(e["event"] == "engine_failure_reported" for e in logs)
 
 
-async def test_failure_report_triggers_the_probes(make_supervisor: Factory,
-                                                  session: aiohttp.ClientSession,
-                                                  sidecar_engines: list[EngineProcess]) -> None:
+async def test_failure_report_triggers_the_probes(
+    make_supervisor: Factory, session: aiohttp.ClientSession, sidecar_engines: list[EngineProcess]
+) -> None:
     """After a report, the probes run at once rather than at the next (30 s away) interval,
     and a dead engine is failed."""
     port = free_port()
@@ -295,14 +362,16 @@ async def test_failure_report_triggers_the_probes(make_supervisor: Factory,
     assert await until(lambda: supervisor.state is EngineState.RESTARTING, 10)
 
 
-async def test_wedged_engine_is_failed_and_restarted(make_supervisor: Factory,
-                                                     session: aiohttp.ClientSession) -> None:
+async def test_wedged_engine_is_failed_and_restarted(
+    make_supervisor: Factory, session: aiohttp.ClientSession
+) -> None:
     """No bytes to in-flight requests, a frozen token counter and an unanswered probe
     generation make a wedge, though /health says 200; the engine is restarted."""
     port = free_port()
     progress = FakeProgress()
-    supervisor = make_supervisor(engine_config(port, command=tuple(fake_argv(port))),
-                                 progress=progress)
+    supervisor = make_supervisor(
+        engine_config(port, command=tuple(fake_argv(port))), progress=progress
+    )
     recorder = Recorder(supervisor)
     await supervisor.start()
     assert await supervisor.wait_ready(15.0)
@@ -315,14 +384,16 @@ async def test_wedged_engine_is_failed_and_restarted(make_supervisor: Factory,
     assert supervisor.epoch == 2
 
 
-async def test_busy_engine_is_not_wedged(make_supervisor: Factory,
-                                         session: aiohttp.ClientSession) -> None:
+async def test_busy_engine_is_not_wedged(
+    make_supervisor: Factory, session: aiohttp.ClientSession
+) -> None:
     """While the token counter moves, a long stall of in-flight requests is patience, not a
     wedge (even though a probe generation would not answer)."""
     port = free_port()
     progress = FakeProgress()
-    supervisor = make_supervisor(engine_config(port, command=tuple(fake_argv(port))),
-                                 progress=progress)
+    supervisor = make_supervisor(
+        engine_config(port, command=tuple(fake_argv(port))), progress=progress
+    )
     await supervisor.start()
     assert await supervisor.wait_ready(15.0)
     await control(session, port, hang=True, busy=True)
@@ -334,14 +405,16 @@ async def test_busy_engine_is_not_wedged(make_supervisor: Factory,
     assert not [e for e in logs if e["event"] == "engine_wedge_suspected"]
 
 
-async def test_answered_probe_clears_a_wedge_suspicion(make_supervisor: Factory,
-                                                       session: aiohttp.ClientSession) -> None:
+async def test_answered_probe_clears_a_wedge_suspicion(
+    make_supervisor: Factory, session: aiohttp.ClientSession
+) -> None:
     """A stall with a frozen counter is only a suspicion: a probe generation that answers
     keeps the engine ready."""
     port = free_port()
     progress = FakeProgress()
-    supervisor = make_supervisor(engine_config(port, command=tuple(fake_argv(port))),
-                                 progress=progress)
+    supervisor = make_supervisor(
+        engine_config(port, command=tuple(fake_argv(port))), progress=progress
+    )
     await supervisor.start()
     assert await supervisor.wait_ready(15.0)
     progress.stall()
@@ -352,10 +425,11 @@ async def test_answered_probe_clears_a_wedge_suspicion(make_supervisor: Factory,
     assert supervisor.epoch == 1
 
 
-async def test_wedge_without_metrics_rests_on_the_stall(make_supervisor: Factory,
-                                                        session: aiohttp.ClientSession,
-                                                        sidecar_engines: list[EngineProcess],
-                                                        ) -> None:
+async def test_wedge_without_metrics_rests_on_the_stall(
+    make_supervisor: Factory,
+    session: aiohttp.ClientSession,
+    sidecar_engines: list[EngineProcess],
+) -> None:
     """An engine without /metrics that stalls and does not answer a probe is wedged: in the
     sidecar shape it is reported not live."""
     port = free_port()
@@ -389,8 +463,9 @@ async def test_gives_up_after_max_restarts(make_supervisor: Factory) -> None:
     assert supervisor.retry_after_s() == 60.0
 
 
-async def test_sidecar_live_follows_the_engine(make_supervisor: Factory,
-                                               sidecar_engines: list[EngineProcess]) -> None:
+async def test_sidecar_live_follows_the_engine(
+    make_supervisor: Factory, sidecar_engines: list[EngineProcess]
+) -> None:
     """Sidecar shape: the engine's death turns live() False (the kubelet would restart it);
     when it is back and answers, live() is True again and the epoch moves on."""
     port = free_port()
@@ -409,8 +484,12 @@ async def test_sidecar_live_follows_the_engine(make_supervisor: Factory,
     assert supervisor.live()
     assert supervisor.epoch == 2
     assert [c.new for c in recorder.changes] == [
-        EngineState.STARTING, EngineState.READY, EngineState.FAILED, EngineState.RESTARTING,
-        EngineState.READY]
+        EngineState.STARTING,
+        EngineState.READY,
+        EngineState.FAILED,
+        EngineState.RESTARTING,
+        EngineState.READY,
+    ]
 
 
 async def test_explicit_restart(make_supervisor: Factory, session: aiohttp.ClientSession) -> None:
@@ -429,8 +508,9 @@ async def test_explicit_restart(make_supervisor: Factory, session: aiohttp.Clien
     assert recorder.reasons(EngineState.FAILED) == ["restart requested: operator asked"]
 
 
-async def test_stop_stops_the_engine_group(make_supervisor: Factory,
-                                           session: aiohttp.ClientSession) -> None:
+async def test_stop_stops_the_engine_group(
+    make_supervisor: Factory, session: aiohttp.ClientSession
+) -> None:
     """stop() ends supervision and the engine's whole process group."""
     port = free_port()
     supervisor = make_supervisor(engine_config(port, command=tuple(fake_argv(port, "--child"))))

@@ -41,30 +41,65 @@ VARIANT_TEMPLATE = (
     "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 VARIANT_CASES: list[Case] = [
-    {"id": "v-default", "kind": "chat", "body": {"messages": [
-        {"role": "user", "content": "hi <|marker|> <unk>"}]}},
-    {"id": "v-tools-pick-tool-use", "kind": "chat", "body": {
-        "messages": [{"role": "user", "content": "weather?"}],
-        "tools": [{"type": "function", "function": {"name": "f"}}]}},
-    {"id": "v-named-template", "kind": "chat", "body": {
-        "messages": [{"role": "user", "content": "named"}], "chat_template": "tool_use"}},
-    {"id": "v-literal-template", "kind": "chat", "body": {
-        "messages": [{"role": "user", "content": "lit"}],
-        "chat_template": "{% for m in messages %}{{ m.content }}|{% endfor %}{{ eos_token }}"}},
-    {"id": "v-cmpl-added-tokens", "kind": "completion", "body": {
-        "prompt": "x <unk><|marker|>y </s> <pad>"}},
+    {
+        "id": "v-default",
+        "kind": "chat",
+        "body": {"messages": [{"role": "user", "content": "hi <|marker|> <unk>"}]},
+    },
+    {
+        "id": "v-tools-pick-tool-use",
+        "kind": "chat",
+        "body": {
+            "messages": [{"role": "user", "content": "weather?"}],
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+        },
+    },
+    {
+        "id": "v-named-template",
+        "kind": "chat",
+        "body": {"messages": [{"role": "user", "content": "named"}], "chat_template": "tool_use"},
+    },
+    {
+        "id": "v-literal-template",
+        "kind": "chat",
+        "body": {
+            "messages": [{"role": "user", "content": "lit"}],
+            "chat_template": "{% for m in messages %}{{ m.content }}|{% endfor %}{{ eos_token }}",
+        },
+    },
+    {
+        "id": "v-cmpl-added-tokens",
+        "kind": "completion",
+        "body": {"prompt": "x <unk><|marker|>y </s> <pad>"},
+    },
 ]
-SERVER = {"chat_template": template("features"),
-          "chat_template_kwargs": {"persona": "server persona", "enable_thinking": True}}
+SERVER = {
+    "chat_template": template("features"),
+    "chat_template_kwargs": {"persona": "server persona", "enable_thinking": True},
+}
 SERVER_CASES: list[Case] = [
-    {"id": "s-server-template", "kind": "chat", "body": {
-        "messages": [{"role": "user", "content": "u"}]}},
-    {"id": "s-request-kwargs-win", "kind": "chat", "body": {
-        "messages": [{"role": "user", "content": "u"}],
-        "chat_template_kwargs": {"persona": "request persona"}, "reasoning_effort": "none"}},
-    {"id": "s-request-template-wins", "kind": "chat", "body": {
-        "messages": [{"role": "user", "content": "u"}],
-        "chat_template": template("vllm_chatml")}},
+    {
+        "id": "s-server-template",
+        "kind": "chat",
+        "body": {"messages": [{"role": "user", "content": "u"}]},
+    },
+    {
+        "id": "s-request-kwargs-win",
+        "kind": "chat",
+        "body": {
+            "messages": [{"role": "user", "content": "u"}],
+            "chat_template_kwargs": {"persona": "request persona"},
+            "reasoning_effort": "none",
+        },
+    },
+    {
+        "id": "s-request-template-wins",
+        "kind": "chat",
+        "body": {
+            "messages": [{"role": "user", "content": "u"}],
+            "chat_template": template("vllm_chatml"),
+        },
+    },
 ]
 DETECTION_TEMPLATES = [
     *(p.read_text(encoding="utf-8") for p in template_paths()),
@@ -86,8 +121,7 @@ DETECTION_TEMPLATES = [
 def _variant_dir(root: Path) -> Path:
     folder = root / "variant"
     folder.mkdir()
-    for name in ("config.json", "generation_config.json", "tokenizer.json",
-                 "model.safetensors"):
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "model.safetensors"):
         shutil.copy(MODEL_DIR / name, folder / name)
     config = json.loads((MODEL_DIR / "tokenizer_config.json").read_text(encoding="utf-8"))
     del config["chat_template"]
@@ -95,12 +129,15 @@ def _variant_dir(root: Path) -> Path:
     config["marker_token"] = "<|marker|>"  # a model-specific special token
     (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
     # An old special_tokens_map.json overrides the config's eos token.
-    (folder / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|im_end|>"}),
-                                                    encoding="utf-8")
+    (folder / "special_tokens_map.json").write_text(
+        json.dumps({"eos_token": "<|im_end|>"}), encoding="utf-8"
+    )
     (folder / "chat_template.jinja").write_text(VARIANT_TEMPLATE, encoding="utf-8")
     (folder / "additional_chat_templates").mkdir()
-    shutil.copy(TEMPLATES_DIR / "tools_llama_style.jinja",
-                folder / "additional_chat_templates" / "tool_use.jinja")
+    shutil.copy(
+        TEMPLATES_DIR / "tools_llama_style.jinja",
+        folder / "additional_chat_templates" / "tool_use.jinja",
+    )
     return folder
 
 
@@ -108,10 +145,15 @@ def _variant_dir(root: Path) -> Path:
 def model_dir() -> Path:
     if not (MODEL_DIR / ".tiny-model-complete").is_file():
         if not ENGINE_PYTHON.is_file():
-            pytest.fail("models/tiny is missing and so is the engine environment that makes "
-                        "it: run `make engine model` (make test does)")
-        subprocess.run([str(ENGINE_PYTHON), str(ROOT / "scripts" / "make_tiny_model.py"),
-                        str(MODEL_DIR)], check=True, timeout=300)
+            pytest.fail(
+                "models/tiny is missing and so is the engine environment that makes "
+                "it: run `make engine model` (make test does)"
+            )
+        subprocess.run(
+            [str(ENGINE_PYTHON), str(ROOT / "scripts" / "make_tiny_model.py"), str(MODEL_DIR)],
+            check=True,
+            timeout=300,
+        )
     return MODEL_DIR
 
 
@@ -125,8 +167,9 @@ def reference(model_dir: Path, variant_dir: Path) -> dict[str, Any]:
     """vLLM's answers for the corpus, the variant model and the server defaults (one run of
     the helper: importing vLLM takes a while)."""
     if not ENGINE_PYTHON.is_file():
-        pytest.fail("the engine environment (.venv-engine) is missing: run `make engine` "
-                    "(make test does)")
+        pytest.fail(
+            "the engine environment (.venv-engine) is missing: run `make engine` (make test does)"
+        )
     request = {
         "runs": [
             {"model_dir": str(model_dir), "cases": CORPUS},
@@ -137,7 +180,11 @@ def reference(model_dir: Path, variant_dir: Path) -> dict[str, Any]:
     }
     done = subprocess.run(
         [str(ENGINE_PYTHON), str(ROOT / "tests" / "engine_reference.py")],
-        input=json.dumps(request), capture_output=True, text=True, timeout=600, check=False,
+        input=json.dumps(request),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     assert done.returncode == 0, done.stderr[-4000:]
     answer = json.loads(done.stdout)
@@ -160,17 +207,27 @@ def _local(tok: PromptTokenizer, case: Case) -> tuple[list[list[int]], str | Non
     if case["kind"] == "completion":
         prompts = completion_prompts(body["prompt"])
         special = body.get("add_special_tokens", True)
-        return [p if isinstance(p, list) else tok.encode_completion(p, special)
-                for p in prompts], None
-    fields = {k: body[k] for k in ("tools", "chat_template", "chat_template_kwargs",
-                                   "documents", "reasoning_effort") if k in body}
+        return [
+            p if isinstance(p, list) else tok.encode_completion(p, special) for p in prompts
+        ], None
+    fields = {
+        k: body[k]
+        for k in ("tools", "chat_template", "chat_template_kwargs", "documents", "reasoning_effort")
+        if k in body
+    }
     text = tok.render_chat(
-        body["messages"], add_generation_prompt=body.get("add_generation_prompt", True),
-        continue_final_message=body.get("continue_final_message", False), **fields)
-    ids = tok.encode_chat(
-        body["messages"], add_generation_prompt=body.get("add_generation_prompt", True),
+        body["messages"],
+        add_generation_prompt=body.get("add_generation_prompt", True),
         continue_final_message=body.get("continue_final_message", False),
-        add_special_tokens=body.get("add_special_tokens", False), **fields)
+        **fields,
+    )
+    ids = tok.encode_chat(
+        body["messages"],
+        add_generation_prompt=body.get("add_generation_prompt", True),
+        continue_final_message=body.get("continue_final_message", False),
+        add_special_tokens=body.get("add_special_tokens", False),
+        **fields,
+    )
     return [ids], text
 
 
@@ -203,8 +260,7 @@ def _check(tok: PromptTokenizer, case: Case, ref: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("case", CORPUS, ids=[c["id"] for c in CORPUS])
-def test_corpus_matches_vllm(tok: PromptTokenizer, reference: dict[str, Any],
-                             case: Case) -> None:
+def test_corpus_matches_vllm(tok: PromptTokenizer, reference: dict[str, Any], case: Case) -> None:
     """Every corpus request renders to vLLM's prompt text and tokenizes to its ids; what vLLM
     rejects the local path rejects too, and only the expected cases are left to the engine."""
     ref = reference["cases"][case["id"]]
@@ -227,7 +283,8 @@ def test_corpus_is_broad() -> None:
 
 @pytest.mark.parametrize("case", VARIANT_CASES, ids=[c["id"] for c in VARIANT_CASES])
 def test_template_files_and_special_tokens_match_vllm(
-        variant_dir: Path, reference: dict[str, Any], case: Case) -> None:
+    variant_dir: Path, reference: dict[str, Any], case: Case
+) -> None:
     """chat_template.jinja, additional_chat_templates/ (tool_use picked when tools are sent,
     a template named by the request), special_tokens_map.json and special tokens missing from
     the vocabulary are read as transformers reads them."""
@@ -235,17 +292,20 @@ def test_template_files_and_special_tokens_match_vllm(
 
 
 @pytest.mark.parametrize("case", SERVER_CASES, ids=[c["id"] for c in SERVER_CASES])
-def test_server_defaults_match_vllm(model_dir: Path, reference: dict[str, Any],
-                                    case: Case) -> None:
+def test_server_defaults_match_vllm(model_dir: Path, reference: dict[str, Any], case: Case) -> None:
     """The server's --chat-template and --default-chat-template-kwargs apply under the
     request's own template and kwargs, as in vLLM."""
-    tok = PromptTokenizer.from_dir(model_dir, chat_template=SERVER["chat_template"],
-                                   chat_template_kwargs=SERVER["chat_template_kwargs"])
+    tok = PromptTokenizer.from_dir(
+        model_dir,
+        chat_template=SERVER["chat_template"],
+        chat_template_kwargs=SERVER["chat_template_kwargs"],
+    )
     _check(tok, case, reference["cases"][case["id"]])
 
 
-def test_content_format_detection_matches_vllm(tok: PromptTokenizer,
-                                               reference: dict[str, Any]) -> None:
+def test_content_format_detection_matches_vllm(
+    tok: PromptTokenizer, reference: dict[str, Any]
+) -> None:
     """The 'string' / 'openai' content format is detected from the template as vLLM does."""
     local = [tok._compiled_template(t).content_format for t in DETECTION_TEMPLATES]
     assert local == reference["formats"]
@@ -280,8 +340,11 @@ def test_upper_bound_is_never_below_the_count(tok: PromptTokenizer, case: Case) 
         _, text = _local(tok, case)
     except (InvalidChat, UnsupportedLocally):
         return
-    texts = [text] if text is not None else [
-        p for p in completion_prompts(case["body"]["prompt"]) if isinstance(p, str)]
+    texts = (
+        [text]
+        if text is not None
+        else [p for p in completion_prompts(case["body"]["prompt"]) if isinstance(p, str)]
+    )
     for t in texts:
         assert tok.upper_bound(t) >= len(tok.encode_completion(t, True))
 
@@ -303,10 +366,18 @@ def test_decode_inverts_encode(tok: PromptTokenizer) -> None:
 def test_local_chat_supported_flags_what_needs_the_engine() -> None:
     """Text-only requests are local; images and kwargs that change the call are not."""
     text = {"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]}]}
-    image = {"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}
-    kwargs = {"messages": [{"role": "user", "content": "x"}],
-              "chat_template_kwargs": {"tokenize": True}}
+    image = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}],
+            }
+        ]
+    }
+    kwargs = {
+        "messages": [{"role": "user", "content": "x"}],
+        "chat_template_kwargs": {"tokenize": True},
+    }
     invalid = {"messages": "not a list"}
     assert local_chat_supported(text)
     assert not local_chat_supported(image)
@@ -332,4 +403,3 @@ def test_unparsable_template_is_left_to_the_engine(tok: PromptTokenizer) -> None
     template error handling)."""
     with pytest.raises(UnsupportedLocally):
         tok.render_chat([{"role": "user", "content": "x"}], chat_template="{% for %}")
-

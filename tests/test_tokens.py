@@ -26,8 +26,13 @@ MAX_MODEL_LEN = 512
 USER = [{"role": "user", "content": "Hello there"}]
 
 # Chat requests of the corpus that count without truncation, rejection or the engine.
-PLAIN_CHATS = [c for c in cases() if c["kind"] == "chat" and not c["id"].startswith(
-    ("bad-", "unsupported-")) and "truncate_prompt_tokens" not in c["body"]]
+PLAIN_CHATS = [
+    c
+    for c in cases()
+    if c["kind"] == "chat"
+    and not c["id"].startswith(("bad-", "unsupported-"))
+    and "truncate_prompt_tokens" not in c["body"]
+]
 
 
 @pytest.fixture(scope="module")
@@ -54,13 +59,18 @@ class FakeTokenize:
             kwargs: Any = payload.get("chat_template_kwargs")
             template: Any = payload.get("chat_template")
             ids = self.tok.encode_chat(
-                payload["messages"], add_generation_prompt=bool(payload["add_generation_prompt"]),
+                payload["messages"],
+                add_generation_prompt=bool(payload["add_generation_prompt"]),
                 continue_final_message=bool(payload["continue_final_message"]),
-                tools=payload.get("tools"), chat_template=template,
-                chat_template_kwargs=kwargs, add_special_tokens=bool(payload["add_special_tokens"]))
+                tools=payload.get("tools"),
+                chat_template=template,
+                chat_template_kwargs=kwargs,
+                add_special_tokens=bool(payload["add_special_tokens"]),
+            )
         else:
-            ids = self.tok.encode_completion(str(payload["prompt"]),
-                                             bool(payload["add_special_tokens"]))
+            ids = self.tok.encode_completion(
+                str(payload["prompt"]), bool(payload["add_special_tokens"])
+            )
         return {"count": len(ids), "max_model_len": MAX_MODEL_LEN, "tokens": ids}
 
 
@@ -68,8 +78,9 @@ def local(tok: PromptTokenizer, remote: FakeTokenize | None = None) -> TokenCoun
     return TokenCounter("tiny", tokenizer=tok, remote=remote)
 
 
-def engine(tok: PromptTokenizer, answer: Mapping[str, object] | None = None
-           ) -> tuple[TokenCounter, FakeTokenize]:
+def engine(
+    tok: PromptTokenizer, answer: Mapping[str, object] | None = None
+) -> tuple[TokenCounter, FakeTokenize]:
     fake = FakeTokenize(tok, answer)
     return TokenCounter("tiny", tokenizer=None, remote=fake), fake
 
@@ -79,11 +90,15 @@ def _chat_ids(tok: PromptTokenizer, body: Mapping[str, Any]) -> list[int]:
     if body.get("documents") is not None:
         kwargs["documents"] = body["documents"]
     return tok.encode_chat(
-        body["messages"], add_generation_prompt=body.get("add_generation_prompt", True),
+        body["messages"],
+        add_generation_prompt=body.get("add_generation_prompt", True),
         continue_final_message=body.get("continue_final_message", False),
-        tools=body.get("tools"), chat_template=body.get("chat_template"),
-        chat_template_kwargs=kwargs, add_special_tokens=body.get("add_special_tokens", False),
-        reasoning_effort=body.get("reasoning_effort"))
+        tools=body.get("tools"),
+        chat_template=body.get("chat_template"),
+        chat_template_kwargs=kwargs,
+        add_special_tokens=body.get("add_special_tokens", False),
+        reasoning_effort=body.get("reasoning_effort"),
+    )
 
 
 @pytest.mark.parametrize("case", PLAIN_CHATS, ids=[c["id"] for c in PLAIN_CHATS])
@@ -110,26 +125,44 @@ async def test_completion_prompt_shapes(tok: PromptTokenizer) -> None:
         assert await local(tok).count_prompts(prompt) == expected
         counter, fake = engine(tok)
         assert await counter.count_prompts(prompt) == expected
-        strings = [prompt] if isinstance(prompt, str) else [p for p in prompt
-                                                            if isinstance(p, str)]
+        strings = [prompt] if isinstance(prompt, str) else [p for p in prompt if isinstance(p, str)]
         assert [p["prompt"] for p in fake.payloads] == strings
     no_bos = await local(tok).count_prompts("Once upon a time", add_special_tokens=False)
     assert no_bos == [len(tok.encode_completion("Once upon a time")) - 1]
 
 
-@pytest.mark.parametrize(("body", "max_model_len", "expected"), [
-    ({"messages": [{"role": "user", "content": MEDIUM}], "truncate_prompt_tokens": 7}, None, 7),
-    ({"messages": [{"role": "user", "content": LONG}], "truncate_prompt_tokens": -1}, 512, 512),
-    ({"messages": [{"role": "user", "content": LONG}], "truncate_prompt_tokens": -1,
-      "max_tokens": 10}, 512, 511),
-    ({"prompt": LONG, "truncate_prompt_tokens": -1}, 512, 511),
-    ({"prompt": LONG, "truncate_prompt_tokens": -1, "max_tokens": None}, 512, 511),
-    ({"prompt": [[1, 2, 3, 4], [5]], "truncate_prompt_tokens": 2}, 512, 2),
-    ({"prompt": "short", "truncate_prompt_tokens": 100}, 512, None),
-], ids=["chat-k", "chat-minus-one", "chat-minus-one-limited", "cmpl-minus-one",
-        "cmpl-null-max-tokens", "cmpl-ids", "cmpl-k-above-count"])
-async def test_truncation_is_reflected(tok: PromptTokenizer, body: dict[str, Any],
-                                       max_model_len: int | None, expected: int | None) -> None:
+@pytest.mark.parametrize(
+    ("body", "max_model_len", "expected"),
+    [
+        ({"messages": [{"role": "user", "content": MEDIUM}], "truncate_prompt_tokens": 7}, None, 7),
+        ({"messages": [{"role": "user", "content": LONG}], "truncate_prompt_tokens": -1}, 512, 512),
+        (
+            {
+                "messages": [{"role": "user", "content": LONG}],
+                "truncate_prompt_tokens": -1,
+                "max_tokens": 10,
+            },
+            512,
+            511,
+        ),
+        ({"prompt": LONG, "truncate_prompt_tokens": -1}, 512, 511),
+        ({"prompt": LONG, "truncate_prompt_tokens": -1, "max_tokens": None}, 512, 511),
+        ({"prompt": [[1, 2, 3, 4], [5]], "truncate_prompt_tokens": 2}, 512, 2),
+        ({"prompt": "short", "truncate_prompt_tokens": 100}, 512, None),
+    ],
+    ids=[
+        "chat-k",
+        "chat-minus-one",
+        "chat-minus-one-limited",
+        "cmpl-minus-one",
+        "cmpl-null-max-tokens",
+        "cmpl-ids",
+        "cmpl-k-above-count",
+    ],
+)
+async def test_truncation_is_reflected(
+    tok: PromptTokenizer, body: dict[str, Any], max_model_len: int | None, expected: int | None
+) -> None:
     """truncate_prompt_tokens: k keeps k tokens; -1 keeps the window (less one when the request
     has an output limit, as vLLM's max_truncation_tokens)."""
     counter = local(tok)
@@ -152,8 +185,9 @@ async def test_truncation_errors_and_unknown_window(tok: PromptTokenizer) -> Non
 
 
 @pytest.mark.parametrize("case", cases(), ids=[c["id"] for c in cases()])
-async def test_bounds_are_never_below_exact_counts(tok: PromptTokenizer,
-                                                   case: dict[str, Any]) -> None:
+async def test_bounds_are_never_below_exact_counts(
+    tok: PromptTokenizer, case: dict[str, Any]
+) -> None:
     """upper_bounds is at least count for every request of the corpus it can bound."""
     counter = local(tok, FakeTokenize(tok, {"count": 1}))
     bounds = await counter.upper_bounds(None, case["body"], max_model_len=MAX_MODEL_LEN)
@@ -167,8 +201,7 @@ async def test_bounds_are_never_below_exact_counts(tok: PromptTokenizer,
         assert all(b >= e for b, e in zip(bounds, exact, strict=True))
 
 
-async def test_within_counts_exactly_only_when_the_bound_could_matter(
-        tok: PromptTokenizer) -> None:
+async def test_within_counts_exactly_only_when_the_bound_could_matter(tok: PromptTokenizer) -> None:
     """count_*_within answers with the bound when it is at most the limit, else exactly."""
     body = {"messages": USER}
     exact = await local(tok).count_chat(body)
@@ -210,10 +243,12 @@ BAD_BODIES: list[tuple[dict[str, Any], str]] = [
 ]
 
 
-@pytest.mark.parametrize(("body", "param"), BAD_BODIES,
-                         ids=[f"{i}-{p}" for i, (_, p) in enumerate(BAD_BODIES)])
-async def test_malformed_bodies_are_bad_requests(tok: PromptTokenizer, body: dict[str, Any],
-                                                 param: str) -> None:
+@pytest.mark.parametrize(
+    ("body", "param"), BAD_BODIES, ids=[f"{i}-{p}" for i, (_, p) in enumerate(BAD_BODIES)]
+)
+async def test_malformed_bodies_are_bad_requests(
+    tok: PromptTokenizer, body: dict[str, Any], param: str
+) -> None:
     """Malformed structures become BadRequest naming the parameter, never another error; the
     bounds step says nothing and leaves the message to the exact count."""
     counter = local(tok, FakeTokenize(tok, {"count": 1}))
@@ -227,33 +262,64 @@ async def test_malformed_bodies_are_bad_requests(tok: PromptTokenizer, body: dic
 async def test_what_the_local_path_cannot_count_goes_to_the_engine(tok: PromptTokenizer) -> None:
     """An image part is counted by the engine even with a local tokenizer; with no engine to
     ask it is a BadRequest that says why."""
-    body = {"messages": [{"role": "user", "content": [
-        {"type": "text", "text": "what is it?"},
-        {"type": "image_url", "image_url": {"url": "http://example.com/cat.png"}}]}],
-        "documents": [{"title": "t", "text": "x"}], "reasoning_effort": "low"}
+    body = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "what is it?"},
+                    {"type": "image_url", "image_url": {"url": "http://example.com/cat.png"}},
+                ],
+            }
+        ],
+        "documents": [{"title": "t", "text": "x"}],
+        "reasoning_effort": "low",
+    }
     fake = FakeTokenize(tok, {"count": 42, "max_model_len": MAX_MODEL_LEN})
     counter = local(tok, fake)
     assert await counter.upper_bounds(None, body) is None
     assert await counter.count_chat(body) == 42
     assert fake.payloads[0]["chat_template_kwargs"] == {
-        "documents": [{"title": "t", "text": "x"}], "reasoning_effort": "low",
-        "enable_thinking": True}
+        "documents": [{"title": "t", "text": "x"}],
+        "reasoning_effort": "low",
+        "enable_thinking": True,
+    }
     with pytest.raises(BadRequest, match="cannot be counted"):
         await local(tok).count_chat(body)
 
 
-@pytest.mark.parametrize(("answer", "error", "param"), [
-    ({"error": {"message": "bad chat", "type": "BadRequestError", "param": "messages",
-                "code": 400}}, BadRequest, "messages"),
-    ({"object": "error", "message": "old style", "type": "BadRequestError", "code": 400},
-     BadRequest, None),
-    ({"error": {"message": "boom", "type": "InternalServerError", "code": 500}},
-     BadGateway, None),
-    ({"tokens": []}, BadGateway, None),
-    ({"count": "12"}, BadGateway, None),
-])
-async def test_engine_answers_without_a_count(tok: PromptTokenizer, answer: dict[str, Any],
-                                              error: type[Exception], param: str | None) -> None:
+@pytest.mark.parametrize(
+    ("answer", "error", "param"),
+    [
+        (
+            {
+                "error": {
+                    "message": "bad chat",
+                    "type": "BadRequestError",
+                    "param": "messages",
+                    "code": 400,
+                }
+            },
+            BadRequest,
+            "messages",
+        ),
+        (
+            {"object": "error", "message": "old style", "type": "BadRequestError", "code": 400},
+            BadRequest,
+            None,
+        ),
+        (
+            {"error": {"message": "boom", "type": "InternalServerError", "code": 500}},
+            BadGateway,
+            None,
+        ),
+        ({"tokens": []}, BadGateway, None),
+        ({"count": "12"}, BadGateway, None),
+    ],
+)
+async def test_engine_answers_without_a_count(
+    tok: PromptTokenizer, answer: dict[str, Any], error: type[Exception], param: str | None
+) -> None:
     """An engine 400 is the client's BadRequest with the engine's message; anything else
     without a count is a BadGateway."""
     counter, _ = engine(tok, answer)
@@ -341,23 +407,31 @@ def _inexact_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-@pytest.mark.parametrize(("source", "folder", "expected"), [
-    (TokenSource.AUTO, "tiny", "local"),
-    (TokenSource.AUTO, "missing", "engine"),
-    (TokenSource.AUTO, None, "engine"),
-    (TokenSource.AUTO, "inexact", "engine"),
-    (TokenSource.LOCAL, "tiny", "local"),
-    (TokenSource.LOCAL, "inexact", "local"),
-    (TokenSource.LOCAL, "missing", ConfigError),
-    (TokenSource.LOCAL, None, ConfigError),
-    (TokenSource.ENGINE, "tiny", "engine"),
-])
-def test_source_follows_the_policy(tmp_path: Path, source: TokenSource, folder: str | None,
-                                   expected: str | type[Exception]) -> None:
+@pytest.mark.parametrize(
+    ("source", "folder", "expected"),
+    [
+        (TokenSource.AUTO, "tiny", "local"),
+        (TokenSource.AUTO, "missing", "engine"),
+        (TokenSource.AUTO, None, "engine"),
+        (TokenSource.AUTO, "inexact", "engine"),
+        (TokenSource.LOCAL, "tiny", "local"),
+        (TokenSource.LOCAL, "inexact", "local"),
+        (TokenSource.LOCAL, "missing", ConfigError),
+        (TokenSource.LOCAL, None, ConfigError),
+        (TokenSource.ENGINE, "tiny", "engine"),
+    ],
+)
+def test_source_follows_the_policy(
+    tmp_path: Path, source: TokenSource, folder: str | None, expected: str | type[Exception]
+) -> None:
     """auto: local when the files load and their encoding is tokenizer.json alone, else the
     engine; local: the files or a ConfigError; engine: always the engine."""
-    paths = {"tiny": str(MODEL_DIR), "missing": str(tmp_path / "nope"),
-             "inexact": str(_inexact_dir(tmp_path)), None: None}
+    paths = {
+        "tiny": str(MODEL_DIR),
+        "missing": str(tmp_path / "nope"),
+        "inexact": str(_inexact_dir(tmp_path)),
+        None: None,
+    }
     policy = Policy(tokenizer=paths[folder], token_source=source)
     fake = FakeTokenize(PromptTokenizer.from_dir(MODEL_DIR))
     if isinstance(expected, str):
@@ -374,8 +448,9 @@ class FakeUpstream:
         self.status, self.answer = status, answer
         self.calls: list[tuple[str, str, object]] = []
 
-    async def json(self, method: str, path: str, payload: object | None = None, *,
-                   timeout: float) -> tuple[int, object]:
+    async def json(
+        self, method: str, path: str, payload: object | None = None, *, timeout: float
+    ) -> tuple[int, object]:
         self.calls.append((method, path, payload))
         return self.status, self.answer
 
@@ -396,13 +471,17 @@ async def test_counters_are_per_model_and_follow_reloads() -> None:
     await counters.close()
 
 
-@pytest.mark.parametrize(("status", "answer", "error"), [
-    (400, {"error": {"message": "nope", "param": "messages", "code": 400}}, BadRequest),
-    (404, {"detail": "Not Found"}, BadGateway),
-    (500, ["not", "an", "object"], BadGateway),
-])
-async def test_counters_map_engine_failures(status: int, answer: object,
-                                            error: type[Exception]) -> None:
+@pytest.mark.parametrize(
+    ("status", "answer", "error"),
+    [
+        (400, {"error": {"message": "nope", "param": "messages", "code": 400}}, BadRequest),
+        (404, {"detail": "Not Found"}, BadGateway),
+        (500, ["not", "an", "object"], BadGateway),
+    ],
+)
+async def test_counters_map_engine_failures(
+    status: int, answer: object, error: type[Exception]
+) -> None:
     """A /tokenize 400 is the client's; a missing route or a strange answer is a BadGateway."""
     counters = TokenCounters(FakeUpstream(status, answer))
     counter = counters.counter("tiny", Policy(token_source=TokenSource.ENGINE))
@@ -418,13 +497,17 @@ async def test_engine_chat_template_setting_is_rendered(tmp_path: Path) -> None:
     path.write_text(template, encoding="utf-8")
     messages = [{"role": "system", "content": "Be brief."}, *USER]
     server_side = TokenCounter.for_policy(
-        "tiny", Policy(tokenizer=str(MODEL_DIR), token_source=TokenSource.LOCAL,
-                       chat_template=str(path)), None)
+        "tiny",
+        Policy(tokenizer=str(MODEL_DIR), token_source=TokenSource.LOCAL, chat_template=str(path)),
+        None,
+    )
     plain = TokenCounter.for_policy(
-        "tiny", Policy(tokenizer=str(MODEL_DIR), token_source=TokenSource.LOCAL), None)
+        "tiny", Policy(tokenizer=str(MODEL_DIR), token_source=TokenSource.LOCAL), None
+    )
     with_server_template = await server_side.count_chat({"messages": messages})
-    with_request_template = await plain.count_chat({"messages": messages,
-                                                    "chat_template": template})
+    with_request_template = await plain.count_chat(
+        {"messages": messages, "chat_template": template}
+    )
     own = await plain.count_chat({"messages": messages})
     assert with_server_template == with_request_template
     assert with_server_template != own

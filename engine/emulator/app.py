@@ -254,11 +254,18 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
     if req.continue_final_message and last is not None and last.get("role") == "assistant":
         # Greedy decoding continues the message it is given: derive the words from the
         # conversation before it and start after the words it already holds.
-        before = req.model_copy(update={"messages": req.messages[:-1],
-                                        "add_generation_prompt": True,
-                                        "continue_final_message": False})
-        prompt = replace(prompt, seed_ids=_encode_chat(emulator.tokenizer, before),
-                         offset=len(content_text(last.get("content")).split()))
+        before = req.model_copy(
+            update={
+                "messages": req.messages[:-1],
+                "add_generation_prompt": True,
+                "continue_final_message": False,
+            }
+        )
+        prompt = replace(
+            prompt,
+            seed_ids=_encode_chat(emulator.tokenizer, before),
+            offset=len(content_text(last.get("content")).split()),
+        )
     header = Header.new("chat", model)
     return await _generate(request, header, req, [prompt], req.requested_max_tokens)
 
@@ -326,8 +333,10 @@ async def _generate(
             core.kill()
         seed_ids = prompt.ids if prompt.seed_ids is None else prompt.seed_ids
         start = req.seed if req.seed is not None else prompt_seed(seed_ids)
-        choices += [Choice(i * req.n + j, start + CHOICE_STRIDE * j, budget, prompt.offset)
-                    for j in range(req.n)]
+        choices += [
+            Choice(i * req.n + j, start + CHOICE_STRIDE * j, budget, prompt.offset)
+            for j in range(req.n)
+        ]
     prompt_tokens = sum(len(p.ids) for p in prompts)
     if req.stream:
         return await _stream(request, core, header, choices, prompt_tokens, req.include_usage)
