@@ -6,7 +6,7 @@ ENGINE_VENV := .venv-engine
 MODEL_DIR := models/tiny
 CONFIG ?= config.yaml
 
-.PHONY: run test lint typecheck pytest venv engine model bench clean
+.PHONY: run test lint typecheck pytest venv engine model system bench clean
 
 $(VENV)/.installed: pyproject.toml
 	[ -x $(VENV)/bin/python ] || $(PYTHON) -m venv $(VENV)
@@ -15,6 +15,10 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 venv: $(VENV)/.installed
+
+# Debian packages the tests use (redis-server, wrk, nginx): installed when missing.
+system:
+	bash scripts/install-system.sh
 
 engine:
 	ENGINE_VENV=$(ENGINE_VENV) PYTHON=$(PYTHON) bash scripts/install-engine.sh
@@ -35,7 +39,7 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy
 
-pytest: venv model
+pytest: venv model system
 	$(VENV)/bin/pytest
 
 test: lint typecheck pytest
