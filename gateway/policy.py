@@ -99,7 +99,7 @@ class Admit:
     """Report mode: the refusal enforce mode would have answered."""
 
     @property
-    def header(self) -> str:
+    def max_tokens_header(self) -> str:
         """The value of `HEADER_MAX_TOKENS`."""
         if self.action is Action.CLAMPED:
             return f"clamped {self.requested}->{self.max_tokens}"
@@ -110,7 +110,7 @@ class Admit:
     @property
     def headers(self) -> dict[str, str]:
         """Response headers that make the decision visible to the client."""
-        headers = {HEADER_MAX_TOKENS: self.header}
+        headers = {HEADER_MAX_TOKENS: self.max_tokens_header}
         if self.would_reject is not None:
             headers[HEADER_WOULD_REJECT] = self.would_reject.reason.value
         return headers

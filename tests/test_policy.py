@@ -143,7 +143,7 @@ def test_enforce_admits(
 ) -> None:
     """In enforce mode a request that breaks no rule is admitted with the limit the rules give."""
     admit = admitted(decide(view, pol, prompt_tokens, CTX))
-    assert (admit.action, admit.max_tokens, admit.header) == (action, max_tokens, header)
+    assert (admit.action, admit.max_tokens, admit.max_tokens_header) == (action, max_tokens, header)
     assert admit.would_reject is None
     assert admit.headers == {HEADER_MAX_TOKENS: header}
 
@@ -548,7 +548,7 @@ def test_report_mode(
 ) -> None:
     """In report mode nothing is refused or clamped; what enforce would do shows in headers."""
     admit = admitted(decide(view, pol, prompt_tokens, CTX))
-    assert (admit.action, admit.max_tokens, admit.header) == (action, max_tokens, header)
+    assert (admit.action, admit.max_tokens, admit.max_tokens_header) == (action, max_tokens, header)
     expected_headers = {HEADER_MAX_TOKENS: header}
     if would_reject is None:
         assert admit.would_reject is None
@@ -792,7 +792,7 @@ def summary(result: Admit | Reject) -> tuple[object, ...]:
     if isinstance(result, Reject):
         return (result.reason,)
     reason = result.would_reject.reason if result.would_reject else None
-    return (result.action, result.max_tokens, result.enforced, reason, result.header)
+    return (result.action, result.max_tokens, result.enforced, reason, result.max_tokens_header)
 
 
 # --- the caller's helpers ----------------------------------------------------------------------
