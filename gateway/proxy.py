@@ -4,6 +4,10 @@ Non-streamed answers are JSON of bounded size and are read whole; an SSE stream 
 the client chunk by chunk as the engine emits it and is never buffered. When the client goes
 away (the handler is cancelled, or a write fails), the upstream connection is closed at once,
 which is how vLLM learns to stop generating.
+
+What happened at the engine is returned as a `RelayOutcome`: `Answered`, `FailedBeforeBytes`
+(with the engine's own answer when it gave one) or `CutAfterBytes` (the client's open stream).
+Exceptions are left for errors the middleware renders.
 """
 
 from __future__ import annotations
