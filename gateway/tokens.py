@@ -335,7 +335,7 @@ class TokenCounter:
     # most that.
 
     async def _chat_local(
-        self, chat: _Chat, body: Mapping[str, object], keep: int | None, limit: float | None
+        self, chat: _Chat, body: Mapping[str, object], keep: int | None, limit: int | None
     ) -> PromptCount | str:
         """The count made here, or why the engine must make it."""
         if self.tokenizer is None:
@@ -362,7 +362,7 @@ class TokenCounter:
         prompts: Sequence[str | list[int]],
         add_special_tokens: bool,
         keep: int | None,
-        limit: float | None,
+        limit: int | None,
     ) -> list[PromptCount] | None:
         """The counts made here; None when a text prompt needs the engine."""
         if self.tokenizer is not None:
@@ -413,12 +413,12 @@ class TokenCounter:
         raise BadGateway(f"The engine's /tokenize gave no count ({message or 'no message'}).")
 
 
-def _within(bound: int, keep: int | None, limit: float | None) -> bool:
+def _within(bound: int, keep: int | None, limit: int | None) -> bool:
     return limit is not None and min(bound, keep if keep is not None else bound) <= limit
 
 
 def _local_chat(
-    tok: PromptTokenizer, chat: _Chat, keep: int | None, limit: float | None
+    tok: PromptTokenizer, chat: _Chat, keep: int | None, limit: int | None
 ) -> PromptCount:
     """Render once; the bound when it settles the decision, else encode."""
     text = chat.render(tok)
@@ -434,7 +434,7 @@ def _local_prompts(
     prompts: Sequence[str | list[int]],
     add_special_tokens: bool,
     keep: int | None,
-    limit: float | None,
+    limit: int | None,
 ) -> list[PromptCount]:
     out = []
     for prompt in prompts:
