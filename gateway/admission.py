@@ -18,6 +18,7 @@ import contextlib
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -26,7 +27,13 @@ from engine.supervisor import EngineState, StateChange
 from gateway.config import IsolationConfig
 from gateway.errors import EngineUnavailable, Overloaded, Quarantined
 from gateway.inflight import Inflight, InflightLedger
-from gateway.isolation import Quarantine, QuarantineEntry, SuspectBook, attribute_failure
+from gateway.isolation import (
+    InFlightRequest,
+    Quarantine,
+    QuarantineEntry,
+    SuspectBook,
+    attribute_failure,
+)
 
 
 class EngineView(Protocol):
@@ -34,6 +41,8 @@ class EngineView(Protocol):
 
     @property
     def state(self) -> EngineState: ...
+    @property
+    def supervised(self) -> bool: ...
     def is_ready(self) -> bool: ...
     def restart_expected(self) -> bool: ...
     def retry_after_s(self) -> float: ...
@@ -56,7 +65,6 @@ class Gate:
         self.config = config
         self.supervisor = supervisor
         self.ledger = ledger
-        self.supervised = engine.command is not None
         # A failure report is confirmed by probes: allow for a full round of failed ones.
         self.settle_timeout_s = (
             engine.probe_timeout_s + engine.health_failures * engine.startup_probe_interval_s + 2.0
@@ -92,14 +100,20 @@ class Gate:
         if not self.config.enabled or not in_flight:
             return
         verdict = attribute_failure(
-            ((t.fingerprint, t.model, t.solo) for t in in_flight),
+            (InFlightRequest(t.fingerprint, t.model, t.solo) for t in in_flight),
             self.suspects,
             self.config.suspect_failures,
             self.wall_clock(),
         )
-        for fp, model, failures, reason in verdict.quarantine:
-            self.quarantine.add(fp, model, reason, failures, self.wall_clock())
-            self.suspects.acquit(fp)
+        for culprit in verdict.quarantine:
+            self.quarantine.add(
+                culprit.fingerprint,
+                culprit.model,
+                culprit.reason,
+                culprit.failures,
+                self.wall_clock(),
+            )
+            self.suspects.acquit(culprit.fingerprint)
 
     # -- the gate --------------------------------------------------------------------------
 
@@ -118,34 +132,32 @@ class Gate:
     ) -> Inflight:
         """Wait until this request may go to the engine (`deadline` is monotonic), and put
         it in flight."""
-        taken: list[Inflight] = []
-        suspect = [False]
-
-        def try_take() -> bool:
-            self.check_quarantine(fp)
-            is_suspect = self.config.enabled and self.suspects.is_suspect(fp, self.wall_clock())
-            if is_suspect != suspect[0]:  # became a suspect, or was acquitted while waiting
-                suspect[0] = is_suspect
-                self._suspects_waiting += 1 if is_suspect else -1
-            if not self.supervisor.is_ready() or self._solo is not None:
-                return False
-            if is_suspect:
-                if len(self.ledger):
-                    return False
-                taken.append(self._take(request_id, model, fp, solo=True))
-                return True
-            if self._suspects_waiting or self._by_model[model] >= max_in_flight:
-                return False
-            taken.append(self._take(request_id, model, fp, solo=False))
-            return True
-
+        entry = _Entry(request_id, model, fp, max_in_flight)
         try:
-            await self._wait(try_take, lambda: suspect[0], deadline)
+            await self._wait(lambda: self._try_take(entry), lambda: entry.suspect, deadline)
         finally:
-            if suspect[0]:
+            if entry.suspect:
                 self._suspects_waiting -= 1
                 self._notify()
-        return taken[0]
+        assert entry.ticket is not None  # _wait returns once _try_take took one
+        return entry.ticket
+
+    def _try_take(self, entry: _Entry) -> bool:
+        """Put the request in flight if it may go now (raises once it is quarantined)."""
+        self.check_quarantine(entry.fp)
+        is_suspect = self.config.enabled and self.suspects.is_suspect(entry.fp, self.wall_clock())
+        if is_suspect != entry.suspect:  # became a suspect, or was acquitted while waiting
+            entry.suspect = is_suspect
+            self._suspects_waiting += 1 if is_suspect else -1
+        if not self.supervisor.is_ready() or self._solo is not None:
+            return False
+        if is_suspect:
+            if len(self.ledger):
+                return False
+        elif self._suspects_waiting or self._by_model[entry.model] >= entry.max_in_flight:
+            return False
+        entry.ticket = self._take(entry.request_id, entry.model, entry.fp, solo=is_suspect)
+        return True
 
     async def _wait(
         self, ready: Callable[[], bool], is_suspect: Callable[[], bool], deadline: float
@@ -160,7 +172,7 @@ class Gate:
         try:
             start = self._clock()
             while True:
-                if not self.supervisor.is_ready() and not self.restart_coming():
+                if not self.supervisor.is_ready() and not self.holds_for_restart():
                     raise EngineUnavailable(
                         f"The engine is not available ({self.supervisor.state}) and no "
                         "restart is coming.",
@@ -210,10 +222,12 @@ class Gate:
                 self.suspects.acquit(ticket.fingerprint)
         self._notify()
 
-    def restart_coming(self) -> bool:
-        return self.supervised and self.supervisor.restart_expected()
+    def holds_for_restart(self) -> bool:
+        """Whether requests wait for an engine that is down: only when the supervisor restarts
+        it itself and expects it back (in the sidecar shape they are answered 503 at once)."""
+        return self.supervisor.supervised and self.supervisor.restart_expected()
 
-    async def settle(self, ticket: Inflight) -> bool:
+    async def engine_failed_with(self, ticket: Inflight) -> bool:
         """After a failed exchange: did the engine fail with this attempt in flight? True once
         the supervisor declares it failed (the attempt is then attributed); False as soon as a
         probe generation answers, or after `settle_timeout_s` without a verdict."""
@@ -246,6 +260,19 @@ class Gate:
         """How long a suspect may run alone: at least long enough for a wedge to be detected
         (and so attributed to it) before it is cut."""
         return max(self.config.probation_timeout_s, self.wedge_detect_s)
+
+
+@dataclass(slots=True, eq=False)
+class _Entry:
+    """One request waiting at the gate: whether it waits as a suspect, and its ticket once
+    it was let in."""
+
+    request_id: str
+    model: str | None
+    fp: str
+    max_in_flight: int
+    suspect: bool = False
+    ticket: Inflight | None = None
 
 
 def quarantined_error(entry: QuarantineEntry) -> Quarantined:

@@ -11,8 +11,7 @@ from engine.supervisor import EngineSupervisor
 from gateway import handlers
 from gateway.admin import create_admin_app
 from gateway.admission import Gate
-from gateway.config import GENERATION_PATHS, KSERVE_PREFIX, Config, ConfigHolder
-from gateway.generation import generation
+from gateway.config import KSERVE_PREFIX, Config, ConfigHolder
 from gateway.inflight import InflightLedger
 from gateway.keys import (
     ADMIN_APP,
@@ -48,9 +47,9 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/health", handlers.health)
     app.router.add_get("/ready", handlers.ready)
     app.router.add_get("/engine/live", handlers.engine_live)
-    for path in GENERATION_PATHS:
-        app.router.add_post(path, generation)
-        app.router.add_post(KSERVE_PREFIX + path, generation)
+    for path, handler in handlers.GENERATION_HANDLERS.items():
+        app.router.add_post(path, handler)
+        app.router.add_post(KSERVE_PREFIX + path, handler)
     app.router.add_route("*", "/{tail:.*}", handlers.relay)
     return app
 

@@ -172,7 +172,7 @@ class IsolationConfig(_Frozen):
     )
 
     @cached_property
-    def fingerprint_skip(self) -> frozenset[str]:
+    def fingerprint_ignore_set(self) -> frozenset[str]:
         """`fingerprint_ignore` as a set, made once per snapshot."""
         return frozenset(self.fingerprint_ignore)
 

@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, ClassVar
-
-if TYPE_CHECKING:
-    from aiohttp import web
+from typing import ClassVar
 
 
 class GuardError(Exception):
@@ -104,19 +101,6 @@ class EngineTimeout(GuardError):
 
 
 class EngineFailed(EngineUnavailable):
-    """The engine failed this exchange before the client saw a byte (refused, reset, cut
-    before the first chunk, or a 5xx): the request may be retried once the failure is
-    settled. `fallback`, when set, is the engine's own answer to relay if it is not."""
-
-    def __init__(self, message: str, fallback: object | None = None) -> None:
-        super().__init__(message)
-        self.fallback = fallback
-
-
-class StreamCut(Exception):
-    """The engine failed mid-stream after the client had bytes; the stream was ended with an
-    error event. `response` is the client's (already prepared) response."""
-
-    def __init__(self, response: web.StreamResponse) -> None:
-        super().__init__("stream cut")
-        self.response = response
+    """`Upstream.open` could not get an answer started: the engine refused the connection or
+    dropped it before answering. The generation path reports it as an outcome
+    (`proxy.FailedBeforeBytes`) and may retry; elsewhere it is a 503."""

@@ -1,31 +1,23 @@
-"""Request handlers: health, readiness, the generation paths, and the allow-listed relay."""
+"""Request handlers, one thin function per route: health, readiness, engine liveness, the two
+generation endpoints (over the shared pipeline of `gateway.pipeline`), and the allow-listed
+relay."""
 
 from __future__ import annotations
-
-import json
-import re
-from typing import Any
 
 from aiohttp import web
 
 from gateway.config import KSERVE_PREFIX
-from gateway.errors import (
-    BadRequest,
-    EngineFailed,
-    NotFound,
-    StreamCut,
-    UnsupportedMediaType,
-)
+from gateway.errors import EngineFailed, EngineUnavailable, NotFound
 from gateway.keys import CONFIG, LIFECYCLE, RECORD, SUPERVISOR, UPSTREAM
-from gateway.proxy import end_stream_with_error, engine_answer, forward_headers, relay_response
-
-_JSON_TYPES = frozenset({"application/json", ""})
-MAX_JSON_DEPTH = 128
-"""Deepest nesting of lists and objects accepted in a generation body. Python's JSON parser
-(the engine's too) fails near 1,000 levels, and an engine that answers a bare 500 is settled as
-a possible engine failure; tool schemas and messages nest a few dozen levels at most."""
-# A JSON escape of a UTF-16 surrogate; the parsed text may then hold one without its pair.
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+from gateway.pipeline import CHAT, COMPLETIONS, generate
+from gateway.proxy import (
+    Answered,
+    CutAfterBytes,
+    end_stream_with_error,
+    engine_answer,
+    forward_headers,
+    relay_response,
+)
 
 
 def canonical_path(path: str) -> str:
@@ -39,8 +31,7 @@ async def health(request: web.Request) -> web.Response:
     """The gateway process is alive and serving. In the supervised shape it turns 503 once
     the supervisor has given up on the engine, so the orchestrator replaces the pod."""
     supervisor = request.app[SUPERVISOR]
-    supervised = request.app[CONFIG].current.engine.command is not None
-    if supervised and not supervisor.restart_expected():
+    if supervisor.supervised and not supervisor.restart_expected():
         return web.json_response({"status": "engine given up"}, status=503)
     return web.json_response({"status": "ok"})
 
@@ -67,69 +58,18 @@ async def engine_live(request: web.Request) -> web.Response:
     return web.json_response({"status": "dead", "engine": str(supervisor.state)}, status=503)
 
 
-async def read_json_object(request: web.Request) -> tuple[bytes, dict[str, Any]]:
-    """The body as bytes and as a JSON object, or a 4xx saying what is wrong with it.
-    The size bound is the app's client_max_size (413 past it)."""
-    if request.content_type not in _JSON_TYPES and not request.content_type.endswith("+json"):
-        raise UnsupportedMediaType(
-            f"Content-Type must be application/json, not {request.content_type!r}."
-        )
-    raw = await request.read()
-    if not raw:
-        raise BadRequest("The request body is empty; a JSON object is required.")
-    try:
-        # Strictly decoded: json.loads(bytes) would let UTF-8-encoded surrogates through.
-        text = raw.decode(json.detect_encoding(raw))
-        body = json.loads(text)
-    except UnicodeDecodeError:
-        raise BadRequest("The request body is not valid UTF-8.") from None
-    except RecursionError:
-        raise BadRequest("The request body is nested too deeply.") from None
-    except ValueError as err:
-        raise BadRequest(f"The request body is not valid JSON: {err}.") from None
-    if not isinstance(body, dict):
-        raise BadRequest(f"The request body must be a JSON object, not {type(body).__name__}.")
-    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _too_deep(body):
-        raise BadRequest(f"The request body is nested more than {MAX_JSON_DEPTH} levels deep.")
-    if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(body):
-        raise BadRequest(
-            "The request body holds an unpaired UTF-16 surrogate escape "
-            "(\\ud800-\\udfff): that is not valid Unicode text."
-        )
-    return raw, body
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    """POST /v1/chat/completions (also under /openai): admission, then the engine."""
+    return await generate(request, CHAT)
 
 
-def _too_deep(value: object) -> bool:
-    """Whether a parsed JSON value nests lists and objects more than MAX_JSON_DEPTH deep."""
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict | list):
-            if depth > MAX_JSON_DEPTH:
-                return True
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
-    return False
+async def completions(request: web.Request) -> web.StreamResponse:
+    """POST /v1/completions (also under /openai): admission, then the engine."""
+    return await generate(request, COMPLETIONS)
 
 
-def _has_lone_surrogate(value: object) -> bool:
-    """Whether any string (key or value) in a parsed JSON value holds a lone surrogate, which
-    no UTF-8 encoder, tokenizer or engine accepts. Iterative: the value may be deep."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            if not item.isascii():
-                try:
-                    item.encode("utf-8")
-                except UnicodeEncodeError:
-                    return True
-        elif isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return False
+GENERATION_HANDLERS = {CHAT.path: chat_completions, COMPLETIONS.path: completions}
+"""The routes that pass admission, by the path the engine knows them under."""
 
 
 async def relay(request: web.Request) -> web.StreamResponse:
@@ -140,18 +80,22 @@ async def relay(request: web.Request) -> web.StreamResponse:
         raise NotFound(f"{request.method} {request.path} is not served by this gateway.")
     record = request[RECORD]
     raw = await request.read()
+    retry_after_s = request.app[SUPERVISOR].retry_after_s
     try:
         upstream = await request.app[UPSTREAM].open(
             request.method, path, raw or None, forward_headers(request.headers, record.request_id)
         )
-        return await relay_response(
-            request,
-            upstream,
-            {"X-Request-Id": record.request_id},
-            lambda _chunk: record.mark_first_byte(),
-        )
-    except StreamCut as cut:
-        await end_stream_with_error(cut.response, "The engine failed during the stream.")
-        return cut.response
     except EngineFailed as err:
-        return engine_answer(err, request.app[SUPERVISOR].retry_after_s())
+        raise EngineUnavailable(err.message, retry_after_s=retry_after_s()) from None
+    outcome = await relay_response(
+        request,
+        upstream,
+        {"X-Request-Id": record.request_id},
+        lambda _chunk: record.mark_first_byte(),
+    )
+    if isinstance(outcome, Answered):
+        return outcome.response
+    if isinstance(outcome, CutAfterBytes):
+        await end_stream_with_error(outcome.stream, "The engine failed during the stream.")
+        return outcome.stream
+    return engine_answer(outcome, retry_after_s())

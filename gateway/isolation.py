@@ -16,7 +16,7 @@ import json
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 
 def fingerprint(body: Mapping[str, Any], ignore: frozenset[str]) -> str:
@@ -136,50 +136,73 @@ class SuspectBook:
         return len(self._suspects)
 
 
+class InFlightRequest(NamedTuple):
+    """A request that was in flight when the engine failed."""
+
+    fingerprint: str
+    model: str | None
+    solo: bool
+    """It ran alone on probation."""
+
+
+class Culprit(NamedTuple):
+    """A fingerprint to quarantine, and why."""
+
+    fingerprint: str
+    model: str | None
+    failures: int
+    """Engine failures it was in flight at."""
+    reason: str
+
+
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    quarantine: tuple[tuple[str, str | None, int, str], ...]
-    """(fingerprint, model, failures, reason) to quarantine."""
+    quarantine: tuple[Culprit, ...]
     suspects: tuple[str, ...]
+    """Fingerprints charged, not (yet) quarantined."""
 
 
 def attribute_failure(
-    in_flight: Iterable[tuple[str, str | None, bool]],
+    in_flight: Iterable[InFlightRequest],
     book: SuspectBook,
     suspect_failures: int,
     now: float,
 ) -> Verdict:
-    """Blame the requests in flight when the engine failed.
-
-    `in_flight` holds (fingerprint, model, solo) for each: a request that ran alone on
+    """Blame the requests in flight when the engine failed: a request that ran alone on
     probation is the culprit outright; otherwise each is charged one failure and quarantined
     once it has been in flight at `suspect_failures` failures."""
     entries = list(in_flight)
-    quarantine: list[tuple[str, str | None, int, str]] = []
-    suspects: list[str] = []
-    solo = [e for e in entries if e[2]]
+    solo = [e for e in entries if e.solo]
     if solo:
-        for fp, model, _ in solo:
-            suspect = book.charge(fp, model, now)
-            quarantine.append(
-                (
-                    fp,
-                    model,
-                    suspect.failures,
+        return Verdict(
+            tuple(
+                Culprit(
+                    e.fingerprint,
+                    e.model,
+                    book.charge(e.fingerprint, e.model, now).failures,
                     "the engine failed while this request ran alone on probation",
                 )
-            )
-        return Verdict(tuple(quarantine), ())
+                for e in solo
+            ),
+            (),
+        )
+    quarantine: list[Culprit] = []
+    suspects: list[str] = []
     seen: set[str] = set()
-    for fp, model, _ in entries:
-        if fp in seen:
+    for e in entries:
+        if e.fingerprint in seen:
             continue
-        seen.add(fp)
-        suspect = book.charge(fp, model, now)
+        seen.add(e.fingerprint)
+        suspect = book.charge(e.fingerprint, e.model, now)
         if suspect.failures >= suspect_failures:
             quarantine.append(
-                (fp, model, suspect.failures, f"in flight at {suspect.failures} engine failures")
+                Culprit(
+                    e.fingerprint,
+                    e.model,
+                    suspect.failures,
+                    f"in flight at {suspect.failures} engine failures",
+                )
             )
         else:
-            suspects.append(fp)
+            suspects.append(e.fingerprint)
     return Verdict(tuple(quarantine), tuple(suspects))

@@ -15,7 +15,7 @@ from aiohttp.typedefs import Handler
 
 from gateway.errors import GuardError, error_body
 from gateway.keys import RECORD
-from gateway.requestlog import RequestRecord, request_id_from
+from gateway.requestlog import Outcome, RequestRecord, request_id_from
 
 log = structlog.get_logger("gateway")
 
@@ -57,21 +57,21 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         resp = await handler(request)
     except GuardError as err:
-        record.outcome = "rejected" if err.status < 500 else "engine_error"
+        record.outcome = Outcome.REJECTED if err.status < 500 else Outcome.ENGINE_ERROR
         record.reason = record.reason or err.type
         resp = render_error(err, record.request_id)
     except web.HTTPException as exc:
-        record.outcome = "rejected"
+        record.outcome = Outcome.REJECTED
         resp = _render_http(exc, record.request_id)
     except (asyncio.CancelledError, ConnectionResetError):
         # The client went away; the relay has already dropped the engine's side.
-        record.outcome = "client_gone"
+        record.outcome = Outcome.CLIENT_GONE
         record.status = 499  # nginx's "client closed request": no status reached anyone
         log.info("request_finished", **record.log_fields(None))
         raise
     except Exception:
         log.exception("gateway_bug", request_id=record.request_id)
-        record.outcome = "error"
+        record.outcome = Outcome.ERROR
         resp = web.json_response(
             error_body(
                 "The gateway failed on this request; this is a bug in vllm-guard.",

@@ -99,7 +99,7 @@ class Admit:
     """Report mode: the refusal enforce mode would have answered."""
 
     @property
-    def header(self) -> str:
+    def max_tokens_header(self) -> str:
         """The value of `HEADER_MAX_TOKENS`."""
         if self.action is Action.CLAMPED:
             return f"clamped {self.requested}->{self.max_tokens}"
@@ -110,7 +110,7 @@ class Admit:
     @property
     def headers(self) -> dict[str, str]:
         """Response headers that make the decision visible to the client."""
-        headers = {HEADER_MAX_TOKENS: self.header}
+        headers = {HEADER_MAX_TOKENS: self.max_tokens_header}
         if self.would_reject is not None:
             headers[HEADER_WOULD_REJECT] = self.would_reject.reason.value
         return headers
@@ -208,27 +208,18 @@ def precheck(view: RequestView, policy: Policy) -> Reject | None:
     return None
 
 
-def needs_exact_count(
-    view: RequestView, policy: Policy, upper_bound: int, context_length: int
-) -> bool:
-    """Whether the exact prompt count could change the decision, given a cheap upper bound
-    (for example from the byte length) on the longest prompt's token count.
+def exact_count_above(view: RequestView, policy: Policy, context_length: int) -> int:
+    """The largest upper bound on the longest prompt's token count that settles the decision
+    without an exact count: a counter may answer with its bound up to this, and must count
+    exactly past it.
 
     The decision changes with the prompt length P only at these thresholds: P >= context_length,
     P > max_prompt_tokens, and P > context_length - B, where B is the requested output limit, or
     when none was sent `min(default_max_tokens, max_tokens_limit)` (past that the window, not
-    the policy, sets the limit). When `upper_bound` is below all of them, every P <= upper_bound
-    gives the same action, limit and refusal, so `decide` with `upper_bound` in place of the
-    exact counts answers the same and the caller may skip exact counting; the log line then
-    shows the bound, not the count. True means: count exactly.
+    the policy, sets the limit). When the bound is below all of them, every P up to it gives the
+    same action, limit and refusal, so `decide` with the bound in place of the exact counts
+    answers the same; the log line then shows the bound, not the count.
     """
-    return upper_bound > exact_count_above(view, policy, context_length)
-
-
-def exact_count_above(view: RequestView, policy: Policy, context_length: int) -> int:
-    """The largest upper bound that settles the decision without an exact count (see
-    `needs_exact_count`): a counter may answer with its bound up to this, and must count
-    exactly past it."""
     requested = view.requested_max_tokens
     budget = (
         requested

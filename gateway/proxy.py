@@ -4,6 +4,10 @@ Non-streamed answers are JSON of bounded size and are read whole; an SSE stream 
 the client chunk by chunk as the engine emits it and is never buffered. When the client goes
 away (the handler is cancelled, or a write fails), the upstream connection is closed at once,
 which is how vLLM learns to stop generating.
+
+What happened at the engine is returned as a `RelayOutcome`: `Answered`, `FailedBeforeBytes`
+(with the engine's own answer when it gave one) or `CutAfterBytes` (the client's open stream).
+Exceptions are left for errors the middleware renders.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 from typing import Final
 
 import aiohttp
@@ -22,8 +27,6 @@ from gateway.errors import (
     EngineFailed,
     EngineTimeout,
     EngineUnavailable,
-    GuardError,
-    StreamCut,
     error_bytes,
 )
 
@@ -151,35 +154,65 @@ def _body_data(body: bytes | None) -> bytes | io.BytesIO | None:
     return io.BytesIO(body) if body is not None and len(body) > _STREAM_BODY_BYTES else body
 
 
+@dataclass(frozen=True, slots=True)
+class Answered:
+    """The engine answered and the client has (or is about to get) the whole answer."""
+
+    response: web.StreamResponse
+
+
+@dataclass(frozen=True, slots=True)
+class FailedBeforeBytes:
+    """The engine failed the exchange before the client saw a byte (refused, reset, cut before
+    the first chunk, or a 5xx): it may be retried once the failure is settled."""
+
+    message: str
+    answer: web.Response | BadGateway | None = None
+    """The engine's own answer (a 5xx), to relay if the engine turns out fine; the error it
+    amounts to when its body is not JSON; None when it gave none."""
+
+
+@dataclass(frozen=True, slots=True)
+class CutAfterBytes:
+    """The engine failed mid-stream after the client had bytes; `stream` is the client's
+    (prepared, still open) response, for the caller to resume or end with an error event."""
+
+    stream: web.StreamResponse
+
+
+RelayOutcome = Answered | FailedBeforeBytes | CutAfterBytes
+"""What happened at the engine, as the relay reports it."""
+
+
 async def relay_response(
     request: web.Request,
     upstream: aiohttp.ClientResponse,
     extra_headers: Mapping[str, str],
     on_progress: ProgressCallback | None = None,
-) -> web.StreamResponse:
+) -> RelayOutcome:
     """Answer the client with the engine's response: a stream chunk by chunk, anything else
-    whole. Always releases the upstream connection; closes it when the exchange was cut.
-
-    Raises `EngineFailed` when the engine failed before the client saw a byte (the caller may
-    retry), `StreamCut` when it failed mid-stream (the stream was ended with an error event).
-    """
-    completed = False
+    whole. Always releases the upstream connection; closes it unless the engine answered.
+    Raises `BadGateway` for an engine error (4xx) whose body is not JSON."""
+    outcome: RelayOutcome | None = None
     try:
         headers = response_headers(upstream)
         headers.update(extra_headers)
         if upstream.content_type == "text/event-stream":
-            resp = await _relay_stream(request, upstream, headers, on_progress)
+            outcome = await _relay_stream(request, upstream, headers, on_progress)
         else:
-            resp = await _relay_whole(upstream, headers, on_progress)
-        completed = True
-        return resp
+            outcome = await _relay_whole(upstream, headers, on_progress)
+        return outcome
     finally:
-        if completed:
-            upstream.release()
-        else:
-            # The client went away (cancelled handler, failed write) or the engine failed
-            # mid-answer: drop the connection so the engine aborts the request.
-            upstream.close()
+        _done_with(upstream, outcome)
+
+
+def _done_with(upstream: aiohttp.ClientResponse, outcome: RelayOutcome | None) -> None:
+    if isinstance(outcome, Answered):
+        upstream.release()
+    else:
+        # The client went away (cancelled handler, failed write) or the engine failed
+        # mid-answer: drop the connection so the engine aborts the request.
+        upstream.close()
 
 
 _ENGINE_CUT = (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
@@ -189,14 +222,14 @@ async def _relay_whole(
     upstream: aiohttp.ClientResponse,
     headers: CIMultiDict[str],
     on_progress: ProgressCallback | None,
-) -> web.Response:
+) -> RelayOutcome:
     try:
         body = await upstream.read()
     except _ENGINE_CUT as err:
-        raise EngineFailed(f"The engine failed while answering ({type(err).__name__}).") from None
+        return FailedBeforeBytes(f"The engine failed while answering ({type(err).__name__}).")
     if on_progress is not None:
         on_progress(body)
-    failure: GuardError | None = None
+    failure: BadGateway | None = None
     if upstream.status >= 400 and not _is_json(body):
         failure = BadGateway(
             f"The engine answered HTTP {upstream.status} with a body that is not JSON."
@@ -205,12 +238,12 @@ async def _relay_whole(
     if upstream.status >= 500:
         # Perhaps the engine died (vLLM answers a bare 500 after EngineDeadError): let the
         # caller settle that before relaying the answer.
-        raise EngineFailed(
-            f"The engine answered HTTP {upstream.status}.", fallback=failure or response
+        return FailedBeforeBytes(
+            f"The engine answered HTTP {upstream.status}.", answer=failure or response
         )
     if failure is not None:
         raise failure
-    return response
+    return Answered(response)
 
 
 async def _relay_stream(
@@ -218,16 +251,19 @@ async def _relay_stream(
     upstream: aiohttp.ClientResponse,
     headers: CIMultiDict[str],
     on_progress: ProgressCallback | None,
-) -> web.StreamResponse:
+) -> RelayOutcome:
     # Nothing goes to the client before the engine's first chunk: a stream the engine cuts
     # before that can still be retried as if it never started.
     chunks = upstream.content.iter_any()
     first = await _first_chunk(chunks)
+    if isinstance(first, FailedBeforeBytes):
+        return first
     resp = web.StreamResponse(status=upstream.status, headers=headers)
     await resp.prepare(request)
-    await _pump(resp, upstream, chunks, first, None, on_progress)
+    if not await _pump(resp, chunks, first, None, on_progress):
+        return CutAfterBytes(resp)
     await resp.write_eof()
-    return resp
+    return Answered(resp)
 
 
 async def continue_stream(
@@ -235,43 +271,45 @@ async def continue_stream(
     upstream: aiohttp.ClientResponse,
     transform: Transform,
     on_progress: ProgressCallback | None,
-) -> None:
+) -> RelayOutcome:
     """Relay a continuation into a stream the client already has open (see gateway.resume).
-    Raises like `relay_response`; always releases or closes the upstream connection."""
-    completed = False
+    Reports like `relay_response`; always releases or closes the upstream connection."""
+    outcome: RelayOutcome | None = None
     try:
         chunks = upstream.content.iter_any()
         first = await _first_chunk(chunks)
-        await _pump(resp, upstream, chunks, first, transform, on_progress)
-        completed = True
-        await resp.write_eof()
-    finally:
-        if completed:
-            upstream.release()
+        if isinstance(first, FailedBeforeBytes):
+            outcome = first
+        elif not await _pump(resp, chunks, first, transform, on_progress):
+            outcome = CutAfterBytes(resp)
         else:
-            upstream.close()
+            outcome = Answered(resp)
+            await resp.write_eof()
+        return outcome
+    finally:
+        _done_with(upstream, outcome)
 
 
-async def _first_chunk(chunks: AsyncIterator[bytes]) -> bytes:
+async def _first_chunk(chunks: AsyncIterator[bytes]) -> bytes | FailedBeforeBytes:
     try:
         first = await anext(chunks, b"")
     except _ENGINE_CUT as err:
-        raise EngineFailed(
+        return FailedBeforeBytes(
             f"The engine failed before the stream began ({type(err).__name__})."
-        ) from None
+        )
     if not first:
-        raise EngineFailed("The engine ended the stream before sending anything.")
+        return FailedBeforeBytes("The engine ended the stream before sending anything.")
     return first
 
 
 async def _pump(
     resp: web.StreamResponse,
-    upstream: aiohttp.ClientResponse,
     chunks: AsyncIterator[bytes],
     first: bytes,
     transform: Transform | None,
     on_progress: ProgressCallback | None,
-) -> None:
+) -> bool:
+    """Relay chunks until the engine's stream ends (True) or the engine cuts it (False)."""
     chunk = first
     try:
         while chunk:
@@ -282,19 +320,18 @@ async def _pump(
                 await resp.write(out)
             chunk = await anext(chunks, b"")
     except _ENGINE_CUT:
-        # The engine died mid-stream: the caller resumes the stream or ends it with an error.
-        upstream.close()
-        raise StreamCut(resp) from None
+        return False
+    return True
 
 
-def engine_answer(err: EngineFailed, retry_after_s: float) -> web.StreamResponse:
+def engine_answer(failed: FailedBeforeBytes, retry_after_s: float) -> web.StreamResponse:
     """What to answer for an exchange that failed while the engine itself stayed fine: the
     engine's own response when it gave one, else the error it amounts to (raised)."""
-    if isinstance(err.fallback, web.StreamResponse):
-        return err.fallback
-    if isinstance(err.fallback, GuardError):
-        raise err.fallback from None
-    raise EngineUnavailable(err.message, retry_after_s=retry_after_s) from None
+    if isinstance(failed.answer, web.Response):
+        return failed.answer
+    if failed.answer is not None:
+        raise failed.answer
+    raise EngineUnavailable(failed.message, retry_after_s=retry_after_s)
 
 
 async def end_stream_with_error(resp: web.StreamResponse, message: str) -> None:

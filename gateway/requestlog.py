@@ -6,6 +6,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
@@ -19,6 +20,23 @@ def request_id_from(header: str | None) -> str:
     return uuid.uuid4().hex
 
 
+class Outcome(StrEnum):
+    """How a request ended, as its log line says. Closed and bounded: usable as a metric label."""
+
+    OK = "ok"
+    """Answered (by the engine, or the engine's own error relayed)."""
+    REJECTED = "rejected"
+    """Refused by the gateway with a 4xx (policy, schema, quarantine, overload)."""
+    ENGINE_ERROR = "engine_error"
+    """Answered with a 5xx because of the engine (down, restarting, timed out, unparseable)."""
+    STREAM_CUT = "stream_cut"
+    """The engine cut a stream that could not be resumed: it ended with an error event."""
+    CLIENT_GONE = "client_gone"
+    """The client went away before the answer was whole."""
+    ERROR = "error"
+    """A bug in the gateway (500)."""
+
+
 @dataclass(slots=True)
 class RequestRecord:
     request_id: str
@@ -27,7 +45,7 @@ class RequestRecord:
     started: float = field(default_factory=time.perf_counter)
     model: str | None = None
     status: int | None = None
-    outcome: str = "ok"
+    outcome: Outcome = Outcome.OK
     reason: str | None = None
     first_byte: float | None = None
     fields: dict[str, Any] = field(default_factory=dict)
@@ -44,7 +62,7 @@ class RequestRecord:
             "path": self.path,
             "model": self.model,
             "status": self.status,
-            "outcome": self.outcome,
+            "outcome": self.outcome.value,
             "bytes": nbytes,
             "ttfb_ms": None
             if self.first_byte is None

@@ -221,20 +221,9 @@ class CompletionView(_GenerationView):
             raise _fail(f"prompt must be {_PROMPT_SHAPES}, got {_describe(value)}.")
         first = value[0]
         if isinstance(first, str):
-            for index, item in enumerate(value):
-                if not isinstance(item, str):
-                    raise _fail(
-                        f"prompt[{index}] must be a string like prompt[0], got {_describe(item)}."
-                    )
-            return cast(list[str], value)
+            return _check_texts(value)
         if isinstance(first, list):
-            for index, item in enumerate(value):
-                if not isinstance(item, list) or (item and not _is_token_id(item[0])):
-                    raise _fail(
-                        f"prompt[{index}] must be a list of token ids (integers >= 0), "
-                        f"got {_describe(item)}."
-                    )
-            return cast(list[list[int]], value)
+            return _check_token_id_lists(value)
         if _is_token_id(first):
             # The other ids are the engine's to check: admission reads only the length.
             return cast(list[int], value)
@@ -309,3 +298,23 @@ def parse_completion(body: object) -> CompletionView:
         return CompletionView.model_validate(data)
     except ValidationError as err:
         raise _bad_request(err) from None
+
+
+def _check_texts(value: list[object]) -> list[str]:
+    """A list of prompts that starts with a text: every item must be one."""
+    for index, item in enumerate(value):
+        if not isinstance(item, str):
+            raise _fail(f"prompt[{index}] must be a string like prompt[0], got {_describe(item)}.")
+    return cast(list[str], value)
+
+
+def _check_token_id_lists(value: list[object]) -> list[list[int]]:
+    """A list of prompts that starts with a list: every item must be a list of token ids (the
+    first id is checked; the others are the engine's to check)."""
+    for index, item in enumerate(value):
+        if not isinstance(item, list) or (item and not _is_token_id(item[0])):
+            raise _fail(
+                f"prompt[{index}] must be a list of token ids (integers >= 0), "
+                f"got {_describe(item)}."
+            )
+    return cast(list[list[int]], value)

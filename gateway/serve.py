@@ -11,7 +11,7 @@ import structlog
 from aiohttp import web
 
 from gateway.config import Config
-from gateway.keys import ADMIN_APP, INFLIGHT, LIFECYCLE
+from gateway.keys import ADMIN_APP, INFLIGHT, LIFECYCLE, SUPERVISOR
 
 log = structlog.get_logger("gateway")
 
@@ -38,7 +38,7 @@ async def serve(app: web.Application, config: Config) -> None:
         host=config.server.host,
         port=config.server.port,
         engine=config.engine.url,
-        supervised=config.engine.command is not None,
+        supervised=app[SUPERVISOR].supervised,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -12,8 +12,7 @@ Cheap bounds first. Admission calls `count_chat_within` / `count_completion_with
 policy's threshold (`policy.exact_count_above`): they render a chat once and answer with the
 cheap upper bound (`PromptTokenizer.upper_bound`: the UTF-8 length of the rendered prompt plus
 the special tokens, for a byte-level BPE) when it is at most the threshold, and with the exact
-count past it. `upper_bounds` (a bound without asking the engine, or None) and `count` (always
-exact) give the two steps separately.
+count past it; a threshold of None always counts exactly. That is the whole counting API.
 
 Truncation is reflected: with `truncate_prompt_tokens: k` vLLM keeps k tokens (the last k, BOS
 kept), so the count is min(count, k); k = -1 means the model's `max_model_len`, less one when the
@@ -30,7 +29,6 @@ parameter; an engine that cannot be asked raises what its `json` exchange raises
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +41,7 @@ from engine.tokenization import (
     completion_prompts,
 )
 from gateway.config import ConfigError, Policy, TokenSource
-from gateway.errors import BadGateway, BadRequest, GuardError
-from gateway.schemas import ChatView, CompletionView
+from gateway.errors import BadGateway, BadRequest
 
 Remote = Callable[[dict[str, object]], Awaitable[Mapping[str, object]]]
 """POST a payload to the engine's /tokenize; the engine's JSON answer (a count or an error)."""
@@ -303,18 +300,6 @@ class TokenCounter:
 
     # -- counting ------------------------------------------------------------------------------
 
-    async def count_chat(
-        self, body: Mapping[str, object], *, max_model_len: int | None = None
-    ) -> int:
-        """The exact prompt tokens of a chat request (after vLLM's truncation, if asked)."""
-        return (await self.count_chat_within(body, None, max_model_len=max_model_len)).tokens
-
-    async def count_prompts(self, prompt: object, add_special_tokens: bool = True) -> list[int]:
-        """The exact tokens of each completions prompt: a string, a list of strings, a list of
-        token ids or a list of token-id lists (token ids count as their length)."""
-        body = {"prompt": prompt, "add_special_tokens": add_special_tokens}
-        return [c.tokens for c in await self.count_completion_within(body, None)]
-
     async def count_chat_within(
         self, body: Mapping[str, object], limit: int | None, *, max_model_len: int | None = None
     ) -> PromptCount:
@@ -327,12 +312,6 @@ class TokenCounter:
             return local
         tokens = await self._ask_engine(chat.tokenize_payload(self.model), local)
         return _truncated(PromptCount(tokens, True, "engine"), keep)
-
-    async def count_completion(
-        self, body: Mapping[str, object], *, max_model_len: int | None = None
-    ) -> list[int]:
-        counts = await self.count_completion_within(body, None, max_model_len=max_model_len)
-        return [c.tokens for c in counts]
 
     async def count_completion_within(
         self,
@@ -351,44 +330,12 @@ class TokenCounter:
         )
         return [_truncated(c, keep) for c in counts]
 
-    def upper_bound(self, text: str) -> int | None:
-        """A cheap bound on the tokens of `text` as a completion prompt; None without a local
-        tokenizer."""
-        return None if self.tokenizer is None else self.tokenizer.upper_bound(text)
-
-    # -- the two steps, separately ---------------------------------------------------------------
-
-    async def upper_bounds(
-        self, view: object, body: Mapping[str, object], *, max_model_len: int | None = None
-    ) -> list[int] | None:
-        """Per prompt, a count never below vLLM's, without asking the engine; None when only
-        the engine (or exact counting, which then names the client's mistake) can say."""
-        try:
-            if _is_chat(view, body):
-                chat = _Chat.read(body)
-                keep = _truncation(chat.truncate, chat.max_output, max_model_len)
-                local = await self._chat_local(chat, body, keep, math.inf)
-                return [local.tokens] if isinstance(local, PromptCount) else None
-            prompts, add_special_tokens, keep = _read_completion(body, max_model_len)
-            counts = await self._prompts_local(prompts, add_special_tokens, keep, math.inf)
-        except GuardError:
-            return None
-        return None if counts is None else [c.tokens for c in counts]
-
-    async def count(
-        self, view: object, body: Mapping[str, object], *, max_model_len: int | None = None
-    ) -> list[int]:
-        """Per prompt, vLLM's exact count (one for a chat)."""
-        if _is_chat(view, body):
-            return [await self.count_chat(body, max_model_len=max_model_len)]
-        return await self.count_completion(body, max_model_len=max_model_len)
-
     # -- internals -----------------------------------------------------------------------------
     # `limit`: None counts exactly; a number returns the bound when the (truncated) bound is at
-    # most that (math.inf: always).
+    # most that.
 
     async def _chat_local(
-        self, chat: _Chat, body: Mapping[str, object], keep: int | None, limit: float | None
+        self, chat: _Chat, body: Mapping[str, object], keep: int | None, limit: int | None
     ) -> PromptCount | str:
         """The count made here, or why the engine must make it."""
         if self.tokenizer is None:
@@ -415,7 +362,7 @@ class TokenCounter:
         prompts: Sequence[str | list[int]],
         add_special_tokens: bool,
         keep: int | None,
-        limit: float | None,
+        limit: int | None,
     ) -> list[PromptCount] | None:
         """The counts made here; None when a text prompt needs the engine."""
         if self.tokenizer is not None:
@@ -466,23 +413,12 @@ class TokenCounter:
         raise BadGateway(f"The engine's /tokenize gave no count ({message or 'no message'}).")
 
 
-def _is_chat(view: object, body: Mapping[str, object]) -> bool:
-    """Whether to count `body` as a chat. The endpoint's view decides: vLLM ignores a stray
-    `messages` field in a completions request, so the prompt is what counts there. Without a
-    view, the body's shape says."""
-    if isinstance(view, ChatView):
-        return True
-    if isinstance(view, CompletionView):
-        return False
-    return "messages" in body
-
-
-def _within(bound: int, keep: int | None, limit: float | None) -> bool:
+def _within(bound: int, keep: int | None, limit: int | None) -> bool:
     return limit is not None and min(bound, keep if keep is not None else bound) <= limit
 
 
 def _local_chat(
-    tok: PromptTokenizer, chat: _Chat, keep: int | None, limit: float | None
+    tok: PromptTokenizer, chat: _Chat, keep: int | None, limit: int | None
 ) -> PromptCount:
     """Render once; the bound when it settles the decision, else encode."""
     text = chat.render(tok)
@@ -498,7 +434,7 @@ def _local_prompts(
     prompts: Sequence[str | list[int]],
     add_special_tokens: bool,
     keep: int | None,
-    limit: float | None,
+    limit: int | None,
 ) -> list[PromptCount]:
     out = []
     for prompt in prompts:

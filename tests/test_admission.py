@@ -23,6 +23,7 @@ class FakeSupervisor:
         self.state = EngineState.READY if ready else EngineState.RESTARTING
         self.epoch = 1
         self.restart = restart
+        self.supervised = True
         self.subscribers: list[Callable[[StateChange], None]] = []
 
     def is_ready(self) -> bool:
@@ -53,6 +54,7 @@ class FakeSupervisor:
 
 def _gate(fake: FakeSupervisor, supervised: bool = True, **isolation: float) -> Gate:
     engine = EngineConfig(command=("engine",) if supervised else None)
+    fake.supervised = supervised
     return Gate(IsolationConfig(**isolation), fake, InflightLedger(), engine)
 
 

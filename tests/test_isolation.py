@@ -5,9 +5,15 @@ from __future__ import annotations
 import pytest
 
 from gateway.config import IsolationConfig
-from gateway.isolation import Quarantine, SuspectBook, attribute_failure, fingerprint
+from gateway.isolation import (
+    InFlightRequest,
+    Quarantine,
+    SuspectBook,
+    attribute_failure,
+    fingerprint,
+)
 
-IGNORE = IsolationConfig().fingerprint_skip
+IGNORE = IsolationConfig().fingerprint_ignore_set
 
 
 def test_fingerprint_ignores_fields_that_vary_between_retries() -> None:
@@ -68,7 +74,9 @@ def test_in_flight_at_repeated_failures_is_quarantined(
     seen_at = None
     for i in range(1, rounds + 1):
         verdict = attribute_failure(
-            [("fp", "m", False), ("other", "m", False)] if i == 1 else [("fp", "m", False)],
+            [InFlightRequest("fp", "m", False), InFlightRequest("other", "m", False)]
+            if i == 1
+            else [InFlightRequest("fp", "m", False)],
             book,
             threshold,
             now=i,
@@ -83,17 +91,19 @@ def test_in_flight_at_repeated_failures_is_quarantined(
 def test_solo_run_is_the_culprit_outright() -> None:
     """A failure while a suspect ran alone blames it at once, whatever the threshold."""
     book = SuspectBook(ttl_s=100, max_entries=10)
-    verdict = attribute_failure([("fp", "m", True)], book, suspect_failures=5, now=1)
-    assert [q[0] for q in verdict.quarantine] == ["fp"]
-    assert "alone on probation" in verdict.quarantine[0][3]
+    verdict = attribute_failure([InFlightRequest("fp", "m", True)], book, suspect_failures=5, now=1)
+    assert [q.fingerprint for q in verdict.quarantine] == ["fp"]
+    assert "alone on probation" in verdict.quarantine[0].reason
 
 
 def test_suspicion_fades_after_its_ttl() -> None:
     """A fingerprint not seen failing for longer than the TTL is no longer a suspect, and a
     new failure starts its count again."""
     book = SuspectBook(ttl_s=10, max_entries=10)
-    attribute_failure([("fp", "m", False)], book, suspect_failures=2, now=0)
+    attribute_failure([InFlightRequest("fp", "m", False)], book, suspect_failures=2, now=0)
     assert book.is_suspect("fp", now=5)
     assert not book.is_suspect("fp", now=20)
-    verdict = attribute_failure([("fp", "m", False)], book, suspect_failures=2, now=21)
+    verdict = attribute_failure(
+        [InFlightRequest("fp", "m", False)], book, suspect_failures=2, now=21
+    )
     assert verdict.quarantine == ()

@@ -20,7 +20,7 @@ from gateway.policy import (
     Reject,
     context_length_for,
     decide,
-    needs_exact_count,
+    exact_count_above,
     precheck,
 )
 from gateway.schemas import ChatView, CompletionView, RequestView, parse_chat, parse_completion
@@ -143,7 +143,7 @@ def test_enforce_admits(
 ) -> None:
     """In enforce mode a request that breaks no rule is admitted with the limit the rules give."""
     admit = admitted(decide(view, pol, prompt_tokens, CTX))
-    assert (admit.action, admit.max_tokens, admit.header) == (action, max_tokens, header)
+    assert (admit.action, admit.max_tokens, admit.max_tokens_header) == (action, max_tokens, header)
     assert admit.would_reject is None
     assert admit.headers == {HEADER_MAX_TOKENS: header}
 
@@ -548,7 +548,7 @@ def test_report_mode(
 ) -> None:
     """In report mode nothing is refused or clamped; what enforce would do shows in headers."""
     admit = admitted(decide(view, pol, prompt_tokens, CTX))
-    assert (admit.action, admit.max_tokens, admit.header) == (action, max_tokens, header)
+    assert (admit.action, admit.max_tokens, admit.max_tokens_header) == (action, max_tokens, header)
     expected_headers = {HEADER_MAX_TOKENS: header}
     if would_reject is None:
         assert admit.would_reject is None
@@ -772,16 +772,16 @@ def test_forwarded_body_always_has_a_positive_limit(
     data=st.data(),
     context_length=st.integers(min_value=1, max_value=8192),
 )
-def test_needs_exact_count_is_safe(
+def test_a_bound_up_to_exact_count_above_is_safe(
     request: tuple[dict[str, Any], RequestView, int],
     pol: Policy,
     data: st.DataObject,
     context_length: int,
 ) -> None:
-    """When needs_exact_count says no, every count up to the bound decides as the bound does."""
+    """A bound at most exact_count_above: every count up to it decides as the bound does."""
     _, view, prompts = request
     bound = data.draw(st.integers(0, context_length + 10))
-    assume(not needs_exact_count(view, pol, bound, context_length))
+    assume(bound <= exact_count_above(view, pol, context_length))
     exact = data.draw(st.lists(st.integers(0, bound), min_size=prompts, max_size=prompts))
     assert summary(decide(view, pol, exact, context_length)) == summary(
         decide(view, pol, [bound] * prompts, context_length)
@@ -792,7 +792,7 @@ def summary(result: Admit | Reject) -> tuple[object, ...]:
     if isinstance(result, Reject):
         return (result.reason,)
     reason = result.would_reject.reason if result.would_reject else None
-    return (result.action, result.max_tokens, result.enforced, reason, result.header)
+    return (result.action, result.max_tokens, result.enforced, reason, result.max_tokens_header)
 
 
 # --- the caller's helpers ----------------------------------------------------------------------
@@ -821,9 +821,9 @@ def summary(result: Admit | Reject) -> tuple[object, ...]:
         (completion(["a", "b"], max_tokens=10), policy(max_prompt_tokens=1000), 1000, False),
     ],
 )
-def test_needs_exact_count(view: RequestView, pol: Policy, bound: int, expected: bool) -> None:
+def test_exact_count_above(view: RequestView, pol: Policy, bound: int, expected: bool) -> None:
     """An upper bound below every threshold spares the exact count; one at or past any does not."""
-    assert needs_exact_count(view, pol, bound, CTX) is expected
+    assert (bound > exact_count_above(view, pol, CTX)) is expected
 
 
 @pytest.mark.parametrize(

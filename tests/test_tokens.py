@@ -15,7 +15,6 @@ import pytest
 from engine.tokenization import PromptTokenizer
 from gateway.config import ConfigError, Policy, TokenSource
 from gateway.errors import BadGateway, BadRequest
-from gateway.schemas import parse_chat, parse_completion
 from gateway.tokens import PromptCount, TokenCounter, TokenCounters
 from tests.token_corpus import LONG, MEDIUM, cases
 from tests.token_corpus import template as template_text
@@ -85,6 +84,42 @@ def engine(
     return TokenCounter("tiny", tokenizer=None, remote=fake), fake
 
 
+NO_LIMIT = 10**9
+"""A threshold no bound reaches: `count_*_within` answers with the cheap bound wherever the
+gateway can make one."""
+
+
+async def exact_chat(
+    counter: TokenCounter, body: Mapping[str, object], max_model_len: int | None = None
+) -> int:
+    """A chat's exact count, through admission's API (no threshold: always exact)."""
+    count = await counter.count_chat_within(body, None, max_model_len=max_model_len)
+    assert count.exact
+    return count.tokens
+
+
+async def exact_prompts(
+    counter: TokenCounter, body: Mapping[str, object], max_model_len: int | None = None
+) -> list[int]:
+    """A completions request's exact count per prompt, through admission's API."""
+    counts = await counter.count_completion_within(body, None, max_model_len=max_model_len)
+    assert all(c.exact for c in counts)
+    return [c.tokens for c in counts]
+
+
+async def within(
+    counter: TokenCounter,
+    body: Mapping[str, object],
+    limit: int | None,
+    max_model_len: int | None = None,
+) -> list[PromptCount]:
+    """Per prompt, what admission's API answers for `body` at `limit` (a chat when it has
+    messages, as the tables here are written)."""
+    if "messages" in body:
+        return [await counter.count_chat_within(body, limit, max_model_len=max_model_len)]
+    return await counter.count_completion_within(body, limit, max_model_len=max_model_len)
+
+
 def _chat_ids(tok: PromptTokenizer, body: Mapping[str, Any]) -> list[int]:
     kwargs = dict(body.get("chat_template_kwargs") or {})
     if body.get("documents") is not None:
@@ -106,9 +141,9 @@ async def test_local_and_engine_sources_agree(tok: PromptTokenizer, case: dict[s
     """Both sources give PromptTokenizer's count for every plain chat of the corpus; the
     /tokenize payload carries documents and reasoning_effort as template kwargs."""
     expected = len(_chat_ids(tok, case["body"]))
-    assert await local(tok).count_chat(case["body"]) == expected
+    assert await exact_chat(local(tok), case["body"]) == expected
     counter, fake = engine(tok)
-    assert await counter.count_chat(case["body"]) == expected
+    assert await exact_chat(counter, case["body"]) == expected
     assert fake.payloads[0]["model"] == "tiny"
 
 
@@ -122,12 +157,14 @@ async def test_completion_prompt_shapes(tok: PromptTokenizer) -> None:
         ([[1, 2], [3], []], [2, 1, 0]),
     ]
     for prompt, expected in shapes:
-        assert await local(tok).count_prompts(prompt) == expected
+        assert await exact_prompts(local(tok), {"prompt": prompt}) == expected
         counter, fake = engine(tok)
-        assert await counter.count_prompts(prompt) == expected
+        assert await exact_prompts(counter, {"prompt": prompt}) == expected
         strings = [prompt] if isinstance(prompt, str) else [p for p in prompt if isinstance(p, str)]
         assert [p["prompt"] for p in fake.payloads] == strings
-    no_bos = await local(tok).count_prompts("Once upon a time", add_special_tokens=False)
+    no_bos = await exact_prompts(
+        local(tok), {"prompt": "Once upon a time", "add_special_tokens": False}
+    )
     assert no_bos == [len(tok.encode_completion("Once upon a time")) - 1]
 
 
@@ -166,7 +203,7 @@ async def test_truncation_is_reflected(
     """truncate_prompt_tokens: k keeps k tokens; -1 keeps the window (less one when the request
     has an output limit, as vLLM's max_truncation_tokens)."""
     counter = local(tok)
-    counts = await counter.count(None, body, max_model_len=max_model_len)
+    counts = [c.tokens for c in await within(counter, body, None, max_model_len)]
     if expected is None:
         assert counts == [len(tok.encode_completion("short"))]
     else:
@@ -177,34 +214,44 @@ async def test_truncation_errors_and_unknown_window(tok: PromptTokenizer) -> Non
     """k over the window is vLLM's 400; -1 with the window unknown leaves the count whole."""
     body = {"messages": [{"role": "user", "content": LONG}], "truncate_prompt_tokens": 600}
     with pytest.raises(BadRequest) as err:
-        await local(tok).count_chat(body, max_model_len=MAX_MODEL_LEN)
+        await exact_chat(local(tok), body, max_model_len=MAX_MODEL_LEN)
     assert err.value.param == "truncate_prompt_tokens"
-    whole = await local(tok).count_chat({"messages": body["messages"]})
+    whole = await exact_chat(local(tok), {"messages": body["messages"]})
     minus_one = {"messages": body["messages"], "truncate_prompt_tokens": -1}
-    assert await local(tok).count_chat(minus_one) == whole
+    assert await exact_chat(local(tok), minus_one) == whole
 
 
 @pytest.mark.parametrize("case", cases(), ids=[c["id"] for c in cases()])
 async def test_bounds_are_never_below_exact_counts(
     tok: PromptTokenizer, case: dict[str, Any]
 ) -> None:
-    """upper_bounds is at least count for every request of the corpus it can bound."""
+    """For every request of the corpus, the cheap bound admission may take (a threshold no
+    bound reaches) is at least the exact count (no threshold); what only the engine counts is
+    exact either way, and a request the exact count refuses is refused by the bound too."""
     counter = local(tok, FakeTokenize(tok, {"count": 1}))
-    bounds = await counter.upper_bounds(None, case["body"], max_model_len=MAX_MODEL_LEN)
     try:
-        exact = await counter.count(None, case["body"], max_model_len=MAX_MODEL_LEN)
-    except BadRequest:
-        assert bounds is None
+        exact = await within(counter, case["body"], None, MAX_MODEL_LEN)
+    except BadRequest as err:
+        refused = err
+    else:
+        refused = None
+    if refused is not None:
+        with pytest.raises(BadRequest) as bound_err:
+            await within(counter, case["body"], NO_LIMIT, MAX_MODEL_LEN)
+        assert bound_err.value.param == refused.param
         return
-    if bounds is not None:
-        assert len(bounds) == len(exact)
-        assert all(b >= e for b, e in zip(bounds, exact, strict=True))
+    bounds = await within(counter, case["body"], NO_LIMIT, MAX_MODEL_LEN)
+    assert all(e.exact for e in exact)
+    assert len(bounds) == len(exact)
+    for bound, count in zip(bounds, exact, strict=True):
+        assert bound.tokens >= count.tokens
+        assert bound.exact is (bound.source != "local")  # a local count took the bound
 
 
 async def test_within_counts_exactly_only_when_the_bound_could_matter(tok: PromptTokenizer) -> None:
     """count_*_within answers with the bound when it is at most the limit, else exactly."""
     body = {"messages": USER}
-    exact = await local(tok).count_chat(body)
+    exact = await exact_chat(local(tok), body)
     loose = await local(tok).count_chat_within(body, 10_000)
     assert loose == PromptCount(loose.tokens, False, "local")
     assert loose.tokens >= exact
@@ -249,14 +296,14 @@ BAD_BODIES: list[tuple[dict[str, Any], str]] = [
 async def test_malformed_bodies_are_bad_requests(
     tok: PromptTokenizer, body: dict[str, Any], param: str
 ) -> None:
-    """Malformed structures become BadRequest naming the parameter, never another error; the
-    bounds step says nothing and leaves the message to the exact count."""
+    """Malformed structures become BadRequest naming the parameter, never another error,
+    whether admission takes the cheap bound or counts exactly."""
     counter = local(tok, FakeTokenize(tok, {"count": 1}))
-    with pytest.raises(BadRequest) as err:
-        await counter.count(None, body, max_model_len=MAX_MODEL_LEN)
-    assert err.value.param == param
-    assert err.value.message
-    assert await counter.upper_bounds(None, body) is None
+    for limit in (None, NO_LIMIT):
+        with pytest.raises(BadRequest) as err:
+            await within(counter, body, limit, MAX_MODEL_LEN)
+        assert err.value.param == param
+        assert err.value.message
 
 
 async def test_what_the_local_path_cannot_count_goes_to_the_engine(tok: PromptTokenizer) -> None:
@@ -277,15 +324,15 @@ async def test_what_the_local_path_cannot_count_goes_to_the_engine(tok: PromptTo
     }
     fake = FakeTokenize(tok, {"count": 42, "max_model_len": MAX_MODEL_LEN})
     counter = local(tok, fake)
-    assert await counter.upper_bounds(None, body) is None
-    assert await counter.count_chat(body) == 42
+    assert await counter.count_chat_within(body, NO_LIMIT) == PromptCount(42, True, "engine")
+    assert await exact_chat(counter, body) == 42
     assert fake.payloads[0]["chat_template_kwargs"] == {
         "documents": [{"title": "t", "text": "x"}],
         "reasoning_effort": "low",
         "enable_thinking": True,
     }
     with pytest.raises(BadRequest, match="cannot be counted"):
-        await local(tok).count_chat(body)
+        await exact_chat(local(tok), body)
 
 
 @pytest.mark.parametrize(
@@ -324,7 +371,7 @@ async def test_engine_answers_without_a_count(
     without a count is a BadGateway."""
     counter, _ = engine(tok, answer)
     with pytest.raises(error) as err:
-        await counter.count_chat({"messages": USER})
+        await exact_chat(counter, {"messages": USER})
     if isinstance(err.value, BadRequest):
         assert err.value.param == param
 
@@ -335,23 +382,27 @@ async def test_the_endpoint_decides_what_is_counted(tok: PromptTokenizer) -> Non
     body = {"prompt": ["one prompt", LONG], "messages": USER}
     expected = [len(tok.encode_completion(p)) for p in body["prompt"]]
     counter = local(tok)
-    assert await counter.count(parse_completion(body), body) == expected
-    bounds = await counter.upper_bounds(parse_completion(body), body)
-    assert bounds is not None
+    assert await exact_prompts(counter, body) == expected
+    bounds = await counter.count_completion_within(body, NO_LIMIT)
     assert len(bounds) == 2
-    assert all(b >= e for b, e in zip(bounds, expected, strict=True))
+    assert all(b.tokens >= e for b, e in zip(bounds, expected, strict=True))
     chat = {"messages": USER, "prompt": LONG}
-    assert await counter.count(parse_chat(chat), chat) == [len(_chat_ids(tok, chat))]
+    assert await exact_chat(counter, chat) == len(_chat_ids(tok, chat))
 
 
 async def test_engine_source_bounds(tok: PromptTokenizer) -> None:
-    """Without a local tokenizer only token-id prompts have a bound, and the engine is not
-    asked for one."""
+    """Without a local tokenizer no bound is made up: even past every threshold, token-id
+    prompts count as their length without the engine, and text is counted by the engine."""
     counter, fake = engine(tok)
-    assert await counter.upper_bounds(None, {"messages": USER}) is None
-    assert await counter.upper_bounds(None, {"prompt": [[1, 2], [3]]}) == [2, 1]
-    assert await counter.upper_bounds(None, {"prompt": ["text", [1]]}) is None
+    ids = await counter.count_completion_within({"prompt": [[1, 2], [3]]}, NO_LIMIT)
+    assert ids == [PromptCount(2, True, "ids"), PromptCount(1, True, "ids")]
     assert fake.payloads == []
+    text = await counter.count_completion_within({"prompt": "text"}, NO_LIMIT)
+    assert text == [PromptCount(len(tok.encode_completion("text")), True, "engine")]
+    assert [p["prompt"] for p in fake.payloads] == ["text"]
+    chat = await counter.count_chat_within({"messages": USER}, NO_LIMIT)
+    assert chat == PromptCount(len(_chat_ids(tok, {"messages": USER})), True, "engine")
+    assert len(fake.payloads) == 2
 
 
 class ThreadRecordingTokenizer(PromptTokenizer):
@@ -370,11 +421,11 @@ async def test_long_texts_are_counted_off_the_event_loop() -> None:
     tok.threads = []
     counter = TokenCounter("tiny", tokenizer=tok, remote=None, inline_chars=1000)
     loop_thread = threading.get_ident()
-    await counter.count_chat({"messages": USER})
-    await counter.count_prompts("short")
+    await exact_chat(counter, {"messages": USER})
+    await exact_prompts(counter, {"prompt": "short"})
     assert tok.threads == [loop_thread, loop_thread]
-    long_chat = await counter.count_chat({"messages": [{"role": "user", "content": LONG}]})
-    await counter.count_prompts(["x", LONG])
+    long_chat = await exact_chat(counter, {"messages": [{"role": "user", "content": LONG}]})
+    await exact_prompts(counter, {"prompt": ["x", LONG]})
     assert loop_thread not in tok.threads[2:]
     assert long_chat == len(_chat_ids(tok, {"messages": [{"role": "user", "content": LONG}]}))
 
@@ -388,11 +439,11 @@ async def test_what_may_render_slowly_is_counted_off_the_event_loop() -> None:
     tok.threads.clear()
     counter = TokenCounter("tiny", tokenizer=tok, remote=None, inline_chars=1000)
     loop_thread = threading.get_ident()
-    await counter.count_chat({"messages": USER})
+    await exact_chat(counter, {"messages": USER})
     assert tok.threads == [loop_thread]
     template = "{% for i in range(3) %}{{ messages[0].content }}{% endfor %}"
-    assert await counter.count_chat({"messages": USER, "chat_template": template}) == expected
-    await counter.count_chat({"messages": USER, "documents": [{"title": "t", "text": LONG}]})
+    assert await exact_chat(counter, {"messages": USER, "chat_template": template}) == expected
+    await exact_chat(counter, {"messages": USER, "documents": [{"title": "t", "text": LONG}]})
     assert tok.threads[0] == loop_thread
     assert loop_thread not in tok.threads[1:]
     assert len(tok.threads) == 3
@@ -466,7 +517,7 @@ async def test_counters_are_per_model_and_follow_reloads() -> None:
     assert first.source == "local"
     remote = counters.counter("tiny", Policy(token_source=TokenSource.ENGINE))
     assert remote is not first
-    assert await remote.count_chat({"messages": USER}) == 9
+    assert await exact_chat(remote, {"messages": USER}) == 9
     assert upstream.calls[0][:2] == ("POST", "/tokenize")
     await counters.close()
 
@@ -486,7 +537,7 @@ async def test_counters_map_engine_failures(
     counters = TokenCounters(FakeUpstream(status, answer))
     counter = counters.counter("tiny", Policy(token_source=TokenSource.ENGINE))
     with pytest.raises(error):
-        await counter.count_prompts("hello")
+        await exact_prompts(counter, {"prompt": "hello"})
 
 
 async def test_engine_chat_template_setting_is_rendered(tmp_path: Path) -> None:
@@ -504,10 +555,10 @@ async def test_engine_chat_template_setting_is_rendered(tmp_path: Path) -> None:
     plain = TokenCounter.for_policy(
         "tiny", Policy(tokenizer=str(MODEL_DIR), token_source=TokenSource.LOCAL), None
     )
-    with_server_template = await server_side.count_chat({"messages": messages})
-    with_request_template = await plain.count_chat(
-        {"messages": messages, "chat_template": template}
+    with_server_template = await exact_chat(server_side, {"messages": messages})
+    with_request_template = await exact_chat(
+        plain, {"messages": messages, "chat_template": template}
     )
-    own = await plain.count_chat({"messages": messages})
+    own = await exact_chat(plain, {"messages": messages})
     assert with_server_template == with_request_template
     assert with_server_template != own

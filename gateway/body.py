@@ -1,0 +1,86 @@
+"""The client's JSON body, read and checked before anything else looks at it: a JSON object of
+valid UTF-8 text, not nested past `MAX_JSON_DEPTH`, without lone surrogates; else a 4xx that
+says what is wrong."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from aiohttp import web
+
+from gateway.errors import BadRequest, UnsupportedMediaType
+
+_JSON_TYPES = frozenset({"application/json", ""})
+MAX_JSON_DEPTH = 128
+"""Deepest nesting of lists and objects accepted in a generation body. Python's JSON parser
+(the engine's too) fails near 1,000 levels, and an engine that answers a bare 500 is settled as
+a possible engine failure; tool schemas and messages nest a few dozen levels at most."""
+# A JSON escape of a UTF-16 surrogate; the parsed text may then hold one without its pair.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+async def read_json_object(request: web.Request) -> tuple[bytes, dict[str, Any]]:
+    """The body as bytes and as a JSON object, or a 4xx saying what is wrong with it.
+    The size bound is the app's client_max_size (413 past it)."""
+    if request.content_type not in _JSON_TYPES and not request.content_type.endswith("+json"):
+        raise UnsupportedMediaType(
+            f"Content-Type must be application/json, not {request.content_type!r}."
+        )
+    raw = await request.read()
+    if not raw:
+        raise BadRequest("The request body is empty; a JSON object is required.")
+    try:
+        # Strictly decoded: json.loads(bytes) would let UTF-8-encoded surrogates through.
+        text = raw.decode(json.detect_encoding(raw))
+        body = json.loads(text)
+    except UnicodeDecodeError:
+        raise BadRequest("The request body is not valid UTF-8.") from None
+    except RecursionError:
+        raise BadRequest("The request body is nested too deeply.") from None
+    except ValueError as err:
+        raise BadRequest(f"The request body is not valid JSON: {err}.") from None
+    if not isinstance(body, dict):
+        raise BadRequest(f"The request body must be a JSON object, not {type(body).__name__}.")
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _too_deep(body):
+        raise BadRequest(f"The request body is nested more than {MAX_JSON_DEPTH} levels deep.")
+    if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(body):
+        raise BadRequest(
+            "The request body holds an unpaired UTF-16 surrogate escape "
+            "(\\ud800-\\udfff): that is not valid Unicode text."
+        )
+    return raw, body
+
+
+def _too_deep(value: object) -> bool:
+    """Whether a parsed JSON value nests lists and objects more than MAX_JSON_DEPTH deep."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > MAX_JSON_DEPTH:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
+
+
+def _has_lone_surrogate(value: object) -> bool:
+    """Whether any string (key or value) in a parsed JSON value holds a lone surrogate, which
+    no UTF-8 encoder, tokenizer or engine accepts. Iterative: the value may be deep."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
