@@ -30,6 +30,14 @@ ENGINE_PYTHON = ROOT / ".venv-engine" / "bin" / "python"
 MODEL_DIR = ROOT / "models" / "tiny"
 MODEL_NAME = "tiny"
 MAX_MODEL_LEN = 512
+ENGINE_TESTS = Path(__file__).resolve().parent / "engine"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests under tests/engine/ need the real vLLM: they carry the `engine` marker."""
+    for item in items:
+        if item.path.is_relative_to(ENGINE_TESTS):
+            item.add_marker(pytest.mark.engine)
 
 
 def engine_env() -> dict[str, str]:

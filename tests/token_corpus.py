@@ -14,7 +14,7 @@ body there, move the first two into `chat_template_kwargs` (as `gateway.tokens` 
 `_Chat.tokenize_payload`) and apply the truncation yourself (min(count, k)); or compare with
 `usage.prompt_tokens` of a generation.
 
-tests/test_tokenization.py checks every case against vLLM's renderer, offline.
+tests/engine/test_tokenization.py checks every case against vLLM's renderer, offline.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from gateway.config import (
     parse_config,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_repo_config_loads_and_resolves_model_policies() -> None:

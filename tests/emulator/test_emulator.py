@@ -24,7 +24,7 @@ from engine.emulator.core import Fault, marker_fault
 from engine.emulator.protocol import ApiError, output_budget
 from engine.emulator.tokens import WORDS, WordTokenizer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 WAIT_S = 5.0
 """Bound on anything a test waits for that should happen promptly."""
 

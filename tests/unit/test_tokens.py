@@ -20,7 +20,7 @@ from gateway.tokens import PromptCount, TokenCounter, TokenCounters
 from tests.token_corpus import LONG, MEDIUM, cases
 from tests.token_corpus import template as template_text
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MODEL_DIR = ROOT / "models" / "tiny"
 MAX_MODEL_LEN = 512
 USER = [{"role": "user", "content": "Hello there"}]

@@ -26,7 +26,7 @@ from engine.tokenization import (
 )
 from tests.token_corpus import TEMPLATES_DIR, Case, cases, template, template_paths
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ENGINE_PYTHON = ROOT / ".venv-engine" / "bin" / "python"
 MODEL_DIR = ROOT / "models" / "tiny"
 MAX_MODEL_LEN = 512
