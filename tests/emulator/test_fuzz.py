@@ -29,8 +29,7 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from engine.emulator import EmulatorSettings, create_emulator_app
-from tests.conftest import MODEL_DIR, gateway_config, run_fake_upstream
-from tests.helpers import base_url, error_envelope
+from tests.helpers import MODEL_DIR, base_url, error_envelope, gateway_config, run_fake_upstream
 
 PATHS = ("/v1/chat/completions", "/v1/completions")
 ANSWER_TIMEOUT_S = 60.0

@@ -1,5 +1,6 @@
-"""Engine supervision: the decisions as tables, then both deployment shapes against a fake engine
-run as a real subprocess (tests/fake_engine.py) with short timings."""
+"""Engine supervision: the decisions as tables, then both deployment shapes against the emulator
+run as a real subprocess, changed at run time through its control endpoint, with short
+timings."""
 
 from __future__ import annotations
 
@@ -25,9 +26,21 @@ from engine.detect import (
 )
 from engine.process import EngineProcess
 from engine.settings import EngineConfig
-from engine.supervisor import EngineState, EngineSupervisor
-from tests.fake_engine import LORA, MAX_MODEL_LEN, MODEL, fake_argv
-from tests.helpers import Recorder, free_port, kill_leftovers, pid_alive, until
+from engine.supervisor import PROBE_PROMPT, EngineState, EngineSupervisor
+from tests.helpers import (
+    Recorder,
+    control_emulator,
+    emulator_argv,
+    emulator_info,
+    free_port,
+    kill_leftovers,
+    pid_alive,
+    until,
+)
+
+MODEL = "tiny"
+LORA = "tiny-lora"
+MAX_MODEL_LEN = 512
 
 # The decisions.
 
@@ -160,7 +173,12 @@ def test_parse_counters(text: str, expected: float | None) -> None:
     assert parse_counters(text) == expected
 
 
-# The supervisor against a fake engine.
+# The supervisor against the emulator.
+
+
+def controlled_argv(port: int, *flags: str) -> list[str]:
+    """The emulator serving "tiny" and a LoRA adapter, controlled by the test (`--control`)."""
+    return emulator_argv(port, "--control", "--lora-modules", f"{LORA}=/adapters/x", *flags)
 
 
 def engine_config(port: int, **overrides: Any) -> EngineConfig:
@@ -201,12 +219,6 @@ Factory = Callable[..., EngineSupervisor]
 
 
 @pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
-
-
-@pytest.fixture
 async def make_supervisor(session: aiohttp.ClientSession) -> AsyncIterator[Factory]:
     """Supervisors built here are stopped (with their engines) after the test."""
     made: list[EngineSupervisor] = []
@@ -223,29 +235,23 @@ async def make_supervisor(session: aiohttp.ClientSession) -> AsyncIterator[Facto
 
 @pytest.fixture
 async def sidecar_engines() -> AsyncIterator[list[EngineProcess]]:
-    """Fake engines the test starts itself (playing the kubelet); stopped after the test."""
+    """Engines the test starts itself (playing the kubelet); stopped after the test."""
     engines: list[EngineProcess] = []
     yield engines
     for engine in engines:
         await engine.stop(1.0)
 
 
-async def control(session: aiohttp.ClientSession, port: int, **changes: Any) -> None:
-    async with session.post(f"http://127.0.0.1:{port}/_control", json=changes) as resp:
-        assert resp.status == 200
-
-
 async def engine_pid(session: aiohttp.ClientSession, port: int) -> int:
-    async with session.get(f"http://127.0.0.1:{port}/_info") as resp:
-        pid: int = (await resp.json())["pid"]
-        return pid
+    pid: int = (await emulator_info(session, port))["pid"]
+    return pid
 
 
 async def test_ready_means_a_generation_answered(make_supervisor: Factory) -> None:
     """A started engine becomes ready once it answered a one-token generation, with its models
     learnt (a LoRA adapter included) and the change logged."""
     port = free_port()
-    supervisor = make_supervisor(engine_config(port, command=tuple(fake_argv(port))))
+    supervisor = make_supervisor(engine_config(port, command=tuple(controlled_argv(port))))
     with capture_logs() as logs:
         await supervisor.start()
         assert supervisor.state is EngineState.STARTING
@@ -266,7 +272,7 @@ async def test_never_ready_engine_is_failed_after_the_startup_timeout(
     the startup timeout passes, and restarted."""
     port = free_port()
     config = engine_config(
-        port, command=tuple(fake_argv(port, "--never-ready")), startup_timeout_s=1.5
+        port, command=tuple(controlled_argv(port, "--hang-on", PROBE_PROMPT)), startup_timeout_s=1.5
     )
     supervisor = make_supervisor(config)
     recorder = Recorder(supervisor)
@@ -283,13 +289,13 @@ async def test_exit_is_detected_and_restarted(
     """An engine that exits, with status 0 as much as any other, is failed and started again:
     failed → restarting → starting → ready, epoch 2."""
     port = free_port()
-    supervisor = make_supervisor(engine_config(port, command=tuple(fake_argv(port))))
+    supervisor = make_supervisor(engine_config(port, command=tuple(controlled_argv(port))))
     recorder = Recorder(supervisor)
     await supervisor.start()
     assert await supervisor.wait_ready(15.0)
     first_pid = await engine_pid(session, port)
     with capture_logs() as logs:
-        await control(session, port, exit=status)
+        await control_emulator(session, port, exit=status)
         assert await until(lambda: supervisor.epoch == 2 and supervisor.is_ready(), 15)
     assert [c.new for c in recorder.changes][-4:] == [
         EngineState.FAILED,
@@ -315,11 +321,11 @@ async def test_health_failures_in_a_row_fail_the_engine(
 ) -> None:
     """`health_failures` failed /health probes in a row fail a ready engine; it is restarted."""
     port = free_port()
-    supervisor = make_supervisor(engine_config(port, command=tuple(fake_argv(port))))
+    supervisor = make_supervisor(engine_config(port, command=tuple(controlled_argv(port))))
     recorder = Recorder(supervisor)
     await supervisor.start()
     assert await supervisor.wait_ready(15.0)
-    await control(session, port, health=503)
+    await control_emulator(session, port, health=503)
     assert await until(lambda: supervisor.epoch == 2 and supervisor.is_ready(), 15)
     assert (
         "/health failed 2 probes in a row (last: HTTP 503)"
@@ -332,7 +338,7 @@ async def test_one_failure_report_does_not_fail_a_healthy_engine(make_supervisor
     ready."""
     port = free_port()
     supervisor = make_supervisor(
-        engine_config(port, command=tuple(fake_argv(port)), probe_interval_s=30.0)
+        engine_config(port, command=tuple(controlled_argv(port)), probe_interval_s=30.0)
     )
     await supervisor.start()
     assert await supervisor.wait_ready(15.0)
@@ -351,7 +357,7 @@ async def test_failure_report_triggers_the_probes(
     """After a report, the probes run at once rather than at the next (30 s away) interval,
     and a dead engine is failed."""
     port = free_port()
-    sidecar_engines.append(await EngineProcess.spawn(fake_argv(port), grace_s=1.0))
+    sidecar_engines.append(await EngineProcess.spawn(controlled_argv(port), grace_s=1.0))
     supervisor = make_supervisor(engine_config(port, probe_interval_s=30.0))
     await supervisor.start()
     assert await supervisor.wait_ready(15.0)
@@ -370,12 +376,12 @@ async def test_wedged_engine_is_failed_and_restarted(
     port = free_port()
     progress = FakeProgress()
     supervisor = make_supervisor(
-        engine_config(port, command=tuple(fake_argv(port))), progress=progress
+        engine_config(port, command=tuple(controlled_argv(port))), progress=progress
     )
     recorder = Recorder(supervisor)
     await supervisor.start()
     assert await supervisor.wait_ready(15.0)
-    await control(session, port, hang=True)
+    await control_emulator(session, port, hang=True)
     progress.stall()
     assert await until(lambda: bool(recorder.reasons(EngineState.FAILED)), 10)
     progress.since = None
@@ -392,11 +398,11 @@ async def test_busy_engine_is_not_wedged(
     port = free_port()
     progress = FakeProgress()
     supervisor = make_supervisor(
-        engine_config(port, command=tuple(fake_argv(port))), progress=progress
+        engine_config(port, command=tuple(controlled_argv(port))), progress=progress
     )
     await supervisor.start()
     assert await supervisor.wait_ready(15.0)
-    await control(session, port, hang=True, busy=True)
+    await control_emulator(session, port, hang=True, busy=True)
     progress.stall()
     with capture_logs() as logs:
         await asyncio.sleep(3.0)  # six wedge timeouts
@@ -413,7 +419,7 @@ async def test_answered_probe_clears_a_wedge_suspicion(
     port = free_port()
     progress = FakeProgress()
     supervisor = make_supervisor(
-        engine_config(port, command=tuple(fake_argv(port))), progress=progress
+        engine_config(port, command=tuple(controlled_argv(port))), progress=progress
     )
     await supervisor.start()
     assert await supervisor.wait_ready(15.0)
@@ -433,12 +439,12 @@ async def test_wedge_without_metrics_rests_on_the_stall(
     """An engine without /metrics that stalls and does not answer a probe is wedged: in the
     sidecar shape it is reported not live."""
     port = free_port()
-    sidecar_engines.append(await EngineProcess.spawn(fake_argv(port), grace_s=1.0))
+    sidecar_engines.append(await EngineProcess.spawn(controlled_argv(port), grace_s=1.0))
     progress = FakeProgress()
     supervisor = make_supervisor(engine_config(port), progress=progress)
     await supervisor.start()
     assert await supervisor.wait_ready(15.0)
-    await control(session, port, hang=True, metrics=False)
+    await control_emulator(session, port, hang=True, metrics=False)
     progress.stall()
     assert await until(lambda: not supervisor.live(), 10)
     assert supervisor.state is EngineState.RESTARTING
@@ -469,7 +475,7 @@ async def test_sidecar_live_follows_the_engine(
     """Sidecar shape: the engine's death turns live() False (the kubelet would restart it);
     when it is back and answers, live() is True again and the epoch moves on."""
     port = free_port()
-    sidecar_engines.append(await EngineProcess.spawn(fake_argv(port), grace_s=1.0))
+    sidecar_engines.append(await EngineProcess.spawn(controlled_argv(port), grace_s=1.0))
     supervisor = make_supervisor(engine_config(port))
     recorder = Recorder(supervisor)
     await supervisor.start()
@@ -479,7 +485,7 @@ async def test_sidecar_live_follows_the_engine(
     assert await until(lambda: not supervisor.live(), 10)
     assert supervisor.restart_expected()
     assert supervisor.state is EngineState.RESTARTING
-    sidecar_engines.append(await EngineProcess.spawn(fake_argv(port), grace_s=1.0))  # kubelet
+    sidecar_engines.append(await EngineProcess.spawn(controlled_argv(port), grace_s=1.0))  # kubelet
     assert await supervisor.wait_ready(15.0)
     assert supervisor.live()
     assert supervisor.epoch == 2
@@ -495,7 +501,7 @@ async def test_sidecar_live_follows_the_engine(
 async def test_explicit_restart(make_supervisor: Factory, session: aiohttp.ClientSession) -> None:
     """restart() replaces a ready engine's process with a new one."""
     port = free_port()
-    supervisor = make_supervisor(engine_config(port, command=tuple(fake_argv(port))))
+    supervisor = make_supervisor(engine_config(port, command=tuple(controlled_argv(port))))
     recorder = Recorder(supervisor)
     await supervisor.start()
     assert await supervisor.wait_ready(15.0)
@@ -513,11 +519,12 @@ async def test_stop_stops_the_engine_group(
 ) -> None:
     """stop() ends supervision and the engine's whole process group."""
     port = free_port()
-    supervisor = make_supervisor(engine_config(port, command=tuple(fake_argv(port, "--child"))))
+    supervisor = make_supervisor(
+        engine_config(port, command=tuple(controlled_argv(port, "--child")))
+    )
     await supervisor.start()
     assert await supervisor.wait_ready(15.0)
-    async with session.get(f"http://127.0.0.1:{port}/_info") as resp:
-        info = await resp.json()
+    info = await emulator_info(session, port)
     try:
         await supervisor.stop()
         assert supervisor.state is EngineState.STOPPED

@@ -24,12 +24,9 @@ from engine.tokenization import (
     completion_prompts,
     local_chat_supported,
 )
+from tests.helpers import MODEL_DIR, ROOT
+from tests.real_engine import ENGINE_PYTHON, MAX_MODEL_LEN
 from tests.token_corpus import TEMPLATES_DIR, Case, cases, template, template_paths
-
-ROOT = Path(__file__).resolve().parents[2]
-ENGINE_PYTHON = ROOT / ".venv-engine" / "bin" / "python"
-MODEL_DIR = ROOT / "models" / "tiny"
-MAX_MODEL_LEN = 512
 
 CORPUS = cases()
 # What the local path leaves to the engine's /tokenize, on purpose.
@@ -194,11 +191,6 @@ def reference(model_dir: Path, variant_dir: Path) -> dict[str, Any]:
         for case, result in zip(run_cases, run["results"], strict=True):
             by_id[case["id"]] = result
     return {"cases": by_id, "formats": answer["formats"]}
-
-
-@pytest.fixture(scope="session")
-def tok(model_dir: Path) -> PromptTokenizer:
-    return PromptTokenizer.from_dir(model_dir)
 
 
 def _local(tok: PromptTokenizer, case: Case) -> tuple[list[list[int]], str | None]:

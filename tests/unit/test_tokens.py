@@ -17,11 +17,10 @@ from gateway.config import ConfigError, Policy, TokenSource
 from gateway.errors import BadGateway, BadRequest
 from gateway.schemas import parse_chat, parse_completion
 from gateway.tokens import PromptCount, TokenCounter, TokenCounters
+from tests.helpers import MODEL_DIR
 from tests.token_corpus import LONG, MEDIUM, cases
 from tests.token_corpus import template as template_text
 
-ROOT = Path(__file__).resolve().parents[2]
-MODEL_DIR = ROOT / "models" / "tiny"
 MAX_MODEL_LEN = 512
 USER = [{"role": "user", "content": "Hello there"}]
 
@@ -33,13 +32,6 @@ PLAIN_CHATS = [
     and not c["id"].startswith(("bad-", "unsupported-"))
     and "truncate_prompt_tokens" not in c["body"]
 ]
-
-
-@pytest.fixture(scope="module")
-def tok() -> PromptTokenizer:
-    if not (MODEL_DIR / "tokenizer.json").is_file():
-        pytest.fail("models/tiny is missing: run `make model` (make test does)")
-    return PromptTokenizer.from_dir(MODEL_DIR)
 
 
 class FakeTokenize:
