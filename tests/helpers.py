@@ -1,9 +1,10 @@
-"""Plain helpers shared by the test modules: ports and processes, polling, the emulator as a
-supervised engine, request bodies, sending a request and reading its answer or its SSE events,
-the error envelope, and a recorder of the supervisor's state changes.
+"""Plain helpers shared by the test modules, one per job: paths, ports and processes, polling,
+the emulator as an engine process (its argv, its run-time control), gateway configs and the
+gateways the `gateway_server` fixture starts, request bodies (`chat`), sending a request and
+reading its answer or its SSE events (`send`, `post`), the error envelope, and a recorder of
+the supervisor's state changes.
 
-Fixtures live in tests/conftest.py; the engine run as a subprocess is the emulator
-(engine/emulator, `--control` for run-time changes).
+Fixtures live in tests/conftest.py; the real vLLM's process in tests/real_engine.py.
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ VARIANT_CASES: list[Case] = [
         "body": {"prompt": "x <unk><|marker|>y </s> <pad>"},
     },
 ]
-SERVER = {
+SERVER: dict[str, Any] = {
     "chat_template": template("features"),
     "chat_template_kwargs": {"persona": "server persona", "enable_thinking": True},
 }
@@ -199,7 +199,7 @@ def _expected_count(case: Case, ids: list[int]) -> int:
         # A completion's max_tokens defaults to 16, null included; a chat's to none.
         limited = body.get("max_tokens") or (16 if case["kind"] == "completion" else None)
         k = MAX_MODEL_LEN - 1 if limited else MAX_MODEL_LEN
-    return min(len(ids), k)
+    return min(len(ids), int(k))
 
 
 def _check(tok: PromptTokenizer, case: Case, ref: dict[str, Any]) -> None:

@@ -107,7 +107,7 @@ async def test_local_and_engine_sources_agree(tok: PromptTokenizer, case: dict[s
 async def test_completion_prompt_shapes(tok: PromptTokenizer) -> None:
     """A string, strings, token ids and token-id lists are counted prompt by prompt; token ids
     count as their length and never go to the engine."""
-    shapes: list[tuple[object, list[int]]] = [
+    shapes: list[tuple[str | list[Any], list[int]]] = [
         ("Once upon a time", [len(tok.encode_completion("Once upon a time"))]),
         (["a b", "c"], [len(tok.encode_completion("a b")), len(tok.encode_completion("c"))]),
         ([5, 6, 7], [3]),
@@ -324,8 +324,9 @@ async def test_engine_answers_without_a_count(
 async def test_the_endpoint_decides_what_is_counted(tok: PromptTokenizer) -> None:
     """A completions body with a stray `messages` field (vLLM ignores it there) is counted by
     its prompts, one count each; a chat body by its messages."""
-    body = {"prompt": ["one prompt", LONG], "messages": USER}
-    expected = [len(tok.encode_completion(p)) for p in body["prompt"]]
+    prompts = ["one prompt", LONG]
+    body = {"prompt": prompts, "messages": USER}
+    expected = [len(tok.encode_completion(p)) for p in prompts]
     counter = local(tok)
     assert await counter.count(parse_completion(body), body) == expected
     bounds = await counter.upper_bounds(parse_completion(body), body)
