@@ -6,7 +6,7 @@ ENGINE_VENV := .venv-engine
 MODEL_DIR := models/tiny
 CONFIG ?= config.yaml
 
-.PHONY: run test lint typecheck pytest venv engine model system bench clean
+.PHONY: run test unit lint typecheck pytest venv engine model system bench clean
 
 $(VENV)/.installed: pyproject.toml
 	[ -x $(VENV)/bin/python ] || $(PYTHON) -m venv $(VENV)
@@ -39,10 +39,16 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy
 
+# Every test, the real engine's included, with branch coverage and its floor (pyproject.toml).
 pytest: venv model system
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest --cov --cov-report=term
 
 test: lint typecheck pytest
+
+# The fast loop: the pure tables of tests/unit (seconds; no engine, no sockets). Reads the tiny
+# model's tokenizer files (models/tiny) but never builds anything.
+unit: venv
+	$(VENV)/bin/pytest -q tests/unit
 
 # Figures, not assertions: CPU per admitted request against the emulator (about a minute).
 bench: venv model

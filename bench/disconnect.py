@@ -25,13 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gateway.app import create_app
 from gateway.keys import SUPERVISOR
-from tests.conftest import (
-    RealEngine,
-    free_port,
-    gateway_config,
-    start_engine,
-    stop_process_group,
-)
+from tests.helpers import free_port, gateway_config
+from tests.real_engine import RealEngine, start_engine, stop_process_group
 
 BODY = {
     "model": "tiny",

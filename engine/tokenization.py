@@ -36,7 +36,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from tokenizers import AddedToken, Tokenizer
 
@@ -181,7 +181,7 @@ class PromptTokenizer:
         chat_template: str | None = None,
         chat_template_kwargs: Mapping[str, object] | None = None,
         content_format: ContentFormatOption = "auto",
-    ) -> PromptTokenizer:
+    ) -> Self:
         """Load `tokenizer.json`, `tokenizer_config.json` (and `chat_template.jinja`,
         `additional_chat_templates/*.jinja`, `special_tokens_map.json`) the way
         `AutoTokenizer.from_pretrained` does. `chat_template` and `chat_template_kwargs` are the

@@ -1,4 +1,6 @@
-"""Run the gateway until SIGTERM, then stop it gracefully."""
+"""Run the gateway until SIGTERM, then stop it gracefully. `listen` builds and starts the
+servers from the config: `serve()` and the tests' gateways both use it, so server-level
+settings are tested as they run in production."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import asyncio
 import contextlib
 import signal
 import time
+from dataclasses import dataclass
 
 import structlog
 from aiohttp import web
@@ -16,27 +19,73 @@ from gateway.keys import ADMIN_APP, INFLIGHT, LIFECYCLE, SUPERVISOR
 log = structlog.get_logger("gateway")
 
 
+SHUTDOWN_TIMEOUT_S = 1.0
+"""After the drain (or at a test's end), how long aiohttp waits for handlers still running."""
+
+
+@dataclass(frozen=True)
+class Listening:
+    """The gateway's servers, started: the client listener and, when enabled, the admin one."""
+
+    app: web.Application
+    runner: web.AppRunner
+    admin_runner: web.AppRunner | None
+
+    @property
+    def port(self) -> int:
+        """The client port bound (config.server.port, or the one picked for port 0)."""
+        return _bound_port(self.runner)
+
+    @property
+    def admin_port(self) -> int | None:
+        return None if self.admin_runner is None else _bound_port(self.admin_runner)
+
+    async def close(self) -> None:
+        """Stop listening; the app's cleanup (the engine's stop among it) runs last."""
+        if self.admin_runner is not None:
+            await self.admin_runner.cleanup()
+        await self.runner.cleanup()
+
+
+def _bound_port(runner: web.AppRunner) -> int:
+    address = runner.addresses[0]
+    return int(address[1])
+
+
+async def listen(app: web.Application, config: Config) -> Listening:
+    """Build the runners and sites from the config and start them: the one place where
+    server-level settings are made. Handlers are cancelled when their client goes away (so an
+    abandoned generation stops at the engine); signals are `serve()`'s to handle."""
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+    )
+    await runner.setup()
+    admin_runner = None
+    try:
+        await web.TCPSite(runner, config.server.host, config.server.port).start()
+        if config.admin.enabled and ADMIN_APP in app:
+            admin_runner = web.AppRunner(app[ADMIN_APP], handle_signals=False, access_log=None)
+            await admin_runner.setup()
+            await web.TCPSite(admin_runner, config.admin.host, config.admin.port).start()
+    except BaseException:
+        await Listening(app, runner, admin_runner).close()
+        raise
+    return Listening(app, runner, admin_runner)
+
+
 async def serve(app: web.Application, config: Config) -> None:
     """Listen at once (probes must find the port open while the engine loads), run until
     SIGTERM or SIGINT, then drain: in-flight requests finish up to `shutdown_grace_s`,
     then the app's cleanup stops the engine."""
-    runner = web.AppRunner(
-        app, handle_signals=False, handler_cancellation=True, access_log=None, shutdown_timeout=1.0
-    )
-    await runner.setup()
-    sites = [web.TCPSite(runner, config.server.host, config.server.port)]
-    if config.admin.enabled and ADMIN_APP in app:
-        admin_runner = web.AppRunner(app[ADMIN_APP], handle_signals=False, access_log=None)
-        await admin_runner.setup()
-        sites.append(web.TCPSite(admin_runner, config.admin.host, config.admin.port))
-    else:
-        admin_runner = None
-    for site in sites:
-        await site.start()
+    listening = await listen(app, config)
     log.info(
         "gateway_listening",
         host=config.server.host,
-        port=config.server.port,
+        port=listening.port,
         engine=config.engine.url,
         supervised=app[SUPERVISOR].supervised,
     )
@@ -48,9 +97,7 @@ async def serve(app: web.Application, config: Config) -> None:
         await stop.wait()
         await drain(app, config.server.shutdown_grace_s)
     finally:
-        if admin_runner is not None:
-            await admin_runner.cleanup()
-        await runner.cleanup()
+        await listening.close()
         log.info("gateway_stopped")
 
 

@@ -1,8 +1,10 @@
-"""Plain helpers shared by the test modules: ports and processes, polling, the emulator as a
-supervised engine, request bodies, sending a request and reading its answer or its SSE events,
-the error envelope, and a recorder of the supervisor's state changes.
+"""Plain helpers shared by the test modules, one per job: paths, ports and processes, polling,
+the emulator as an engine process (its argv, its run-time control), gateway configs and the
+gateways the `gateway_server` fixture starts, request bodies (`chat`), sending a request and
+reading its answer or its SSE events (`send`, `post`), the error envelope, and a recorder of
+the supervisor's state changes.
 
-Fixtures live in tests/conftest.py; the fake engine run as a subprocess in tests/fake_engine.py.
+Fixtures live in tests/conftest.py; the real vLLM's process in tests/real_engine.py.
 """
 
 from __future__ import annotations
@@ -14,15 +16,23 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 from aiohttp.test_utils import TestServer
+from yarl import URL
 
 from engine.supervisor import EngineState, EngineSupervisor, StateChange
+from gateway.config import Config, parse_config
+from gateway.serve import Listening
 
 CHAT_PATH = "/v1/chat/completions"
+ROOT = Path(__file__).resolve().parent.parent
+MODEL_DIR = ROOT / "models" / "tiny"
+"""The tiny model (scripts/make_tiny_model.py): its tokenizer files count prompts."""
 
 # Ports and processes.
 
@@ -72,7 +82,7 @@ async def until(condition: Callable[[], Any], timeout: float, interval: float = 
     return True
 
 
-def base_url(server: TestServer) -> str:
+def base_url(server: TestServer | Gateway) -> str:
     """The server's URL without a trailing slash, to put paths after."""
     return str(server.make_url("")).rstrip("/")
 
@@ -119,6 +129,30 @@ def emulator_argv(port: int, *flags: str) -> list[str]:
     ]
 
 
+async def control_emulator(session: aiohttp.ClientSession, port: int, **changes: Any) -> None:
+    """Change an emulator run with `--control` at run time (engine/emulator/control.py)."""
+    async with session.post(f"http://127.0.0.1:{port}/_emulator/control", json=changes) as resp:
+        assert resp.status == 200, await resp.text()
+
+
+async def emulator_info(
+    session: aiohttp.ClientSession, port: int, timeout: float = 10.0
+) -> dict[str, Any]:
+    """Wait until an emulator run with `--control` answers; its pid and its child's."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            url = f"http://127.0.0.1:{port}/_emulator/info"
+            async with session.get(url, timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                info: dict[str, Any] = await resp.json()
+                return info
+        except aiohttp.ClientError:
+            if loop.time() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
 def emulator_section(
     port: int, *flags: str, timings: Mapping[str, Any], supervised: bool = True, **overrides: Any
 ) -> dict[str, Any]:
@@ -130,11 +164,67 @@ def emulator_section(
     return section
 
 
+# Gateways.
+
+
+def gateway_config(engine_url: str, **sections: Any) -> Config:
+    """A gateway config for tests: the given engine, quick probes, loopback only."""
+    data: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": 0},
+        "admin": {"enabled": False},
+        "engine": {
+            "url": engine_url,
+            "probe_interval_s": 0.5,
+            "startup_probe_interval_s": 0.2,
+            "probe_timeout_s": 30,
+        },
+        "logging": {"format": "json"},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return parse_config(data)
+
+
+async def run_fake_upstream(app: web.Application) -> TestServer:
+    server = TestServer(app, host="127.0.0.1", port=free_port())
+    await server.start_server()
+    return server
+
+
+class Gateway:
+    """A gateway the `gateway_server` fixture started: its app and where it listens."""
+
+    def __init__(self, listening: Listening, config: Config) -> None:
+        self.listening = listening
+        self.app = listening.app
+        self.url = f"http://{config.server.host}:{listening.port}"
+        admin = listening.admin_port
+        self.admin_url = None if admin is None else f"http://{config.admin.host}:{admin}"
+        """The operator's listener, when the config enables it."""
+
+    def make_url(self, path: str) -> URL:
+        return URL(self.url + path)
+
+    async def close(self) -> None:
+        await self.listening.close()
+
+
+StartGateway = Callable[..., Awaitable[Gateway]]
+"""The `gateway_server` fixture: `await gateway_server(config, wait_ready=True, timeout=120)`."""
+
+
 # Requests and answers.
 
 
-def chat(content: str, *, max_tokens: int | None = 8, stream: bool = False) -> dict[str, Any]:
-    """A greedy chat body for "tiny" with one user message (`stream` sent only when true)."""
+def chat(
+    content: str, *, max_tokens: int | None = 8, stream: bool = False, **fields: Any
+) -> dict[str, Any]:
+    """A greedy chat body for "tiny" with one user message, then `fields` (which may override
+    the temperature); `max_tokens=None` leaves the field out, `stream` is sent only when
+    true."""
     body: dict[str, Any] = {
         "model": "tiny",
         "temperature": 0,
@@ -144,21 +234,24 @@ def chat(content: str, *, max_tokens: int | None = 8, stream: bool = False) -> d
         body["max_tokens"] = max_tokens
     if stream:
         body["stream"] = True
-    return body
+    return {**body, **fields}
 
 
 async def send(
     session: aiohttp.ClientSession,
     url: str,
-    body: dict[str, Any],
+    body: object = None,
     timeout: float | None = 60.0,
     *,
+    data: bytes | str | None = None,
+    headers: Mapping[str, str] | None = None,
     content_type: str | None = "application/json",
 ) -> dict[str, Any]:
-    """POST `body` as JSON within `timeout` (None: no bound of its own): its status, headers and
-    content type, and its JSON body (expected as `content_type`; None: any), or for a stream
-    its events."""
-    async with asyncio.timeout(timeout), session.post(url, json=body) as resp:
+    """POST `body` as JSON (or `data` as it is, with `headers`) within `timeout` (None: no bound
+    of its own): the answer's status, headers and content type, and its JSON body (expected as
+    `content_type`; None: any; an empty body is None), or for a stream its events."""
+    sent: dict[str, Any] = {"data": data} if data is not None else {"json": body}
+    async with asyncio.timeout(timeout), session.post(url, headers=headers, **sent) as resp:
         out: dict[str, Any] = {
             "status": resp.status,
             "headers": resp.headers,
@@ -171,10 +264,12 @@ async def send(
         return out
 
 
-async def post(url: str, body: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
-    """`send` in a client session of its own."""
+async def post(
+    url: str, body: object = None, timeout: float | None = None, **options: Any
+) -> dict[str, Any]:
+    """`send` in a client session of its own (same options, same answer)."""
     async with aiohttp.ClientSession() as session:
-        return await send(session, url, body, timeout)
+        return await send(session, url, body, timeout, **options)
 
 
 async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[Any]:

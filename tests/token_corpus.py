@@ -14,7 +14,7 @@ body there, move the first two into `chat_template_kwargs` (as `gateway.tokens` 
 `_Chat.tokenize_payload`) and apply the truncation yourself (min(count, k)); or compare with
 `usage.prompt_tokens` of a generation.
 
-tests/test_tokenization.py checks every case against vLLM's renderer, offline.
+tests/engine/test_tokenization.py checks every case against vLLM's renderer, offline.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from __future__ import annotations
 from functools import cache
 from pathlib import Path
 from typing import Any
+
+from engine.tokenization import PromptTokenizer, completion_prompts
 
 TEMPLATES_DIR = Path(__file__).parent / "data" / "templates"
 """Templates written for these tests."""
@@ -578,3 +580,33 @@ def cases() -> list[Case]:
         *_own_template_cases(),
         *_completion_cases(),
     ]
+
+
+def local_ids(tok: PromptTokenizer, case: Case) -> tuple[list[list[int]], str | None]:
+    """Ids per prompt as PromptTokenizer makes them (before truncation), and the chat text."""
+    body = case["body"]
+    if case["kind"] == "completion":
+        prompts = completion_prompts(body["prompt"])
+        special = body.get("add_special_tokens", True)
+        return [
+            p if isinstance(p, list) else tok.encode_completion(p, special) for p in prompts
+        ], None
+    fields = {
+        k: body[k]
+        for k in ("tools", "chat_template", "chat_template_kwargs", "documents", "reasoning_effort")
+        if k in body
+    }
+    text = tok.render_chat(
+        body["messages"],
+        add_generation_prompt=body.get("add_generation_prompt", True),
+        continue_final_message=body.get("continue_final_message", False),
+        **fields,
+    )
+    ids = tok.encode_chat(
+        body["messages"],
+        add_generation_prompt=body.get("add_generation_prompt", True),
+        continue_final_message=body.get("continue_final_message", False),
+        add_special_tokens=body.get("add_special_tokens", False),
+        **fields,
+    )
+    return [ids], text

@@ -14,6 +14,7 @@ from typing import Final
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from engine.emulator.control import CONTROLS, Controls, add_control
 from engine.emulator.core import Choice, EngineCore, marker_fault
 from engine.emulator.protocol import (
     ApiError,
@@ -86,6 +87,9 @@ def create_emulator_app(settings: EmulatorSettings) -> web.Application:
     # vLLM (uvicorn) takes bodies of any size; aiohttp would cap them at 1 MB.
     app = web.Application(middlewares=[_errors, _latency], client_max_size=MAX_BODY_BYTES)
     app[EMULATOR] = emulator
+    app[CONTROLS] = Controls()
+    if settings.control:
+        add_control(app, emulator.core)
     if settings.log_requests:
         app.on_response_prepare.append(_access_log)
     app.router.add_get("/health", _health)
@@ -134,7 +138,9 @@ async def _access_log(request: web.Request, response: web.StreamResponse) -> Non
 
 
 async def _health(request: web.Request) -> web.Response:
-    return web.Response(status=503 if request.app[EMULATOR].core.dead else 200)
+    return web.Response(
+        status=503 if request.app[EMULATOR].core.dead else request.app[CONTROLS].health
+    )
 
 
 async def _version(request: web.Request) -> web.Response:
@@ -172,10 +178,25 @@ async def _models(request: web.Request) -> web.Response:
         }
         for name in settings.served_model_names
     ]
+    data += [
+        {
+            "id": name,
+            "object": "model",
+            "created": created,
+            "owned_by": "vllm",
+            "root": path,
+            "parent": settings.served_model_names[0],
+            "max_model_len": None,
+            "permission": [permission],
+        }
+        for name, path in settings.lora_modules.items()
+    ]
     return web.json_response({"object": "list", "data": data})
 
 
 async def _metrics(request: web.Request) -> web.Response:
+    if not request.app[CONTROLS].metrics:
+        raise web.HTTPNotFound
     body = generate_latest(request.app[EMULATOR].registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -212,7 +233,7 @@ def _encode_chat(tokenizer: Tokenizer, req: ChatRequest | TokenizeRequest) -> li
 async def _tokenize(request: web.Request) -> web.Response:
     emulator = request.app[EMULATOR]
     req = parse_as(TokenizeRequest, parse_json(await request.read()))
-    resolve_model(req.model, emulator.settings.served_model_names)
+    resolve_model(req.model, emulator.settings.model_names)
     tokenizer = emulator.tokenizer
     if req.messages is not None:
         ids = _encode_chat(tokenizer, req)
@@ -236,7 +257,7 @@ async def _tokenize(request: web.Request) -> web.Response:
 async def _detokenize(request: web.Request) -> web.Response:
     emulator = request.app[EMULATOR]
     req = parse_as(DetokenizeRequest, parse_json(await request.read()))
-    resolve_model(req.model, emulator.settings.served_model_names)
+    resolve_model(req.model, emulator.settings.model_names)
     try:
         text = emulator.tokenizer.decode(req.tokens)
     except Exception as exc:
@@ -247,7 +268,7 @@ async def _detokenize(request: web.Request) -> web.Response:
 async def _chat_completions(request: web.Request) -> web.StreamResponse:
     emulator = request.app[EMULATOR]
     req = parse_as(ChatRequest, parse_json(await request.read()))
-    model = resolve_model(req.model, emulator.settings.served_model_names)
+    model = resolve_model(req.model, emulator.settings.model_names)
     emulator.core.check_alive()
     prompt = Prompt(_encode_chat(emulator.tokenizer, req), True, messages_text(req.messages))
     last = req.messages[-1] if req.messages else None
@@ -273,7 +294,7 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
 async def _completions(request: web.Request) -> web.StreamResponse:
     emulator = request.app[EMULATOR]
     req = parse_as(CompletionRequest, parse_json(await request.read()))
-    model = resolve_model(req.model, emulator.settings.served_model_names)
+    model = resolve_model(req.model, emulator.settings.model_names)
     emulator.core.check_alive()
     prompts = _completion_prompts(emulator.tokenizer, req)
     header = Header.new("completion", model)

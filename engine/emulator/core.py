@@ -107,6 +107,14 @@ class EngineCore:
         """All generation stops for good; the HTTP server keeps answering."""
         self._flowing.clear()
 
+    def flow(self) -> None:
+        """Generation moves again after a hang."""
+        self._flowing.set()
+
+    def count_unsent_token(self) -> None:
+        """A token generated for a request that has sent nothing yet: the counter moves."""
+        self._generation_tokens.inc()
+
     def die(self) -> NoReturn:
         """The process ends at once, with everything in flight."""
         os._exit(self._settings.exit_code)

@@ -20,6 +20,9 @@ class EmulatorSettings(BaseModel):
     """Names the engine answers to; the first one is used when a request names none, and is
     the `model_name` label of every metric (as in vLLM)."""
     max_model_len: int = Field(512, gt=1)
+    lora_modules: dict[str, str] = Field(default_factory=dict)
+    """LoRA adapters, name to path (vLLM's `--lora-modules name=path`): listed by /v1/models
+    with their base model as parent, and served like it."""
     tokenizer: Path | None = None
     """A Hugging Face model folder (tokenizer.json, tokenizer_config.json): count tokens with
     `engine.tokenization.PromptTokenizer`. Without it, the built-in word rule counts."""
@@ -48,5 +51,12 @@ class EmulatorSettings(BaseModel):
     /health keeps answering 200 (vllm#39863)."""
     log_requests: bool = False
     """Print a uvicorn-style access-log line per request on stdout, as vLLM does."""
+    control: bool = False
+    """Serve the run-time control endpoints (control.py): not part of vLLM's API."""
     version: str = "0.32.0"
     """What GET /version reports."""
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """Every name a request may give: the served names, then the LoRA adapters."""
+        return (*self.served_model_names, *self.lora_modules)

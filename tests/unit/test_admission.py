@@ -52,22 +52,57 @@ class FakeSupervisor:
             callback(StateChange(old, state, "test", self.epoch))
 
 
-def _gate(fake: FakeSupervisor, supervised: bool = True, **isolation: float) -> Gate:
+START = 1000.0
+
+
+class FakeClock:
+    """The gate's monotonic clock, moved by the test. A waiting request reads it each time it
+    checks its bounds, so `read()` tells the test that a request has been refused and is
+    waiting: events are ordered by it, not by sleeping."""
+
+    def __init__(self) -> None:
+        self.now = START
+        self._read = asyncio.Event()
+
+    def __call__(self) -> float:
+        self._read.set()
+        return self.now
+
+    async def read(self, timeout: float = 10.0) -> None:
+        """Wait until the clock is next read."""
+        self._read.clear()
+        await asyncio.wait_for(self._read.wait(), timeout)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def _gate(
+    fake: FakeSupervisor,
+    supervised: bool = True,
+    clock: FakeClock | None = None,
+    **isolation: float,
+) -> Gate:
     engine = EngineConfig(command=("engine",) if supervised else None)
     fake.supervised = supervised
-    return Gate(IsolationConfig(**isolation), fake, InflightLedger(), engine)
+    return Gate(
+        IsolationConfig(**isolation), fake, InflightLedger(), engine, clock=clock or FakeClock()
+    )
 
 
 def _deadline(seconds: float = 10) -> float:
-    return time.monotonic() + seconds
+    """A deadline `seconds` after the fake clock's start."""
+    return START + seconds
 
 
-async def test_bulkhead_queue_then_429() -> None:
+async def test_bulkhead_queue_then_429(clock: FakeClock) -> None:
     """Past max_in_flight requests wait; past queue_max they get 429 with Retry-After."""
-    gate = _gate(FakeSupervisor(), queue_max=1, queue_timeout_s=5)
+    gate = _gate(FakeSupervisor(), clock=clock, queue_max=1, queue_timeout_s=5)
     first = await gate.enter("a", "m", "fa", 1, _deadline())
     waiter = asyncio.ensure_future(gate.enter("b", "m", "fb", 1, _deadline()))
-    await asyncio.sleep(0.05)
+    await clock.read()
     with pytest.raises(Overloaded) as info:
         await gate.enter("c", "m", "fc", 1, _deadline())
     assert info.value.headers["Retry-After"]
@@ -86,23 +121,25 @@ async def test_no_restart_coming_means_503_at_once() -> None:
     assert info.value.headers["Retry-After"] == "7"
 
 
-async def test_held_while_restarting_then_admitted() -> None:
+async def test_held_while_restarting_then_admitted(clock: FakeClock) -> None:
     """A supervised engine that restarts holds requests, which go once it is ready."""
     fake = FakeSupervisor(ready=False)
-    gate = _gate(fake)
+    gate = _gate(fake, clock=clock)
     waiter = asyncio.ensure_future(gate.enter("a", "m", "f", 4, _deadline()))
-    await asyncio.sleep(0.05)
+    await clock.read()
     assert not waiter.done()
     fake.become(EngineState.READY)
     ticket = await asyncio.wait_for(waiter, 5)
     assert not ticket.solo
 
 
-async def test_failure_makes_suspects_that_run_alone_and_nothing_overtakes_them() -> None:
+async def test_failure_makes_suspects_that_run_alone_and_nothing_overtakes_them(
+    clock: FakeClock,
+) -> None:
     """Requests in flight at a failure become suspects; after the restart a suspect runs
     alone, fresh requests wait behind it, and its answer acquits it."""
     fake = FakeSupervisor()
-    gate = _gate(fake)
+    gate = _gate(fake, clock=clock)
     a = await gate.enter("1", "m", "fa", 8, _deadline())
     b = await gate.enter("2", "m", "fb", 8, _deadline())
     fake.become(EngineState.FAILED)
@@ -114,15 +151,16 @@ async def test_failure_makes_suspects_that_run_alone_and_nothing_overtakes_them(
     solo = await gate.enter("1", "m", "fa", 8, _deadline())
     assert solo.solo
     other_suspect = asyncio.ensure_future(gate.enter("2", "m", "fb", 8, _deadline()))
+    await clock.read()
     fresh = asyncio.ensure_future(gate.enter("3", "m", "fresh", 8, _deadline()))
-    await asyncio.sleep(0.05)
+    await clock.read()
     assert not other_suspect.done()
     assert not fresh.done()
     gate.leave(solo, answered=True)
     assert not gate.suspects.is_suspect("fa", time.time())
     second = await asyncio.wait_for(other_suspect, 5)
     assert second.solo
-    await asyncio.sleep(0.05)
+    await clock.read()  # fresh checked again, and was held back
     assert not fresh.done()
     gate.leave(second, answered=True)
     assert not (await asyncio.wait_for(fresh, 5)).solo
@@ -147,28 +185,34 @@ async def test_death_during_a_solo_run_quarantines_the_culprit() -> None:
     assert [e.fingerprint for e in gate.quarantine.entries(time.time())] == ["poison"]
 
 
-async def test_waiting_for_a_restart_is_bounded_by_queue_timeout() -> None:
+async def test_waiting_for_a_restart_is_bounded_by_queue_timeout(clock: FakeClock) -> None:
     """A request held for an engine that does not come back gets 503 at queue_timeout_s,
     well before its own deadline."""
-    gate = _gate(FakeSupervisor(ready=False), queue_timeout_s=0.2)
-    started = time.monotonic()
-    with pytest.raises(EngineUnavailable):
-        await asyncio.wait_for(gate.enter("1", "m", "fresh", 8, _deadline(60)), 10)
-    assert time.monotonic() - started < 10
+    gate = _gate(FakeSupervisor(ready=False), clock=clock, queue_timeout_s=2)
+    waiter = asyncio.ensure_future(gate.enter("1", "m", "fresh", 8, _deadline(60)))
+    await clock.read()
+    clock.now = START + 1.99  # just short of queue_timeout_s: still held
+    await clock.read()  # the waiter checks its bounds at least once a second
+    assert not waiter.done()
+    clock.now = START + 2.0  # queue_timeout_s, 58 s before the request's deadline
+    with pytest.raises(EngineUnavailable) as info:
+        await asyncio.wait_for(waiter, 5)
+    assert "waited as long as it may" in info.value.message
+    assert info.value.headers["Retry-After"] == "7"
 
 
-async def test_a_copy_waiting_behind_an_acquitted_suspect_goes_on() -> None:
+async def test_a_copy_waiting_behind_an_acquitted_suspect_goes_on(clock: FakeClock) -> None:
     """Two copies of a suspect: the first runs alone and answers; the second, no longer a
     suspect, is admitted at once rather than left waiting behind its own suspicion."""
     fake = FakeSupervisor()
-    gate = _gate(fake, queue_timeout_s=30)
+    gate = _gate(fake, clock=clock, queue_timeout_s=30)
     ticket = await gate.enter("1", "m", "fp", 8, _deadline())
     fake.become(EngineState.FAILED)
     gate.leave(ticket, answered=False)
     fake.become(EngineState.READY)
     first = await gate.enter("1", "m", "fp", 8, _deadline())
     copy = asyncio.ensure_future(gate.enter("2", "m", "fp", 8, _deadline()))
-    await asyncio.sleep(0.05)
+    await clock.read()
     assert not copy.done()
     gate.leave(first, answered=True)
     second = await asyncio.wait_for(copy, 5)

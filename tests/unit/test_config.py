@@ -18,8 +18,7 @@ from gateway.config import (
     load_config,
     parse_config,
 )
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
 
 
 def test_repo_config_loads_and_resolves_model_policies() -> None:

@@ -23,8 +23,9 @@ from engine.emulator import EmulatorSettings, create_emulator_app
 from engine.emulator.core import Fault, marker_fault
 from engine.emulator.protocol import ApiError, output_budget
 from engine.emulator.tokens import WORDS, WordTokenizer
+from tests.helpers import chat
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 WAIT_S = 5.0
 """Bound on anything a test waits for that should happen promptly."""
 
@@ -46,10 +47,6 @@ def make_client(aiohttp_client: Any) -> MakeClient:
 def words(n: int) -> str:
     """A text of exactly n tokens under the built-in rule."""
     return " ".join(WORDS[i % len(WORDS)] for i in range(n))
-
-
-def chat(content: str, **fields: Any) -> Json:
-    return {"model": "tiny", "messages": [{"role": "user", "content": content}], **fields}
 
 
 def chat_prompt_tokens(content_tokens: int) -> int:
@@ -306,7 +303,9 @@ async def test_missing_max_tokens_generates_to_the_end_of_the_window(
 ) -> None:
     """A chat without max_tokens generates max_model_len minus the prompt."""
     client = await make_client(max_model_len=64)
-    body = await (await client.post("/v1/chat/completions", json=chat(words(10)))).json()
+    body = await (
+        await client.post("/v1/chat/completions", json=chat(words(10), max_tokens=None))
+    ).json()
     assert body["usage"]["completion_tokens"] == 64 - chat_prompt_tokens(10)
 
 
@@ -425,7 +424,7 @@ async def test_chat_prompt_over_the_window_is_rejected(make_client: MakeClient) 
 async def test_unknown_model_is_404(make_client: MakeClient) -> None:
     """An unknown model is a 404 NotFoundError naming the valid aliases."""
     client = await make_client()
-    resp = await client.post("/v1/chat/completions", json=chat("hi", model="nope"))
+    resp = await client.post("/v1/chat/completions", json=chat("hi", model="nope", max_tokens=None))
     assert resp.status == 404
     error = await error_of(resp)
     assert error == {
@@ -460,7 +459,7 @@ async def test_tokenize_counts_as_generation_does(make_client: MakeClient) -> No
     assert set(body) == {"count", "max_model_len", "tokens", "token_strs"}
     assert (body["count"], body["max_model_len"], body["token_strs"]) == (4, 256, None)
     assert len(body["tokens"]) == 4
-    messages = chat(words(12))["messages"]
+    messages = chat(words(12), max_tokens=None)["messages"]
     payload = {"model": "tiny", "messages": messages, "add_generation_prompt": True}
     counted = await (await client.post("/tokenize", json=payload)).json()
     generated = await client.post("/v1/chat/completions", json=chat(words(12), max_tokens=1))
@@ -566,8 +565,11 @@ async def test_access_log_line_per_request(
 @pytest.mark.parametrize(
     ("path", "payload"),
     [
-        ("/v1/chat/completions", chat("hi")),
-        ("/v1/chat/completions", chat("hi", max_tokens=None, max_completion_tokens=None)),
+        ("/v1/chat/completions", chat("hi", max_tokens=None)),
+        (
+            "/v1/chat/completions",
+            {**chat("hi", max_tokens=None), "max_tokens": None, "max_completion_tokens": None},
+        ),
         ("/v1/chat/completions", chat("hi", max_tokens=0)),
         ("/v1/completions", {"prompt": "hi", "max_tokens": None}),
     ],
@@ -605,7 +607,9 @@ async def test_engine_death_ends_inflight_streams_with_an_error_chunk(
     stream = await client.post("/v1/completions", json=payload)
     async with asyncio.timeout(WAIT_S):
         assert (await stream.content.readline()).startswith(b"data: ")
-        assert (await client.post("/v1/chat/completions", json=chat("boom"))).status == 500
+        assert (
+            await client.post("/v1/chat/completions", json=chat("boom", max_tokens=None))
+        ).status == 500
         events = sse_payloads((await stream.content.read()).decode().lstrip("\n"))
     assert events[-1] == "[DONE]"
     error = events[-2]["error"]
@@ -709,7 +713,9 @@ async def test_multi_step_bug_with_exit_ends_the_process_with_status_0() -> None
         emulator_process("--multi-step-bug", "--on-death", "exit") as (proc, url),
         aiohttp.ClientSession() as session,
     ):
-        async with session.post(f"{url}/v1/chat/completions", json=chat("hi")) as resp:
+        async with session.post(
+            f"{url}/v1/chat/completions", json=chat("hi", max_tokens=None)
+        ) as resp:
             assert resp.status == 500
         assert await exit_status(proc) == 0
 

@@ -31,11 +31,11 @@ CTX = 2048
 MESSAGES = [{"role": "user", "content": "Hello"}]
 
 
-def chat(**fields: Any) -> ChatView:
+def chat_view(**fields: Any) -> ChatView:
     return parse_chat({"model": "tiny", "messages": MESSAGES, **fields})
 
 
-def completion(prompt: object = "Hello", **fields: Any) -> CompletionView:
+def completion_view(prompt: object = "Hello", **fields: Any) -> CompletionView:
     return parse_completion({"model": "tiny", "prompt": prompt, **fields})
 
 
@@ -68,54 +68,82 @@ def rejected(result: Admit | Reject) -> Reject:
     ("view", "prompt_tokens", "pol", "action", "max_tokens", "header"),
     [
         # A missing limit: the policy default, unless the window is smaller.
-        (chat(), [100], policy(), Action.DEFAULTED, 256, "defaulted 256"),
-        (chat(max_tokens=None), [100], policy(), Action.DEFAULTED, 256, "defaulted 256"),
-        (chat(max_completion_tokens=None), [100], policy(), Action.DEFAULTED, 256, "defaulted 256"),
-        (chat(), [1792], policy(), Action.DEFAULTED, 256, "defaulted 256"),
-        (chat(), [1793], policy(), Action.DEFAULTED, 255, "defaulted 255"),
-        (chat(), [1900], policy(), Action.DEFAULTED, 148, "defaulted 148"),
-        (chat(), [CTX - 1], policy(), Action.DEFAULTED, 1, "defaulted 1"),
-        (chat(), [100], policy(default_max_tokens=2000), Action.DEFAULTED, 1024, "defaulted 1024"),
-        (completion(), [100], policy(), Action.DEFAULTED, 256, "defaulted 256"),
-        # A limit within both the policy limit and the window is kept.
-        (chat(max_tokens=100), [100], policy(), Action.KEPT, 100, "kept 100"),
-        (chat(max_tokens=5.0), [100], policy(), Action.KEPT, 5, "kept 5"),
-        (chat(max_tokens=1), [CTX - 1], policy(), Action.KEPT, 1, "kept 1"),
-        (chat(max_tokens=1024), [100], policy(), Action.KEPT, 1024, "kept 1024"),
-        (chat(max_tokens=448), [1600], policy(), Action.KEPT, 448, "kept 448"),
-        (chat(max_completion_tokens=300), [100], policy(), Action.KEPT, 300, "kept 300"),
+        (chat_view(), [100], policy(), Action.DEFAULTED, 256, "defaulted 256"),
+        (chat_view(max_tokens=None), [100], policy(), Action.DEFAULTED, 256, "defaulted 256"),
         (
-            chat(max_tokens=2000, max_completion_tokens=300),
+            chat_view(max_completion_tokens=None),
+            [100],
+            policy(),
+            Action.DEFAULTED,
+            256,
+            "defaulted 256",
+        ),
+        (chat_view(), [1792], policy(), Action.DEFAULTED, 256, "defaulted 256"),
+        (chat_view(), [1793], policy(), Action.DEFAULTED, 255, "defaulted 255"),
+        (chat_view(), [1900], policy(), Action.DEFAULTED, 148, "defaulted 148"),
+        (chat_view(), [CTX - 1], policy(), Action.DEFAULTED, 1, "defaulted 1"),
+        (
+            chat_view(),
+            [100],
+            policy(default_max_tokens=2000),
+            Action.DEFAULTED,
+            1024,
+            "defaulted 1024",
+        ),
+        (completion_view(), [100], policy(), Action.DEFAULTED, 256, "defaulted 256"),
+        # A limit within both the policy limit and the window is kept.
+        (chat_view(max_tokens=100), [100], policy(), Action.KEPT, 100, "kept 100"),
+        (chat_view(max_tokens=5.0), [100], policy(), Action.KEPT, 5, "kept 5"),
+        (chat_view(max_tokens=1), [CTX - 1], policy(), Action.KEPT, 1, "kept 1"),
+        (chat_view(max_tokens=1024), [100], policy(), Action.KEPT, 1024, "kept 1024"),
+        (chat_view(max_tokens=448), [1600], policy(), Action.KEPT, 448, "kept 448"),
+        (chat_view(max_completion_tokens=300), [100], policy(), Action.KEPT, 300, "kept 300"),
+        (
+            chat_view(max_tokens=2000, max_completion_tokens=300),
             [100],
             policy(),
             Action.KEPT,
             300,
             "kept 300",
         ),
-        (completion(max_tokens=16), [100], policy(), Action.KEPT, 16, "kept 16"),
+        (completion_view(max_tokens=16), [100], policy(), Action.KEPT, 16, "kept 16"),
         # Over the policy limit or the window: clamped to the smaller of the two.
-        (chat(max_tokens=1025), [100], policy(), Action.CLAMPED, 1024, "clamped 1025->1024"),
-        (chat(max_tokens=4096), [100], policy(), Action.CLAMPED, 1024, "clamped 4096->1024"),
-        (chat(max_tokens=449), [1600], policy(), Action.CLAMPED, 448, "clamped 449->448"),
-        (chat(max_tokens=4096), [1600], policy(), Action.CLAMPED, 448, "clamped 4096->448"),
-        (chat(max_tokens=2), [CTX - 1], policy(), Action.CLAMPED, 1, "clamped 2->1"),
+        (chat_view(max_tokens=1025), [100], policy(), Action.CLAMPED, 1024, "clamped 1025->1024"),
+        (chat_view(max_tokens=4096), [100], policy(), Action.CLAMPED, 1024, "clamped 4096->1024"),
+        (chat_view(max_tokens=449), [1600], policy(), Action.CLAMPED, 448, "clamped 449->448"),
+        (chat_view(max_tokens=4096), [1600], policy(), Action.CLAMPED, 448, "clamped 4096->448"),
+        (chat_view(max_tokens=2), [CTX - 1], policy(), Action.CLAMPED, 1, "clamped 2->1"),
         (
-            chat(max_tokens=10, max_completion_tokens=2000),
+            chat_view(max_tokens=10, max_completion_tokens=2000),
             [100],
             policy(),
             Action.CLAMPED,
             1024,
             "clamped 2000->1024",
         ),
-        (completion(max_tokens=4096), [1600], policy(), Action.CLAMPED, 448, "clamped 4096->448"),
+        (
+            completion_view(max_tokens=4096),
+            [1600],
+            policy(),
+            Action.CLAMPED,
+            448,
+            "clamped 4096->448",
+        ),
         # Prompts up to max_prompt_tokens, n and best_of up to max_n, up to max_prompts prompts.
-        (chat(), [1000], policy(max_prompt_tokens=1000), Action.DEFAULTED, 256, "defaulted 256"),
-        (chat(n=8), [100], policy(), Action.DEFAULTED, 256, "defaulted 256"),
-        (completion(best_of=8, n=2), [100], policy(), Action.DEFAULTED, 256, "defaulted 256"),
-        (completion(["p"] * 16), [1] * 16, policy(), Action.DEFAULTED, 256, "defaulted 256"),
+        (
+            chat_view(),
+            [1000],
+            policy(max_prompt_tokens=1000),
+            Action.DEFAULTED,
+            256,
+            "defaulted 256",
+        ),
+        (chat_view(n=8), [100], policy(), Action.DEFAULTED, 256, "defaulted 256"),
+        (completion_view(best_of=8, n=2), [100], policy(), Action.DEFAULTED, 256, "defaulted 256"),
+        (completion_view(["p"] * 16), [1] * 16, policy(), Action.DEFAULTED, 256, "defaulted 256"),
         # Several prompts share one max_tokens: the longest sets the window.
         (
-            completion(["a", "b", "c"]),
+            completion_view(["a", "b", "c"]),
             [10, 1900, 5],
             policy(),
             Action.DEFAULTED,
@@ -123,14 +151,14 @@ def rejected(result: Admit | Reject) -> Reject:
             "defaulted 148",
         ),
         (
-            completion([[1, 2], [3]], max_tokens=500),
+            completion_view([[1, 2], [3]], max_tokens=500),
             [10, 1600],
             policy(),
             Action.CLAMPED,
             448,
             "clamped 500->448",
         ),
-        (completion([1, 2, 3], max_tokens=500), [3], policy(), Action.KEPT, 500, "kept 500"),
+        (completion_view([1, 2, 3], max_tokens=500), [3], policy(), Action.KEPT, 500, "kept 500"),
     ],
 )
 def test_enforce_admits(
@@ -193,7 +221,7 @@ REJECT = policy(on_exceed=OnExceed.REJECT)
     [
         # The prompt must leave room for output: the engine's words.
         (
-            chat(),
+            chat_view(),
             [CTX],
             policy(),
             Reason.CONTEXT_LENGTH,
@@ -201,7 +229,7 @@ REJECT = policy(on_exceed=OnExceed.REJECT)
             context_message(CTX, NO_ROOM),
         ),
         (
-            chat(),
+            chat_view(),
             [CTX + 1],
             policy(),
             Reason.CONTEXT_LENGTH,
@@ -209,7 +237,7 @@ REJECT = policy(on_exceed=OnExceed.REJECT)
             context_message(CTX + 1, EXCEEDS),
         ),
         (
-            chat(max_tokens=1),
+            chat_view(max_tokens=1),
             [CTX],
             policy(),
             Reason.CONTEXT_LENGTH,
@@ -217,7 +245,7 @@ REJECT = policy(on_exceed=OnExceed.REJECT)
             context_message(CTX, NO_ROOM),
         ),
         (
-            completion(["a", "b"]),
+            completion_view(["a", "b"]),
             [10, CTX],
             policy(),
             Reason.CONTEXT_LENGTH,
@@ -225,7 +253,7 @@ REJECT = policy(on_exceed=OnExceed.REJECT)
             context_message(CTX, NO_ROOM),
         ),
         (
-            chat(),
+            chat_view(),
             [CTX + 1],
             policy(max_prompt_tokens=1000),
             Reason.CONTEXT_LENGTH,
@@ -234,7 +262,7 @@ REJECT = policy(on_exceed=OnExceed.REJECT)
         ),
         # The policy's own prompt limit names the policy, not the context length.
         (
-            chat(),
+            chat_view(),
             [1001],
             policy(max_prompt_tokens=1000),
             Reason.MAX_PROMPT_TOKENS,
@@ -242,7 +270,7 @@ REJECT = policy(on_exceed=OnExceed.REJECT)
             PROMPT_POLICY,
         ),
         (
-            completion([[1], [2]]),
+            completion_view([[1], [2]]),
             [3, 1001],
             policy(max_prompt_tokens=1000),
             Reason.MAX_PROMPT_TOKENS,
@@ -251,7 +279,7 @@ REJECT = policy(on_exceed=OnExceed.REJECT)
         ),
         # on_exceed: reject names the limit that binds, and the parameter the client sent.
         (
-            chat(max_tokens=1025),
+            chat_view(max_tokens=1025),
             [100],
             REJECT,
             Reason.MAX_TOKENS_LIMIT,
@@ -259,7 +287,7 @@ REJECT = policy(on_exceed=OnExceed.REJECT)
             limit_message(1025),
         ),
         (
-            chat(max_tokens=4096),
+            chat_view(max_tokens=4096),
             [100],
             REJECT,
             Reason.MAX_TOKENS_LIMIT,
@@ -267,7 +295,7 @@ REJECT = policy(on_exceed=OnExceed.REJECT)
             limit_message(4096),
         ),
         (
-            chat(max_completion_tokens=1025),
+            chat_view(max_completion_tokens=1025),
             [100],
             REJECT,
             Reason.MAX_TOKENS_LIMIT,
@@ -275,7 +303,7 @@ REJECT = policy(on_exceed=OnExceed.REJECT)
             limit_message(1025, "max_completion_tokens"),
         ),
         (
-            chat(max_tokens=449),
+            chat_view(max_tokens=449),
             [1600],
             REJECT,
             Reason.MAX_TOKENS_CONTEXT,
@@ -283,7 +311,7 @@ REJECT = policy(on_exceed=OnExceed.REJECT)
             window_message(449, 1600),
         ),
         (
-            chat(max_tokens=4096),
+            chat_view(max_tokens=4096),
             [1600],
             REJECT,
             Reason.MAX_TOKENS_CONTEXT,
@@ -291,7 +319,7 @@ REJECT = policy(on_exceed=OnExceed.REJECT)
             window_message(4096, 1600),
         ),
         (
-            chat(max_tokens=2),
+            chat_view(max_tokens=2),
             [CTX - 1],
             REJECT,
             Reason.MAX_TOKENS_CONTEXT,
@@ -299,7 +327,7 @@ REJECT = policy(on_exceed=OnExceed.REJECT)
             window_message(2, CTX - 1),
         ),
         (
-            chat(max_tokens=1, max_completion_tokens=500),
+            chat_view(max_tokens=1, max_completion_tokens=500),
             [1600],
             REJECT,
             Reason.MAX_TOKENS_CONTEXT,
@@ -307,7 +335,7 @@ REJECT = policy(on_exceed=OnExceed.REJECT)
             window_message(500, 1600, "max_completion_tokens"),
         ),
         (
-            completion(["a", "b"], max_tokens=449),
+            completion_view(["a", "b"], max_tokens=449),
             [1600, 3],
             REJECT,
             Reason.MAX_TOKENS_CONTEXT,
@@ -316,7 +344,7 @@ REJECT = policy(on_exceed=OnExceed.REJECT)
         ),
         # n and best_of: at most max_n.
         (
-            chat(n=9),
+            chat_view(n=9),
             [100],
             policy(),
             Reason.MAX_N,
@@ -324,7 +352,7 @@ REJECT = policy(on_exceed=OnExceed.REJECT)
             "n must be at most 8, got 9 (this server's max_n policy for this model).",
         ),
         (
-            completion(n=9.0),
+            completion_view(n=9.0),
             [100],
             policy(),
             Reason.MAX_N,
@@ -332,7 +360,7 @@ REJECT = policy(on_exceed=OnExceed.REJECT)
             "n must be at most 8, got 9 (this server's max_n policy for this model).",
         ),
         (
-            completion(best_of=9),
+            completion_view(best_of=9),
             [100],
             policy(),
             Reason.MAX_N,
@@ -340,7 +368,7 @@ REJECT = policy(on_exceed=OnExceed.REJECT)
             "best_of must be at most 8, got 9 (this server's max_n policy for this model).",
         ),
         (
-            chat(best_of=20, n=2),
+            chat_view(best_of=20, n=2),
             [100],
             policy(max_n=4),
             Reason.MAX_N,
@@ -349,7 +377,7 @@ REJECT = policy(on_exceed=OnExceed.REJECT)
         ),
         # The number of prompts: at most max_prompts.
         (
-            completion(["p"] * 17),
+            completion_view(["p"] * 17),
             [1] * 17,
             policy(),
             Reason.MAX_PROMPTS,
@@ -358,7 +386,7 @@ REJECT = policy(on_exceed=OnExceed.REJECT)
             "max_prompts policy for this model).",
         ),
         (
-            completion([[1]] * 3),
+            completion_view([[1]] * 3),
             [1] * 3,
             policy(max_prompts=2),
             Reason.MAX_PROMPTS,
@@ -368,7 +396,7 @@ REJECT = policy(on_exceed=OnExceed.REJECT)
         ),
         # The first broken rule is the one reported.
         (
-            completion(["p"] * 17, n=9, max_tokens=5000),
+            completion_view(["p"] * 17, n=9, max_tokens=5000),
             [CTX] * 17,
             REJECT,
             Reason.MAX_PROMPTS,
@@ -377,7 +405,7 @@ REJECT = policy(on_exceed=OnExceed.REJECT)
             "max_prompts policy for this model).",
         ),
         (
-            chat(n=9, max_tokens=5000),
+            chat_view(n=9, max_tokens=5000),
             [CTX],
             REJECT,
             Reason.MAX_N,
@@ -385,7 +413,7 @@ REJECT = policy(on_exceed=OnExceed.REJECT)
             "n must be at most 8, got 9 (this server's max_n policy for this model).",
         ),
         (
-            chat(max_tokens=5000),
+            chat_view(max_tokens=5000),
             [CTX],
             REJECT,
             Reason.CONTEXT_LENGTH,
@@ -420,13 +448,13 @@ REPORT = PolicyMode.REPORT
 @pytest.mark.parametrize(
     ("view", "prompt_tokens", "pol", "action", "max_tokens", "header", "would_reject"),
     [
-        (chat(max_tokens=100), [100], policy(mode=REPORT), Action.KEPT, 100, "kept 100", None),
+        (chat_view(max_tokens=100), [100], policy(mode=REPORT), Action.KEPT, 100, "kept 100", None),
         # A missing limit is still filled.
-        (chat(), [100], policy(mode=REPORT), Action.DEFAULTED, 256, "defaulted 256", None),
-        (chat(), [1900], policy(mode=REPORT), Action.DEFAULTED, 148, "defaulted 148", None),
+        (chat_view(), [100], policy(mode=REPORT), Action.DEFAULTED, 256, "defaulted 256", None),
+        (chat_view(), [1900], policy(mode=REPORT), Action.DEFAULTED, 148, "defaulted 148", None),
         # Clamps are only reported: the client's value is forwarded.
         (
-            chat(max_tokens=4096),
+            chat_view(max_tokens=4096),
             [1600],
             policy(mode=REPORT),
             Action.WOULD_CLAMP,
@@ -435,7 +463,7 @@ REPORT = PolicyMode.REPORT
             None,
         ),
         (
-            chat(max_completion_tokens=1025),
+            chat_view(max_completion_tokens=1025),
             [100],
             policy(mode=REPORT),
             Action.WOULD_CLAMP,
@@ -445,7 +473,7 @@ REPORT = PolicyMode.REPORT
         ),
         # Refusals are only reported.
         (
-            chat(max_tokens=1025),
+            chat_view(max_tokens=1025),
             [100],
             policy(mode=REPORT, on_exceed=OnExceed.REJECT),
             Action.WOULD_REJECT,
@@ -454,7 +482,7 @@ REPORT = PolicyMode.REPORT
             Reason.MAX_TOKENS_LIMIT,
         ),
         (
-            chat(max_tokens=449),
+            chat_view(max_tokens=449),
             [1600],
             policy(mode=REPORT, on_exceed=OnExceed.REJECT),
             Action.WOULD_REJECT,
@@ -463,7 +491,7 @@ REPORT = PolicyMode.REPORT
             Reason.MAX_TOKENS_CONTEXT,
         ),
         (
-            chat(n=9),
+            chat_view(n=9),
             [100],
             policy(mode=REPORT),
             Action.DEFAULTED,
@@ -472,7 +500,7 @@ REPORT = PolicyMode.REPORT
             Reason.MAX_N,
         ),
         (
-            completion(best_of=9, max_tokens=10),
+            completion_view(best_of=9, max_tokens=10),
             [100],
             policy(mode=REPORT),
             Action.KEPT,
@@ -481,7 +509,7 @@ REPORT = PolicyMode.REPORT
             Reason.MAX_N,
         ),
         (
-            completion(["p"] * 17),
+            completion_view(["p"] * 17),
             [1] * 17,
             policy(mode=REPORT),
             Action.DEFAULTED,
@@ -490,7 +518,7 @@ REPORT = PolicyMode.REPORT
             Reason.MAX_PROMPTS,
         ),
         (
-            chat(),
+            chat_view(),
             [1001],
             policy(mode=REPORT, max_prompt_tokens=1000),
             Action.DEFAULTED,
@@ -499,7 +527,7 @@ REPORT = PolicyMode.REPORT
             Reason.MAX_PROMPT_TOKENS,
         ),
         (
-            chat(max_tokens=100),
+            chat_view(max_tokens=100),
             [CTX],
             policy(mode=REPORT),
             Action.KEPT,
@@ -509,7 +537,7 @@ REPORT = PolicyMode.REPORT
         ),
         # A prompt with no room left still gets a positive limit: the policy default.
         (
-            chat(),
+            chat_view(),
             [CTX],
             policy(mode=REPORT),
             Action.DEFAULTED,
@@ -518,7 +546,7 @@ REPORT = PolicyMode.REPORT
             Reason.CONTEXT_LENGTH,
         ),
         (
-            chat(),
+            chat_view(),
             [CTX + 500],
             policy(mode=REPORT),
             Action.DEFAULTED,
@@ -527,7 +555,7 @@ REPORT = PolicyMode.REPORT
             Reason.CONTEXT_LENGTH,
         ),
         (
-            chat(max_tokens=4096),
+            chat_view(max_tokens=4096),
             [CTX + 1],
             policy(mode=REPORT),
             Action.WOULD_CLAMP,
@@ -563,11 +591,11 @@ def test_report_mode(
 @pytest.mark.parametrize(
     ("view", "prompt_tokens", "on_exceed"),
     [
-        (chat(max_tokens=1025), [100], OnExceed.REJECT),
-        (chat(max_tokens=4096), [1600], OnExceed.CLAMP),
-        (chat(n=9), [100], OnExceed.CLAMP),
-        (chat(), [CTX + 1], OnExceed.CLAMP),
-        (completion(["p"] * 17), [1] * 17, OnExceed.CLAMP),
+        (chat_view(max_tokens=1025), [100], OnExceed.REJECT),
+        (chat_view(max_tokens=4096), [1600], OnExceed.CLAMP),
+        (chat_view(n=9), [100], OnExceed.CLAMP),
+        (chat_view(), [CTX + 1], OnExceed.CLAMP),
+        (completion_view(["p"] * 17), [1] * 17, OnExceed.CLAMP),
     ],
 )
 def test_report_mode_refuses_what_enforce_refuses(
@@ -592,7 +620,7 @@ def test_report_mode_refuses_what_enforce_refuses(
     ("view", "pol", "fields"),
     [
         (
-            chat(),
+            chat_view(),
             policy(),
             {
                 "policy_mode": "enforce",
@@ -602,7 +630,7 @@ def test_report_mode_refuses_what_enforce_refuses(
             },
         ),
         (
-            chat(max_tokens=4096),
+            chat_view(max_tokens=4096),
             policy(),
             {
                 "policy_mode": "enforce",
@@ -612,7 +640,7 @@ def test_report_mode_refuses_what_enforce_refuses(
             },
         ),
         (
-            chat(max_tokens=4096),
+            chat_view(max_tokens=4096),
             policy(mode=REPORT),
             {
                 "policy_mode": "report",
@@ -802,23 +830,23 @@ def summary(result: Admit | Reject) -> tuple[object, ...]:
     ("view", "pol", "bound", "expected"),
     [
         # No limit sent: the default (256) must fit beside the prompt.
-        (chat(), policy(), 0, False),
-        (chat(), policy(), CTX - 256, False),
-        (chat(), policy(), CTX - 255, True),
-        (chat(), policy(), CTX, True),
+        (chat_view(), policy(), 0, False),
+        (chat_view(), policy(), CTX - 256, False),
+        (chat_view(), policy(), CTX - 255, True),
+        (chat_view(), policy(), CTX, True),
         # The default is capped by the limit.
-        (chat(), policy(max_tokens_limit=100), CTX - 100, False),
-        (chat(), policy(max_tokens_limit=100), CTX - 99, True),
+        (chat_view(), policy(max_tokens_limit=100), CTX - 100, False),
+        (chat_view(), policy(max_tokens_limit=100), CTX - 99, True),
         # A limit sent: it must fit beside the prompt.
-        (chat(max_tokens=1000), policy(), CTX - 1000, False),
-        (chat(max_tokens=1000), policy(), CTX - 999, True),
-        (chat(max_tokens=5000), policy(), 0, True),
-        (chat(max_completion_tokens=48, max_tokens=2000), policy(), 2000, False),
-        (chat(max_completion_tokens=48, max_tokens=2000), policy(), 2001, True),
+        (chat_view(max_tokens=1000), policy(), CTX - 1000, False),
+        (chat_view(max_tokens=1000), policy(), CTX - 999, True),
+        (chat_view(max_tokens=5000), policy(), 0, True),
+        (chat_view(max_completion_tokens=48, max_tokens=2000), policy(), 2000, False),
+        (chat_view(max_completion_tokens=48, max_tokens=2000), policy(), 2001, True),
         # max_prompt_tokens is a threshold of its own.
-        (chat(), policy(max_prompt_tokens=1000), 1000, False),
-        (chat(), policy(max_prompt_tokens=1000), 1001, True),
-        (completion(["a", "b"], max_tokens=10), policy(max_prompt_tokens=1000), 1000, False),
+        (chat_view(), policy(max_prompt_tokens=1000), 1000, False),
+        (chat_view(), policy(max_prompt_tokens=1000), 1001, True),
+        (completion_view(["a", "b"], max_tokens=10), policy(max_prompt_tokens=1000), 1000, False),
     ],
 )
 def test_exact_count_above(view: RequestView, pol: Policy, bound: int, expected: bool) -> None:
@@ -829,15 +857,15 @@ def test_exact_count_above(view: RequestView, pol: Policy, bound: int, expected:
 @pytest.mark.parametrize(
     ("view", "pol", "reason"),
     [
-        (chat(), policy(), None),
-        (chat(max_tokens=5000), policy(), None),
-        (chat(max_tokens=5000), REJECT, Reason.MAX_TOKENS_LIMIT),
-        (chat(max_tokens=1024), REJECT, None),
-        (chat(n=9), policy(), Reason.MAX_N),
-        (completion(best_of=9), policy(), Reason.MAX_N),
-        (completion(["p"] * 17), policy(), Reason.MAX_PROMPTS),
-        (completion(["p"] * 17), policy(mode=REPORT), None),
-        (chat(max_tokens=5000, n=9), policy(mode=REPORT, on_exceed=OnExceed.REJECT), None),
+        (chat_view(), policy(), None),
+        (chat_view(max_tokens=5000), policy(), None),
+        (chat_view(max_tokens=5000), REJECT, Reason.MAX_TOKENS_LIMIT),
+        (chat_view(max_tokens=1024), REJECT, None),
+        (chat_view(n=9), policy(), Reason.MAX_N),
+        (completion_view(best_of=9), policy(), Reason.MAX_N),
+        (completion_view(["p"] * 17), policy(), Reason.MAX_PROMPTS),
+        (completion_view(["p"] * 17), policy(mode=REPORT), None),
+        (chat_view(max_tokens=5000, n=9), policy(mode=REPORT, on_exceed=OnExceed.REJECT), None),
     ],
 )
 def test_precheck(view: RequestView, pol: Policy, reason: Reason | None) -> None:
@@ -867,7 +895,8 @@ def test_context_length_for(
 
 
 @pytest.mark.parametrize(
-    ("view", "counts"), [(chat(), [1, 2]), (completion(["a", "b"]), [1]), (chat(), [])]
+    ("view", "counts"),
+    [(chat_view(), [1, 2]), (completion_view(["a", "b"]), [1]), (chat_view(), [])],
 )
 def test_decide_needs_one_count_per_prompt(view: RequestView, counts: list[int]) -> None:
     """A count list that does not match the prompts is a caller's bug, not a client's 400."""

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -17,31 +16,21 @@ import pytest
 from structlog.testing import capture_logs
 
 from engine.process import REAPER, EngineProcess
-from tests.fake_engine import fake_argv
-from tests.helpers import free_port, kill_leftovers, pid_alive, port_open, until
+from tests.helpers import (
+    control_emulator,
+    emulator_argv,
+    emulator_info,
+    free_port,
+    kill_leftovers,
+    pid_alive,
+    port_open,
+    until,
+)
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
-        yield s
-
-
-async def fake_info(
-    session: aiohttp.ClientSession, port: int, timeout: float = 10.0
-) -> dict[str, Any]:
-    """Wait until the fake engine answers, and what it says about itself."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        try:
-            async with session.get(f"http://127.0.0.1:{port}/_info") as resp:
-                info: dict[str, Any] = await resp.json()
-                return info
-        except aiohttp.ClientError:
-            if loop.time() > deadline:
-                raise
-            await asyncio.sleep(0.05)
+def controlled_argv(port: int, *flags: str) -> list[str]:
+    """The emulator as an engine process the test controls (`--control`)."""
+    return emulator_argv(port, "--control", *flags)
 
 
 async def test_output_lines_are_logged_as_engine_output() -> None:
@@ -82,10 +71,10 @@ async def test_exit_status_passes_through_the_reaper(code: str, status: int) -> 
 async def test_stop_takes_down_grandchildren(session: aiohttp.ClientSession) -> None:
     """Stopping the engine stops the children it started, too (the whole process group)."""
     port = free_port()
-    proc = await EngineProcess.spawn(fake_argv(port, "--child"), grace_s=2.0)
+    proc = await EngineProcess.spawn(controlled_argv(port, "--child"), grace_s=2.0)
     info: dict[str, Any] = {}
     try:
-        info = await fake_info(session, port)
+        info = await emulator_info(session, port)
         assert pid_alive(info["child_pid"])
         await proc.stop(2.0)
         assert not pid_alive(info["pid"])
@@ -99,11 +88,11 @@ async def test_stop_takes_down_grandchildren(session: aiohttp.ClientSession) -> 
 async def test_stop_escalates_to_sigkill(session: aiohttp.ClientSession) -> None:
     """An engine (and child) that ignore SIGTERM are killed once the grace has passed."""
     port = free_port()
-    argv = fake_argv(port, "--ignore-term", "--child", "--child-ignores-term")
+    argv = controlled_argv(port, "--ignore-term", "--child", "--child-ignores-term")
     proc = await EngineProcess.spawn(argv, grace_s=0.5)
     info: dict[str, Any] = {}
     try:
-        info = await fake_info(session, port)
+        info = await emulator_info(session, port)
         with capture_logs() as logs:
             assert await proc.stop(0.5) is not None
         assert any(e["event"] == "engine_kill" for e in logs)
@@ -117,12 +106,11 @@ async def test_stop_escalates_to_sigkill(session: aiohttp.ClientSession) -> None
 async def test_stop_cleans_up_after_an_engine_that_exited(session: aiohttp.ClientSession) -> None:
     """A child left running by an engine that exited by itself is stopped with the group."""
     port = free_port()
-    proc = await EngineProcess.spawn(fake_argv(port, "--child"), grace_s=1.0)
+    proc = await EngineProcess.spawn(controlled_argv(port, "--child"), grace_s=1.0)
     info: dict[str, Any] = {}
     try:
-        info = await fake_info(session, port)
-        async with session.post(f"http://127.0.0.1:{port}/_control", json={"exit": 5}):
-            pass
+        info = await emulator_info(session, port)
+        await control_emulator(session, port, exit=5)
         assert await asyncio.wait_for(proc.wait(), 10) == 5
         assert pid_alive(info["child_pid"])
         await proc.stop(1.0)
@@ -148,7 +136,7 @@ async def test_sigkill_of_the_gateway_leaves_no_engine(session: aiohttp.ClientSe
     """When the process that started the engine is SIGKILLed, the engine and its children are
     gone (SIGKILL after the grace included) and its port is free again."""
     port = free_port()
-    argv = fake_argv(port, "--ignore-term", "--child", "--child-ignores-term")
+    argv = controlled_argv(port, "--ignore-term", "--child", "--child-ignores-term")
     parent = subprocess.Popen(
         [sys.executable, "-c", PARENT, *argv],
         stdout=subprocess.DEVNULL,
@@ -157,7 +145,7 @@ async def test_sigkill_of_the_gateway_leaves_no_engine(session: aiohttp.ClientSe
     )
     info: dict[str, Any] = {}
     try:
-        info = await fake_info(session, port)
+        info = await emulator_info(session, port)
         parent.kill()
         parent.wait(timeout=5)
         assert await until(lambda: not pid_alive(info["pid"]), 10)

@@ -46,7 +46,8 @@ from gateway.config import Policy, TokenSource
 from gateway.errors import BadRequest
 from gateway.schemas import parse_chat, parse_completion
 from gateway.tokens import PromptCount, TokenCounter
-from tests.conftest import MAX_MODEL_LEN, MODEL_DIR, MODEL_NAME, ROOT, RealEngine, gateway_config
+from tests.helpers import MODEL_DIR, ROOT, gateway_config, send
+from tests.real_engine import MAX_MODEL_LEN, MODEL_NAME, RealEngine
 from tests.token_corpus import Case, cases
 
 pytestmark = pytest.mark.engine
@@ -151,7 +152,14 @@ class Remote:
 
     async def __call__(self, payload: dict[str, object]) -> Mapping[str, object]:
         self.calls += 1
-        _, answer = await post(self.session, self.engine.url + "/tokenize", payload)
+        reply = await send(
+            self.session,
+            self.engine.url + "/tokenize",
+            payload,
+            REQUEST_TIMEOUT_S,
+            content_type=None,
+        )
+        answer = reply["json"]
         return answer if isinstance(answer, dict) else {}
 
 
@@ -171,13 +179,6 @@ async def gateway_count(tokens: TokenCounter, probe: Probe) -> list[PromptCount]
         return [await tokens.count_chat_within(probe.body, None, max_model_len=MAX_MODEL_LEN)]
     parse_completion(probe.body)
     return await tokens.count_completion_within(probe.body, None, max_model_len=MAX_MODEL_LEN)
-
-
-async def post(session: aiohttp.ClientSession, url: str, payload: object) -> tuple[int, Any]:
-    async with session.post(
-        url, json=payload, timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
-    ) as resp:
-        return resp.status, await resp.json(content_type=None)
 
 
 def _kept(count: int, body: JsonObj) -> int:
@@ -240,7 +241,10 @@ async def engine_tokenize(
         if "ids" in payload:  # token ids count as their length; /tokenize takes text
             out.append(_kept(len(payload["ids"]), body))
             continue
-        status, answer = await post(session, engine.url + "/tokenize", payload)
+        reply = await send(
+            session, engine.url + "/tokenize", payload, REQUEST_TIMEOUT_S, content_type=None
+        )
+        status, answer = reply["status"], reply["json"]
         if status != 200:
             return f"/tokenize {status}: {answer}"
         assert answer["max_model_len"] == MAX_MODEL_LEN
@@ -272,7 +276,10 @@ async def measure(
     else:
         counts.tokenize = tokenized
     if generable(counts.tokenize) or "tokenize" in counts.errors:
-        status, answer = await post(session, engine.url + probe.path, probe.body)
+        reply = await send(
+            session, engine.url + probe.path, probe.body, REQUEST_TIMEOUT_S, content_type=None
+        )
+        status, answer = reply["status"], reply["json"]
         if status == 200:
             counts.usage = answer["usage"]["prompt_tokens"]
         else:
@@ -333,18 +340,34 @@ async def test_the_engine_applies_a_request_template(real_engine: RealEngine) ->
     marker = "{% for m in messages %}[[{{ m.content }}]]{% endfor %}"
     body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
     async with aiohttp.ClientSession() as session:
-        _, own = await post(session, real_engine.url + "/tokenize", body)
-        _, templated = await post(
-            session, real_engine.url + "/tokenize", {**body, "chat_template": marker}
+        reply = await send(
+            session, real_engine.url + "/tokenize", body, REQUEST_TIMEOUT_S, content_type=None
         )
-        _, text = await post(
+        own = reply["json"]
+        reply = await send(
+            session,
+            real_engine.url + "/tokenize",
+            {**body, "chat_template": marker},
+            REQUEST_TIMEOUT_S,
+            content_type=None,
+        )
+        templated = reply["json"]
+        reply = await send(
             session,
             real_engine.url + "/tokenize",
             {"model": MODEL_NAME, "prompt": "[[hi]]", "add_special_tokens": False},
+            REQUEST_TIMEOUT_S,
+            content_type=None,
         )
-        status, answer = await post(
-            session, real_engine.url + "/v1/chat/completions", {**body, "chat_template": marker}
+        text = reply["json"]
+        reply = await send(
+            session,
+            real_engine.url + "/v1/chat/completions",
+            {**body, "chat_template": marker},
+            REQUEST_TIMEOUT_S,
+            content_type=None,
         )
+        status, answer = reply["status"], reply["json"]
     assert templated["tokens"] == text["tokens"]
     assert templated["count"] != own["count"]
     assert status == 200
@@ -376,7 +399,14 @@ async def test_rejections_agree(real_engine: RealEngine) -> None:
     async with aiohttp.ClientSession() as session:
         tokens = counter(None)
         for probe in rejected_probes():
-            status, _ = await post(session, real_engine.url + probe.path, probe.body)
+            reply = await send(
+                session,
+                real_engine.url + probe.path,
+                probe.body,
+                REQUEST_TIMEOUT_S,
+                content_type=None,
+            )
+            status = reply["status"]
             try:
                 await gateway_count(tokens, probe)
                 refused = False
@@ -415,7 +445,14 @@ async def test_counts_agree_through_the_gateway(
             if isinstance(tokenized, str) or not generable(tokenized):
                 continue  # refused, or nothing a generation could report on (see above)
             sent += 1
-            status, answer, header = await _post_with_header(session, base + probe.path, probe.body)
+            reply = await send(
+                session, base + probe.path, probe.body, REQUEST_TIMEOUT_S, content_type=None
+            )
+            status, answer, header = (
+                reply["status"],
+                reply["json"],
+                reply["headers"].get("X-Vllm-Guard-Max-Tokens"),
+            )
             usage = answer.get("usage", {}).get("prompt_tokens") if status == 200 else None
             if usage != sum(tokenized) or header != "kept 1":
                 failures.append(
@@ -425,7 +462,10 @@ async def test_counts_agree_through_the_gateway(
                 continue
             longest = max(tokenized)
             over = {**probe.body, "max_tokens": MAX_MODEL_LEN - longest + 1}
-            status, refusal = await post(session, base + probe.path, over)
+            reply = await send(
+                session, base + probe.path, over, REQUEST_TIMEOUT_S, content_type=None
+            )
+            status, refusal = reply["status"], reply["json"]
             message = refusal.get("error", {}).get("message", "") if status == 400 else ""
             said = re.search(r"your request has (\d+) input tokens", message)
             if said is None or int(said.group(1)) != longest:
@@ -436,19 +476,6 @@ async def test_counts_agree_through_the_gateway(
                 )
     assert not failures, "\n".join(failures)
     assert sent >= 30
-
-
-async def _post_with_header(
-    session: aiohttp.ClientSession, url: str, payload: object
-) -> tuple[int, Any, str | None]:
-    async with session.post(
-        url, json=payload, timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
-    ) as resp:
-        return (
-            resp.status,
-            await resp.json(content_type=None),
-            resp.headers.get("X-Vllm-Guard-Max-Tokens"),
-        )
 
 
 async def _access_count(engine: RealEngine, path: str, expected: int) -> int:
@@ -483,7 +510,14 @@ async def test_what_the_local_path_cannot_count_goes_to_the_engine(
         )
         assert made.source == "engine"
         assert remote.calls == 1
-        _, direct = await post(session, real_engine.url + "/tokenize", kwargs_body)
+        reply = await send(
+            session,
+            real_engine.url + "/tokenize",
+            kwargs_body,
+            REQUEST_TIMEOUT_S,
+            content_type=None,
+        )
+        direct = reply["json"]
         assert made.tokens == direct["count"]
 
         config = gateway_config(
@@ -492,17 +526,32 @@ async def test_what_the_local_path_cannot_count_goes_to_the_engine(
         )
         base = str((await gateway_server(config)).make_url("")).rstrip("/")
         before = real_engine.access_count("/tokenize")
-        status, answer = await post(session, base + "/v1/chat/completions", kwargs_body)
+        reply = await send(
+            session,
+            base + "/v1/chat/completions",
+            kwargs_body,
+            REQUEST_TIMEOUT_S,
+            content_type=None,
+        )
+        status, answer = reply["status"], reply["json"]
         assert status == 200, answer
         assert answer["usage"]["prompt_tokens"] == direct["count"]
         assert await _access_count(real_engine, "/tokenize", before + 1) == before + 1
 
         # The tiny model is text-only: the engine refuses the image, at /tokenize as at
         # generation, and the gateway passes that refusal on.
-        engine_status, engine_answer = await post(
-            session, real_engine.url + "/v1/chat/completions", image_body
+        reply = await send(
+            session,
+            real_engine.url + "/v1/chat/completions",
+            image_body,
+            REQUEST_TIMEOUT_S,
+            content_type=None,
         )
-        status, answer = await post(session, base + "/v1/chat/completions", image_body)
+        engine_status, engine_answer = reply["status"], reply["json"]
+        reply = await send(
+            session, base + "/v1/chat/completions", image_body, REQUEST_TIMEOUT_S, content_type=None
+        )
+        status, answer = reply["status"], reply["json"]
         assert await _access_count(real_engine, "/tokenize", before + 2) == before + 2
     assert engine_status == status == 400
     assert answer["error"]["message"] == engine_answer["error"]["message"]

@@ -16,11 +16,10 @@ from engine.tokenization import PromptTokenizer
 from gateway.config import ConfigError, Policy, TokenSource
 from gateway.errors import BadGateway, BadRequest
 from gateway.tokens import PromptCount, TokenCounter, TokenCounters
+from tests.helpers import MODEL_DIR
 from tests.token_corpus import LONG, MEDIUM, cases
 from tests.token_corpus import template as template_text
 
-ROOT = Path(__file__).resolve().parent.parent
-MODEL_DIR = ROOT / "models" / "tiny"
 MAX_MODEL_LEN = 512
 USER = [{"role": "user", "content": "Hello there"}]
 
@@ -32,13 +31,6 @@ PLAIN_CHATS = [
     and not c["id"].startswith(("bad-", "unsupported-"))
     and "truncate_prompt_tokens" not in c["body"]
 ]
-
-
-@pytest.fixture(scope="module")
-def tok() -> PromptTokenizer:
-    if not (MODEL_DIR / "tokenizer.json").is_file():
-        pytest.fail("models/tiny is missing: run `make model` (make test does)")
-    return PromptTokenizer.from_dir(MODEL_DIR)
 
 
 class FakeTokenize:
@@ -150,7 +142,7 @@ async def test_local_and_engine_sources_agree(tok: PromptTokenizer, case: dict[s
 async def test_completion_prompt_shapes(tok: PromptTokenizer) -> None:
     """A string, strings, token ids and token-id lists are counted prompt by prompt; token ids
     count as their length and never go to the engine."""
-    shapes: list[tuple[object, list[int]]] = [
+    shapes: list[tuple[str | list[Any], list[int]]] = [
         ("Once upon a time", [len(tok.encode_completion("Once upon a time"))]),
         (["a b", "c"], [len(tok.encode_completion("a b")), len(tok.encode_completion("c"))]),
         ([5, 6, 7], [3]),
@@ -229,6 +221,7 @@ async def test_bounds_are_never_below_exact_counts(
     bound reaches) is at least the exact count (no threshold); what only the engine counts is
     exact either way, and a request the exact count refuses is refused by the bound too."""
     counter = local(tok, FakeTokenize(tok, {"count": 1}))
+    refused: BadRequest | None
     try:
         exact = await within(counter, case["body"], None, MAX_MODEL_LEN)
     except BadRequest as err:
@@ -379,8 +372,9 @@ async def test_engine_answers_without_a_count(
 async def test_the_endpoint_decides_what_is_counted(tok: PromptTokenizer) -> None:
     """A completions body with a stray `messages` field (vLLM ignores it there) is counted by
     its prompts, one count each; a chat body by its messages."""
-    body = {"prompt": ["one prompt", LONG], "messages": USER}
-    expected = [len(tok.encode_completion(p)) for p in body["prompt"]]
+    prompts = ["one prompt", LONG]
+    body = {"prompt": prompts, "messages": USER}
+    expected = [len(tok.encode_completion(p)) for p in prompts]
     counter = local(tok)
     assert await exact_prompts(counter, body) == expected
     bounds = await counter.count_completion_within(body, NO_LIMIT)

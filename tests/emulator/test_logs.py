@@ -8,7 +8,7 @@ import aiohttp
 import structlog
 
 from engine.emulator import EmulatorSettings, create_emulator_app
-from tests.conftest import MODEL_DIR, gateway_config, run_fake_upstream
+from tests.helpers import MODEL_DIR, gateway_config, run_fake_upstream
 
 FIELDS = {
     "request_id",

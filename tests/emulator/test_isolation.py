@@ -8,17 +8,19 @@ from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
-from aiohttp.test_utils import TestServer
 
 from engine.supervisor import StateChange
-from gateway.keys import ADMIN_APP, SUPERVISOR
-from tests.conftest import MODEL_DIR, gateway_config
+from gateway.keys import SUPERVISOR
 from tests.helpers import (
     CHAT_PATH,
+    MODEL_DIR,
+    Gateway,
+    StartGateway,
     base_url,
     chat,
     emulator_section,
     free_port,
+    gateway_config,
     send,
     stream_summary,
     until,
@@ -83,8 +85,8 @@ class Deaths:
             self.count += 1
 
 
-async def _start(gateway_server: Any, config: Any) -> tuple[TestServer, Deaths, str]:
-    server: TestServer = await gateway_server(config, timeout=60)
+async def _start(gateway_server: StartGateway, config: Any) -> tuple[Gateway, Deaths, str]:
+    server = await gateway_server(config, timeout=60)
     deaths = Deaths()
     server.app[SUPERVISOR].subscribe(deaths)
     return server, deaths, base_url(server)
@@ -218,19 +220,15 @@ async def test_a_wedge_is_detected_and_its_culprit_quarantined(gateway_server: A
         again = await _send(session, base, culprit)
     assert again["status"] == 422
     # The operator sees it on the admin listener, without the prompt text, and can clear it.
-    admin = TestServer(server.app[ADMIN_APP], host="127.0.0.1", port=free_port())
-    await admin.start_server()
-    try:
-        async with aiohttp.ClientSession() as session:
-            async with session.get(admin.make_url("/quarantine")) as resp:
-                listing = await resp.json()
-            assert len(listing["quarantine"]) == 1
-            assert HANG not in json.dumps(listing)
-            assert listing["quarantine"][0]["model"] == "tiny"
-            async with session.delete(admin.make_url("/quarantine")) as resp:
-                assert (await resp.json())["cleared"] == 1
-    finally:
-        await admin.close()
+    assert server.admin_url is not None
+    async with aiohttp.ClientSession() as session:
+        async with session.get(server.admin_url + "/quarantine") as resp:
+            listing = await resp.json()
+        assert len(listing["quarantine"]) == 1
+        assert HANG not in json.dumps(listing)
+        assert listing["quarantine"][0]["model"] == "tiny"
+        async with session.delete(server.admin_url + "/quarantine") as resp:
+            assert (await resp.json())["cleared"] == 1
 
 
 async def test_overload_gets_429_and_nothing_is_lost(gateway_server: Any) -> None:

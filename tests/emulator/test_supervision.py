@@ -28,8 +28,8 @@ import yaml
 from engine.process import EngineProcess, group_alive
 from engine.supervisor import EngineState, EngineSupervisor
 from gateway.keys import SUPERVISOR
-from tests.conftest import ROOT, gateway_config, stop_process_group
 from tests.helpers import (
+    ROOT,
     Recorder,
     base_url,
     chat,
@@ -38,6 +38,7 @@ from tests.helpers import (
     emulator_section,
     error_envelope,
     free_port,
+    gateway_config,
     port_open,
     send,
     sse_events,
@@ -45,6 +46,7 @@ from tests.helpers import (
     until,
     wait_status,
 )
+from tests.real_engine import stop_process_group
 
 DIE = "DIE-5d1e"
 HANG = "HANG-0b7c"

@@ -13,8 +13,16 @@ import pytest
 from engine.process import group_alive
 from engine.supervisor import EngineState, EngineSupervisor
 from gateway.keys import SUPERVISOR
-from tests.conftest import MODEL_NAME, engine_argv, engine_env, gateway_config
-from tests.helpers import Recorder, base_url, error_envelope, free_port, sse_events, wait_status
+from tests.helpers import (
+    Recorder,
+    base_url,
+    error_envelope,
+    free_port,
+    gateway_config,
+    sse_events,
+    wait_status,
+)
+from tests.real_engine import MODEL_NAME, engine_argv, engine_env
 
 pytestmark = pytest.mark.engine
 

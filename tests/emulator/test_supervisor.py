@@ -1,5 +1,6 @@
-"""Engine supervision: the decisions as tables, then both deployment shapes against a fake engine
-run as a real subprocess (tests/fake_engine.py) with short timings."""
+"""The engine supervisor in both deployment shapes against the emulator run as a real subprocess,
+changed at run time through its control endpoint, with short timings. Its decisions are
+tables in tests/unit/test_detect.py."""
 
 from __future__ import annotations
 
@@ -15,152 +16,28 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
-from engine.detect import (
-    backoff_delay,
-    decide_wedge,
-    parse_counters,
-    parse_models,
-    retry_after,
-    should_give_up,
-)
 from engine.process import EngineProcess
 from engine.settings import EngineConfig
-from engine.supervisor import EngineState, EngineSupervisor
-from tests.fake_engine import LORA, MAX_MODEL_LEN, MODEL, fake_argv
-from tests.helpers import Recorder, free_port, kill_leftovers, pid_alive, until
-
-# The decisions.
-
-
-@pytest.mark.parametrize(
-    ("attempt", "expected"),
-    [
-        (1, 1.0),
-        (2, 2.0),
-        (3, 4.0),
-        (5, 16.0),
-        (6, 30.0),
-        (1000, 30.0),
-        (0, 1.0),
-    ],
+from engine.supervisor import PROBE_PROMPT, EngineState, EngineSupervisor
+from tests.helpers import (
+    Recorder,
+    control_emulator,
+    emulator_argv,
+    emulator_info,
+    free_port,
+    kill_leftovers,
+    pid_alive,
+    until,
 )
-def test_backoff_delay(attempt: int, expected: float) -> None:
-    """Restart delays double from the base and stop at the maximum."""
-    assert backoff_delay(attempt, 1.0, 30.0) == expected
+
+MODEL = "tiny"
+LORA = "tiny-lora"
+MAX_MODEL_LEN = 512
 
 
-@pytest.mark.parametrize(
-    ("times", "now", "expected"),
-    [
-        ([], 100.0, False),
-        ([90.0, 95.0], 100.0, False),
-        ([90.0, 95.0, 99.0], 100.0, True),
-        ([10.0, 20.0, 99.0], 100.0, False),  # two of three are outside the window
-        ([41.0, 50.0, 60.0], 100.0, True),
-        ([40.0, 50.0, 60.0], 100.0, False),  # exactly a window ago is outside it
-    ],
-)
-def test_should_give_up(times: list[float], now: float, expected: bool) -> None:
-    """Give up once `max_restarts` (3) restarts happened within the window (60 s)."""
-    assert should_give_up(times, now, 3, 60.0) is expected
-
-
-@pytest.mark.parametrize(
-    ("stalled", "quiet", "cleared", "expected"),
-    [
-        (None, 100.0, None, False),  # nothing in flight: nothing to be wedged on
-        (30.0, 100.0, None, False),  # a stall shorter than the timeout
-        (100.0, 5.0, None, False),  # busy: tokens moved recently
-        (100.0, 61.0, None, True),  # no bytes and no tokens
-        (100.0, None, None, True),  # no /metrics: the stall alone decides
-        (100.0, 100.0, 10.0, False),  # a probe answered recently
-        (100.0, 100.0, 61.0, True),  # ... but long ago
-        (60.0, 100.0, None, False),  # exactly the timeout is still patience
-    ],
-)
-def test_decide_wedge(
-    stalled: float | None, quiet: float | None, cleared: float | None, expected: bool
-) -> None:
-    """A wedge is suspected only when bytes and token counters both stand still past the
-    timeout (60 s), and no probe generation answered within it."""
-    assert decide_wedge(stalled, quiet, cleared, 60.0) is expected
-
-
-@pytest.mark.parametrize(
-    ("ready_at", "now", "expected"),
-    [
-        (None, 5.0, 30.0),
-        (20.0, 5.0, 15.0),
-        (5.5, 5.0, 1.0),
-        (1.0, 5.0, 1.0),
-    ],
-)
-def test_retry_after(ready_at: float | None, now: float, expected: float) -> None:
-    """Retry-After is the time left until the engine is expected ready, at least 1 s, and the
-    configured guess when nothing is expected."""
-    assert retry_after(ready_at, now, 30.0) == expected
-
-
-@pytest.mark.parametrize(
-    ("payload", "expected"),
-    [
-        (
-            {"data": [{"id": "a", "max_model_len": 512}, {"id": "l", "parent": "a"}]},
-            {"a": 512, "l": 512},
-        ),
-        (
-            {
-                "data": [
-                    {"id": "a", "max_model_len": 512},
-                    {"id": "b", "max_model_len": 2048},
-                    {"id": "l", "parent": "b", "max_model_len": None},
-                ]
-            },
-            {"a": 512, "b": 2048, "l": 2048},
-        ),
-        (
-            {"data": [{"id": "a", "max_model_len": 512}, {"id": "l", "parent": "gone"}]},
-            {"a": 512, "l": 512},
-        ),
-        ({"data": [{"id": "a"}]}, {}),
-        ({"data": [{"no": "id"}, "junk", {"id": "a", "max_model_len": True}]}, {}),
-        ({"object": "error"}, {}),
-        ([], {}),
-    ],
-)
-def test_parse_models(payload: object, expected: dict[str, int]) -> None:
-    """Model ids map to max_model_len; LoRA adapters (listed without one) take their parent's."""
-    assert parse_models(payload) == expected
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ('vllm:generation_tokens_total{engine="0",model_name="m"} 12.0\n', 12.0),
-        (
-            'vllm:generation_tokens_total{engine="0"} 2.0\n'
-            'vllm:generation_tokens_total{engine="1"} 3.0\n'
-            'vllm:prompt_tokens_total{engine="0"} 5.0\n',
-            10.0,
-        ),
-        ('vllm:generation_tokens_total{model_name="a b} c"} 7.0 1700000000\n', 7.0),
-        ("vllm:generation_tokens_total 4\n", 4.0),
-        (
-            "# TYPE vllm:generation_tokens_total counter\n"
-            'vllm:generation_tokens_created{x="1"} 1.7e9\n'
-            'vllm:num_requests_running{x="1"} 3.0\n',
-            None,
-        ),
-        ("", None),
-        ("vllm:generation_tokens_total{broken\n", None),
-    ],
-)
-def test_parse_counters(text: str, expected: float | None) -> None:
-    """The token counters are summed over all their samples; other series are ignored."""
-    assert parse_counters(text) == expected
-
-
-# The supervisor against a fake engine.
+def controlled_argv(port: int, *flags: str) -> list[str]:
+    """The emulator serving "tiny" and a LoRA adapter, controlled by the test (`--control`)."""
+    return emulator_argv(port, "--control", "--lora-modules", f"{LORA}=/adapters/x", *flags)
 
 
 def engine_config(port: int, **overrides: Any) -> EngineConfig:
@@ -201,12 +78,6 @@ Factory = Callable[..., EngineSupervisor]
 
 
 @pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
-
-
-@pytest.fixture
 async def make_supervisor(session: aiohttp.ClientSession) -> AsyncIterator[Factory]:
     """Supervisors built here are stopped (with their engines) after the test."""
     made: list[EngineSupervisor] = []
@@ -223,29 +94,23 @@ async def make_supervisor(session: aiohttp.ClientSession) -> AsyncIterator[Facto
 
 @pytest.fixture
 async def sidecar_engines() -> AsyncIterator[list[EngineProcess]]:
-    """Fake engines the test starts itself (playing the kubelet); stopped after the test."""
+    """Engines the test starts itself (playing the kubelet); stopped after the test."""
     engines: list[EngineProcess] = []
     yield engines
     for engine in engines:
         await engine.stop(1.0)
 
 
-async def control(session: aiohttp.ClientSession, port: int, **changes: Any) -> None:
-    async with session.post(f"http://127.0.0.1:{port}/_control", json=changes) as resp:
-        assert resp.status == 200
-
-
 async def engine_pid(session: aiohttp.ClientSession, port: int) -> int:
-    async with session.get(f"http://127.0.0.1:{port}/_info") as resp:
-        pid: int = (await resp.json())["pid"]
-        return pid
+    pid: int = (await emulator_info(session, port))["pid"]
+    return pid
 
 
 async def test_ready_means_a_generation_answered(make_supervisor: Factory) -> None:
     """A started engine becomes ready once it answered a one-token generation, with its models
     learnt (a LoRA adapter included) and the change logged."""
     port = free_port()
-    supervisor = make_supervisor(engine_config(port, command=tuple(fake_argv(port))))
+    supervisor = make_supervisor(engine_config(port, command=tuple(controlled_argv(port))))
     with capture_logs() as logs:
         await supervisor.start()
         assert supervisor.state is EngineState.STARTING
@@ -266,7 +131,7 @@ async def test_never_ready_engine_is_failed_after_the_startup_timeout(
     the startup timeout passes, and restarted."""
     port = free_port()
     config = engine_config(
-        port, command=tuple(fake_argv(port, "--never-ready")), startup_timeout_s=1.5
+        port, command=tuple(controlled_argv(port, "--hang-on", PROBE_PROMPT)), startup_timeout_s=1.5
     )
     supervisor = make_supervisor(config)
     recorder = Recorder(supervisor)
@@ -283,13 +148,13 @@ async def test_exit_is_detected_and_restarted(
     """An engine that exits, with status 0 as much as any other, is failed and started again:
     failed → restarting → starting → ready, epoch 2."""
     port = free_port()
-    supervisor = make_supervisor(engine_config(port, command=tuple(fake_argv(port))))
+    supervisor = make_supervisor(engine_config(port, command=tuple(controlled_argv(port))))
     recorder = Recorder(supervisor)
     await supervisor.start()
     assert await supervisor.wait_ready(15.0)
     first_pid = await engine_pid(session, port)
     with capture_logs() as logs:
-        await control(session, port, exit=status)
+        await control_emulator(session, port, exit=status)
         assert await until(lambda: supervisor.epoch == 2 and supervisor.is_ready(), 15)
     assert [c.new for c in recorder.changes][-4:] == [
         EngineState.FAILED,
@@ -315,11 +180,11 @@ async def test_health_failures_in_a_row_fail_the_engine(
 ) -> None:
     """`health_failures` failed /health probes in a row fail a ready engine; it is restarted."""
     port = free_port()
-    supervisor = make_supervisor(engine_config(port, command=tuple(fake_argv(port))))
+    supervisor = make_supervisor(engine_config(port, command=tuple(controlled_argv(port))))
     recorder = Recorder(supervisor)
     await supervisor.start()
     assert await supervisor.wait_ready(15.0)
-    await control(session, port, health=503)
+    await control_emulator(session, port, health=503)
     assert await until(lambda: supervisor.epoch == 2 and supervisor.is_ready(), 15)
     assert (
         "/health failed 2 probes in a row (last: HTTP 503)"
@@ -332,7 +197,7 @@ async def test_one_failure_report_does_not_fail_a_healthy_engine(make_supervisor
     ready."""
     port = free_port()
     supervisor = make_supervisor(
-        engine_config(port, command=tuple(fake_argv(port)), probe_interval_s=30.0)
+        engine_config(port, command=tuple(controlled_argv(port)), probe_interval_s=30.0)
     )
     await supervisor.start()
     assert await supervisor.wait_ready(15.0)
@@ -351,7 +216,7 @@ async def test_failure_report_triggers_the_probes(
     """After a report, the probes run at once rather than at the next (30 s away) interval,
     and a dead engine is failed."""
     port = free_port()
-    sidecar_engines.append(await EngineProcess.spawn(fake_argv(port), grace_s=1.0))
+    sidecar_engines.append(await EngineProcess.spawn(controlled_argv(port), grace_s=1.0))
     supervisor = make_supervisor(engine_config(port, probe_interval_s=30.0))
     await supervisor.start()
     assert await supervisor.wait_ready(15.0)
@@ -370,12 +235,12 @@ async def test_wedged_engine_is_failed_and_restarted(
     port = free_port()
     progress = FakeProgress()
     supervisor = make_supervisor(
-        engine_config(port, command=tuple(fake_argv(port))), progress=progress
+        engine_config(port, command=tuple(controlled_argv(port))), progress=progress
     )
     recorder = Recorder(supervisor)
     await supervisor.start()
     assert await supervisor.wait_ready(15.0)
-    await control(session, port, hang=True)
+    await control_emulator(session, port, hang=True)
     progress.stall()
     assert await until(lambda: bool(recorder.reasons(EngineState.FAILED)), 10)
     progress.since = None
@@ -392,11 +257,11 @@ async def test_busy_engine_is_not_wedged(
     port = free_port()
     progress = FakeProgress()
     supervisor = make_supervisor(
-        engine_config(port, command=tuple(fake_argv(port))), progress=progress
+        engine_config(port, command=tuple(controlled_argv(port))), progress=progress
     )
     await supervisor.start()
     assert await supervisor.wait_ready(15.0)
-    await control(session, port, hang=True, busy=True)
+    await control_emulator(session, port, hang=True, busy=True)
     progress.stall()
     with capture_logs() as logs:
         await asyncio.sleep(3.0)  # six wedge timeouts
@@ -413,7 +278,7 @@ async def test_answered_probe_clears_a_wedge_suspicion(
     port = free_port()
     progress = FakeProgress()
     supervisor = make_supervisor(
-        engine_config(port, command=tuple(fake_argv(port))), progress=progress
+        engine_config(port, command=tuple(controlled_argv(port))), progress=progress
     )
     await supervisor.start()
     assert await supervisor.wait_ready(15.0)
@@ -433,12 +298,12 @@ async def test_wedge_without_metrics_rests_on_the_stall(
     """An engine without /metrics that stalls and does not answer a probe is wedged: in the
     sidecar shape it is reported not live."""
     port = free_port()
-    sidecar_engines.append(await EngineProcess.spawn(fake_argv(port), grace_s=1.0))
+    sidecar_engines.append(await EngineProcess.spawn(controlled_argv(port), grace_s=1.0))
     progress = FakeProgress()
     supervisor = make_supervisor(engine_config(port), progress=progress)
     await supervisor.start()
     assert await supervisor.wait_ready(15.0)
-    await control(session, port, hang=True, metrics=False)
+    await control_emulator(session, port, hang=True, metrics=False)
     progress.stall()
     assert await until(lambda: not supervisor.live(), 10)
     assert supervisor.state is EngineState.RESTARTING
@@ -469,7 +334,7 @@ async def test_sidecar_live_follows_the_engine(
     """Sidecar shape: the engine's death turns live() False (the kubelet would restart it);
     when it is back and answers, live() is True again and the epoch moves on."""
     port = free_port()
-    sidecar_engines.append(await EngineProcess.spawn(fake_argv(port), grace_s=1.0))
+    sidecar_engines.append(await EngineProcess.spawn(controlled_argv(port), grace_s=1.0))
     supervisor = make_supervisor(engine_config(port))
     recorder = Recorder(supervisor)
     await supervisor.start()
@@ -479,7 +344,7 @@ async def test_sidecar_live_follows_the_engine(
     assert await until(lambda: not supervisor.live(), 10)
     assert supervisor.restart_expected()
     assert supervisor.state is EngineState.RESTARTING
-    sidecar_engines.append(await EngineProcess.spawn(fake_argv(port), grace_s=1.0))  # kubelet
+    sidecar_engines.append(await EngineProcess.spawn(controlled_argv(port), grace_s=1.0))  # kubelet
     assert await supervisor.wait_ready(15.0)
     assert supervisor.live()
     assert supervisor.epoch == 2
@@ -495,7 +360,7 @@ async def test_sidecar_live_follows_the_engine(
 async def test_explicit_restart(make_supervisor: Factory, session: aiohttp.ClientSession) -> None:
     """restart() replaces a ready engine's process with a new one."""
     port = free_port()
-    supervisor = make_supervisor(engine_config(port, command=tuple(fake_argv(port))))
+    supervisor = make_supervisor(engine_config(port, command=tuple(controlled_argv(port))))
     recorder = Recorder(supervisor)
     await supervisor.start()
     assert await supervisor.wait_ready(15.0)
@@ -513,11 +378,12 @@ async def test_stop_stops_the_engine_group(
 ) -> None:
     """stop() ends supervision and the engine's whole process group."""
     port = free_port()
-    supervisor = make_supervisor(engine_config(port, command=tuple(fake_argv(port, "--child"))))
+    supervisor = make_supervisor(
+        engine_config(port, command=tuple(controlled_argv(port, "--child")))
+    )
     await supervisor.start()
     assert await supervisor.wait_ready(15.0)
-    async with session.get(f"http://127.0.0.1:{port}/_info") as resp:
-        info = await resp.json()
+    info = await emulator_info(session, port)
     try:
         await supervisor.stop()
         assert supervisor.state is EngineState.STOPPED

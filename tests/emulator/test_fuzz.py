@@ -29,8 +29,7 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from engine.emulator import EmulatorSettings, create_emulator_app
-from tests.conftest import MODEL_DIR, gateway_config, run_fake_upstream
-from tests.helpers import base_url, error_envelope
+from tests.helpers import MODEL_DIR, base_url, error_envelope, gateway_config, run_fake_upstream
 
 PATHS = ("/v1/chat/completions", "/v1/completions")
 ANSWER_TIMEOUT_S = 60.0
@@ -92,7 +91,7 @@ CONTENT_TYPES = (
     "application/json; charset=latin-1",
     "image/png",
 )
-ODD_VALUES = (
+ODD_VALUES: tuple[object, ...] = (
     10**30,
     -(10**30),
     2**63,
@@ -190,7 +189,7 @@ message_values = st.one_of(
 @st.composite
 def mutated(draw: st.DrawFn, base: dict[str, Any]) -> dict[str, Any]:
     """A valid body with one to four fields replaced, removed, added or reshaped."""
-    body = json.loads(json.dumps(base))
+    body: dict[str, Any] = json.loads(json.dumps(base))
     for _ in range(draw(st.integers(1, 4))):
         kind = draw(st.sampled_from(["set", "set", "drop", "message", "messages", "prompt"]))
         field = draw(st.one_of(st.sampled_from(FIELDS), st.text(max_size=8)))

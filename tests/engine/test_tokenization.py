@@ -14,22 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from engine.tokenization import (
     InvalidChat,
     PromptTokenizer,
     UnsupportedLocally,
-    completion_prompts,
-    local_chat_supported,
 )
-from tests.token_corpus import TEMPLATES_DIR, Case, cases, template, template_paths
-
-ROOT = Path(__file__).resolve().parent.parent
-ENGINE_PYTHON = ROOT / ".venv-engine" / "bin" / "python"
-MODEL_DIR = ROOT / "models" / "tiny"
-MAX_MODEL_LEN = 512
+from tests.helpers import MODEL_DIR, ROOT
+from tests.real_engine import ENGINE_PYTHON, MAX_MODEL_LEN
+from tests.token_corpus import TEMPLATES_DIR, Case, cases, local_ids, template, template_paths
 
 CORPUS = cases()
 # What the local path leaves to the engine's /tokenize, on purpose.
@@ -73,7 +66,7 @@ VARIANT_CASES: list[Case] = [
         "body": {"prompt": "x <unk><|marker|>y </s> <pad>"},
     },
 ]
-SERVER = {
+SERVER: dict[str, Any] = {
     "chat_template": template("features"),
     "chat_template_kwargs": {"persona": "server persona", "enable_thinking": True},
 }
@@ -196,41 +189,6 @@ def reference(model_dir: Path, variant_dir: Path) -> dict[str, Any]:
     return {"cases": by_id, "formats": answer["formats"]}
 
 
-@pytest.fixture(scope="session")
-def tok(model_dir: Path) -> PromptTokenizer:
-    return PromptTokenizer.from_dir(model_dir)
-
-
-def _local(tok: PromptTokenizer, case: Case) -> tuple[list[list[int]], str | None]:
-    """Ids per prompt as PromptTokenizer makes them (before truncation), and the chat text."""
-    body = case["body"]
-    if case["kind"] == "completion":
-        prompts = completion_prompts(body["prompt"])
-        special = body.get("add_special_tokens", True)
-        return [
-            p if isinstance(p, list) else tok.encode_completion(p, special) for p in prompts
-        ], None
-    fields = {
-        k: body[k]
-        for k in ("tools", "chat_template", "chat_template_kwargs", "documents", "reasoning_effort")
-        if k in body
-    }
-    text = tok.render_chat(
-        body["messages"],
-        add_generation_prompt=body.get("add_generation_prompt", True),
-        continue_final_message=body.get("continue_final_message", False),
-        **fields,
-    )
-    ids = tok.encode_chat(
-        body["messages"],
-        add_generation_prompt=body.get("add_generation_prompt", True),
-        continue_final_message=body.get("continue_final_message", False),
-        add_special_tokens=body.get("add_special_tokens", False),
-        **fields,
-    )
-    return [ids], text
-
-
 def _expected_count(case: Case, ids: list[int]) -> int:
     """vLLM's truncation: keep k tokens; -1 is the window, less one with an output limit."""
     body = case["body"]
@@ -241,15 +199,15 @@ def _expected_count(case: Case, ids: list[int]) -> int:
         # A completion's max_tokens defaults to 16, null included; a chat's to none.
         limited = body.get("max_tokens") or (16 if case["kind"] == "completion" else None)
         k = MAX_MODEL_LEN - 1 if limited else MAX_MODEL_LEN
-    return min(len(ids), k)
+    return min(len(ids), int(k))
 
 
 def _check(tok: PromptTokenizer, case: Case, ref: dict[str, Any]) -> None:
     if ref["error"] is not None:
         with pytest.raises(InvalidChat):
-            _local(tok, case)
+            local_ids(tok, case)
         return
-    ids, text = _local(tok, case)
+    ids, text = local_ids(tok, case)
     assert ref["error"] is None, f"vLLM rejects ({ref['error']}) what the local path counts"
     if text is not None:
         assert text == ref["prompt"]
@@ -266,19 +224,9 @@ def test_corpus_matches_vllm(tok: PromptTokenizer, reference: dict[str, Any], ca
     ref = reference["cases"][case["id"]]
     if case["id"] in EXPECTED_UNSUPPORTED:
         with pytest.raises(UnsupportedLocally):
-            _local(tok, case)
+            local_ids(tok, case)
         return
     _check(tok, case, ref)
-
-
-def test_corpus_is_broad() -> None:
-    """The corpus holds at least 50 requests of both kinds, with rejections and long prompts."""
-    kinds = {c["kind"] for c in CORPUS}
-    assert len(CORPUS) >= 50
-    assert kinds == {"chat", "completion"}
-    assert sum(c["id"].startswith("bad-") for c in CORPUS) >= 5
-    assert any(c["id"].startswith("long-") for c in CORPUS)
-    assert len({c["id"] for c in CORPUS}) == len(CORPUS)
 
 
 @pytest.mark.parametrize("case", VARIANT_CASES, ids=[c["id"] for c in VARIANT_CASES])
@@ -310,96 +258,3 @@ def test_content_format_detection_matches_vllm(
     local = [tok._compiled_template(t).content_format for t in DETECTION_TEMPLATES]
     assert local == reference["formats"]
     assert {"string", "openai"} <= set(local)
-
-
-def test_model_metadata(tok: PromptTokenizer) -> None:
-    """The tiny model's tokenizer is read as exact, with its named special tokens."""
-    assert tok.exact
-    assert tok.special_tokens == {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
-    assert tok.encode_completion("hi")[0] == tok.encode_completion("<s>", False)[0]
-
-
-def test_model_specific_class_is_not_exact(model_dir: Path, tmp_path: Path) -> None:
-    """A tokenizer class that transformers rebuilds in code is flagged, so `auto` asks the
-    engine."""
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(model_dir / name, tmp_path / name)
-    config = json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8"))
-    config["tokenizer_class"] = "LlamaTokenizer"
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
-    tok = PromptTokenizer.from_dir(tmp_path)
-    assert not tok.exact
-    assert tok.inexact_reason is not None
-    assert "LlamaTokenizer" in tok.inexact_reason
-
-
-@pytest.mark.parametrize("case", CORPUS, ids=[c["id"] for c in CORPUS])
-def test_upper_bound_is_never_below_the_count(tok: PromptTokenizer, case: Case) -> None:
-    """upper_bound of a prompt text is at least its exact token count."""
-    try:
-        _, text = _local(tok, case)
-    except (InvalidChat, UnsupportedLocally):
-        return
-    texts = (
-        [text]
-        if text is not None
-        else [p for p in completion_prompts(case["body"]["prompt"]) if isinstance(p, str)]
-    )
-    for t in texts:
-        assert tok.upper_bound(t) >= len(tok.encode_completion(t, True))
-
-
-@settings(max_examples=300, deadline=None)
-@given(text=st.text(max_size=300))
-def test_upper_bound_holds_for_any_text(tok: PromptTokenizer, text: str) -> None:
-    """The bound holds for arbitrary Unicode, special-token look-alikes included."""
-    for sample in (text, f"<s>{text}<|im_end|>", text * 3):
-        assert tok.upper_bound(sample) >= len(tok.encode_completion(sample, True))
-
-
-def test_decode_inverts_encode(tok: PromptTokenizer) -> None:
-    """decode gives back the text of a plain prompt, special tokens included."""
-    for text in ("Hello, wörld 🙂\n\tx", "<s>a</s>", ""):
-        assert tok.decode(tok.encode_completion(text, False)) == text
-
-
-def test_local_chat_supported_flags_what_needs_the_engine() -> None:
-    """Text-only requests are local; images and kwargs that change the call are not."""
-    text = {"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]}]}
-    image = {
-        "messages": [
-            {
-                "role": "user",
-                "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}],
-            }
-        ]
-    }
-    kwargs = {
-        "messages": [{"role": "user", "content": "x"}],
-        "chat_template_kwargs": {"tokenize": True},
-    }
-    invalid = {"messages": "not a list"}
-    assert local_chat_supported(text)
-    assert not local_chat_supported(image)
-    assert not local_chat_supported(kwargs)
-    assert local_chat_supported(invalid)  # the local path can say what is wrong
-
-
-def test_invalid_chat_names_the_parameter(tok: PromptTokenizer) -> None:
-    """Malformed structures raise InvalidChat with the offending parameter."""
-    with pytest.raises(InvalidChat) as err:
-        tok.render_chat([{"role": "user", "content": 7}])
-    assert err.value.param == "messages"
-    with pytest.raises(InvalidChat) as err:
-        tok.render_chat([{"role": "user", "content": "x"}], tools=[{"function": {}}])
-    assert err.value.param == "tools"
-    with pytest.raises(InvalidChat) as err:
-        tok.render_chat([{"role": "user", "content": "x"}], reasoning_effort="extreme")
-    assert err.value.param == "reasoning_effort"
-
-
-def test_unparsable_template_is_left_to_the_engine(tok: PromptTokenizer) -> None:
-    """A template with a syntax error is the engine's to answer (vLLM fails it outside its
-    template error handling)."""
-    with pytest.raises(UnsupportedLocally):
-        tok.render_chat([{"role": "user", "content": "x"}], chat_template="{% for %}")

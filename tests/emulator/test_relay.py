@@ -11,8 +11,14 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from tests.conftest import gateway_config, run_fake_upstream
-from tests.helpers import base_url, error_envelope, free_port
+from tests.helpers import (
+    base_url,
+    error_envelope,
+    free_port,
+    gateway_config,
+    post,
+    run_fake_upstream,
+)
 
 
 class FakeEngine:
@@ -83,14 +89,6 @@ async def fake_engine() -> AsyncIterator[FakeEngine]:
     await server.close()
 
 
-async def _post(
-    url: str, data: bytes | str, headers: dict[str, str] | None = None
-) -> tuple[int, CIMultiDict[str], Any]:
-    async with aiohttp.ClientSession() as s, s.post(url, data=data, headers=headers) as r:
-        raw = await r.read()
-        return r.status, CIMultiDict(r.headers), json.loads(raw) if raw else None
-
-
 MALFORMED = [
     pytest.param(b"{not json", {"Content-Type": "application/json"}, 400, id="bad-json"),
     pytest.param(b"[1, 2]", {"Content-Type": "application/json"}, 400, id="array"),
@@ -113,7 +111,9 @@ async def test_malformed_bodies_get_an_envelope_and_never_reach_the_engine(
 ) -> None:
     """A body the gateway can judge bad is answered 4xx in vLLM's envelope, engine untouched."""
     server = await gateway_server(gateway_config(fake_engine.url))
-    got, _, answer = await _post(str(server.make_url("/v1/completions")), body, headers)
+    reply = await post(str(server.make_url("/v1/completions")), data=body, headers=headers)
+    got = reply["status"]
+    answer = reply["json"]
     assert got == status
     error_envelope(answer, status)
     assert fake_engine.generation_requests() == []
@@ -126,9 +126,13 @@ async def test_body_over_the_size_limit_gets_413(
     config = gateway_config(fake_engine.url, server={"max_body_bytes": 1000})
     server = await gateway_server(config)
     payload = json.dumps({"model": "tiny", "prompt": "x" * 5000})
-    status, _, answer = await _post(
-        str(server.make_url("/v1/completions")), payload, {"Content-Type": "application/json"}
+    reply = await post(
+        str(server.make_url("/v1/completions")),
+        data=payload,
+        headers={"Content-Type": "application/json"},
     )
+    status = reply["status"]
+    answer = reply["json"]
     assert status == 413
     error_envelope(answer, 413)
     assert fake_engine.generation_requests() == []
@@ -154,9 +158,11 @@ async def test_paths_outside_the_allow_list_get_404(
 ) -> None:
     """Generating and control paths of vLLM other than the two guarded ones are refused."""
     server = await gateway_server(gateway_config(fake_engine.url))
-    status, _, answer = await _post(
-        str(server.make_url(path)), b"{}", {"Content-Type": "application/json"}
+    reply = await post(
+        str(server.make_url(path)), data=b"{}", headers={"Content-Type": "application/json"}
     )
+    status = reply["status"]
+    answer = reply["json"]
     assert status == 404
     error_envelope(answer, 404)
     assert not any(s[1] == path for s in fake_engine.seen)
@@ -186,10 +192,10 @@ async def test_headers_request_id_and_authorization(
     server = await gateway_server(gateway_config(fake_engine.url))
     url = str(server.make_url("/openai/v1/completions"))
     body = json.dumps({"model": "tiny", "prompt": "hello", "max_tokens": 3})
-    status, headers, _ = await _post(
+    reply = await post(
         url,
-        body,
-        {
+        data=body,
+        headers={
             "Content-Type": "application/json",
             "Authorization": "Bearer sk-test",
             "X-Request-Id": "abc-123",
@@ -197,6 +203,8 @@ async def test_headers_request_id_and_authorization(
             "Keep-Alive": "5",
         },
     )
+    status = reply["status"]
+    headers = reply["headers"]
     assert status == 200
     assert headers["X-Request-Id"] == "abc-123"
     _, path, seen, forwarded = fake_engine.generation_requests()[-1]
@@ -207,9 +215,13 @@ async def test_headers_request_id_and_authorization(
     assert "Keep-Alive" not in seen
     assert json.loads(forwarded)["prompt"] == "hello"
 
-    status, headers, _ = await _post(
-        url, body, {"Content-Type": "application/json", "X-Request-Id": "bad id\u00e9" + "x" * 300}
+    reply = await post(
+        url,
+        data=body,
+        headers={"Content-Type": "application/json", "X-Request-Id": "bad id\u00e9" + "x" * 300},
     )
+    status = reply["status"]
+    headers = reply["headers"]
     assert status == 200
     new_id = headers["X-Request-Id"]
     assert new_id != "bad id"
@@ -224,19 +236,23 @@ async def test_engine_error_bodies_pass_through_and_plain_ones_become_502(
     """An engine error in the envelope is relayed with its status; a non-JSON error is 502."""
     server = await gateway_server(gateway_config(fake_engine.url))
     url = str(server.make_url("/v1/completions"))
-    status, _, answer = await _post(
+    reply = await post(
         url,
-        json.dumps({"model": "tiny", "prompt": "engine-error"}),
-        {"Content-Type": "application/json"},
+        data=json.dumps({"model": "tiny", "prompt": "engine-error"}),
+        headers={"Content-Type": "application/json"},
     )
+    status = reply["status"]
+    answer = reply["json"]
     assert status == 400
     assert answer["error"]["message"] == "bad thing"
     assert answer["error"]["param"] == "prompt"
-    status, _, answer = await _post(
+    reply = await post(
         url,
-        json.dumps({"model": "tiny", "prompt": "plain-500"}),
-        {"Content-Type": "application/json"},
+        data=json.dumps({"model": "tiny", "prompt": "plain-500"}),
+        headers={"Content-Type": "application/json"},
     )
+    status = reply["status"]
+    answer = reply["json"]
     assert status == 502
     error_envelope(answer, 502)
 
@@ -284,21 +300,24 @@ async def test_untrusted_request_templates_are_refused_as_vllm_does(
         **template_field,
     }
     server = await gateway_server(gateway_config(fake_engine.url))
-    status, _, answer = await _post(
+    reply = await post(
         str(server.make_url("/v1/chat/completions")),
-        json.dumps(body),
-        {"Content-Type": "application/json"},
+        data=json.dumps(body),
+        headers={"Content-Type": "application/json"},
     )
+    status = reply["status"]
+    answer = reply["json"]
     assert status == 400
     assert "--trust-request-chat-template is not set" in answer["error"]["message"]
     assert fake_engine.generation_requests() == []
     trusting = await gateway_server(
         gateway_config(fake_engine.url, defaults={"trust_request_chat_template": True})
     )
-    status, _, _ = await _post(
+    reply = await post(
         str(trusting.make_url("/v1/chat/completions")),
-        json.dumps(body),
-        {"Content-Type": "application/json"},
+        data=json.dumps(body),
+        headers={"Content-Type": "application/json"},
     )
+    status = reply["status"]
     assert status == 200
     assert len(fake_engine.generation_requests()) == 1

@@ -11,8 +11,8 @@ import aiohttp
 import openai
 import pytest
 
-from tests.conftest import RealEngine, gateway_config
-from tests.helpers import base_url, post
+from tests.helpers import base_url, gateway_config, post
+from tests.real_engine import RealEngine
 
 pytestmark = pytest.mark.engine
 

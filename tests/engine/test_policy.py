@@ -7,8 +7,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import MODEL_DIR, RealEngine, gateway_config
-from tests.helpers import base_url, post
+from tests.helpers import MODEL_DIR, base_url, gateway_config, post
+from tests.real_engine import RealEngine
 
 pytestmark = pytest.mark.engine
 
