@@ -15,6 +15,7 @@ import signal
 import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -250,3 +251,22 @@ class Recorder:
 
     def reasons(self, state: EngineState) -> list[str]:
         return [c.reason for c in self.changes if c.new is state]
+
+
+# Config files as Kubernetes updates them.
+
+
+def configmap_swap(folder: Path, text: str, version: str) -> Path:
+    """Lay out (or update) `folder` as the kubelet does a ConfigMap volume: the data in a new
+    timestamped folder, the `..data` symlink pointed at it by an atomic rename, config.yaml a
+    symlink through `..data` (made once, never changed). The path of config.yaml."""
+    data = folder / f"..{version}"
+    data.mkdir(parents=True)
+    (data / "config.yaml").write_text(text, encoding="utf-8")
+    tmp = folder / "..data_tmp"
+    tmp.symlink_to(data.name)
+    os.replace(tmp, folder / "..data")
+    link = folder / "config.yaml"
+    if not link.is_symlink():
+        link.symlink_to("..data/config.yaml")
+    return link
