@@ -20,7 +20,7 @@ from aiohttp.typedefs import Handler
 
 from engine.supervisor import EngineState
 from gateway.config import AdminConfig, ConfigError
-from gateway.errors import Conflict, GuardError, NotFound, Unauthorized
+from gateway.errors import Conflict, GuardError, NotFound, Unauthorized, error_body
 from gateway.keys import (
     ADMIN_TOKEN,
     CONFIG,
@@ -85,7 +85,8 @@ async def admin_middleware(request: web.Request, handler: Handler) -> web.Stream
     except GuardError as err:
         resp = render_error(err, request_id)
     except web.HTTPException as exc:
-        resp = web.json_response({"error": exc.reason}, status=exc.status)
+        body = error_body(exc.text or exc.reason, exc.reason, None, exc.status)
+        resp = web.json_response(body, status=exc.status)
     level = "warning" if resp.status in {401, 403} else "info"
     getattr(log, level)(
         "admin_request",

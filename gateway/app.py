@@ -125,6 +125,7 @@ async def _reload_ctx(app: web.Application) -> AsyncIterator[None]:
     supervisor, tokens = app[SUPERVISOR], app[TOKENS]
 
     def prepare(file: Path) -> Snapshot:
+        # In a worker thread: `models` is an immutable mapping the supervisor replaces whole.
         return load_snapshot(file, tokens, supervisor.models)
 
     def apply(running: Config, new: Config, snapshot: Snapshot) -> None:

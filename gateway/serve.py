@@ -11,7 +11,7 @@ import structlog
 from aiohttp import web
 
 from gateway.config import Config
-from gateway.keys import ADMIN_APP, INFLIGHT, LIFECYCLE
+from gateway.keys import ADMIN_APP, CONFIG, INFLIGHT, LIFECYCLE
 
 log = structlog.get_logger("gateway")
 
@@ -46,7 +46,7 @@ async def serve(app: web.Application, config: Config) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
-        await drain(app, config.server.shutdown_grace_s)
+        await drain(app, app[CONFIG].current.server.shutdown_grace_s)  # as last reloaded
     finally:
         if admin_runner is not None:
             await admin_runner.cleanup()
