@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import structlog
 from aiohttp import web
 
 from engine.supervisor import EngineState, EngineSupervisor, StateChange
@@ -38,6 +39,8 @@ from gateway.proxy import Upstream
 from gateway.reload import Reloader
 from gateway.snapshot import Snapshot, load_snapshot, prepare_snapshot
 from gateway.tokens import TokenCounters
+
+log = structlog.get_logger("gateway")
 
 VERSION_TIMEOUT_S = 10.0
 
@@ -99,8 +102,12 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     gate.bulkhead = lambda model: holder.current.policy_for(model).max_in_flight
     app[GATE] = gate
     tokens = TokenCounters(upstream)
-    # The starting snapshot's counters are made ahead, off the event loop, like a reload's.
-    tokens.adopt((await asyncio.to_thread(prepare_snapshot, config, tokens)).counters)
+    # The starting snapshot's counters are made ahead, off the event loop, like a reload's;
+    # a file it names that cannot be read stops the start (ConfigError) before any listener.
+    snapshot = await asyncio.to_thread(prepare_snapshot, config, tokens)
+    for warning in snapshot.warnings:
+        log.warning("config_warning", warning=warning)
+    tokens.adopt(snapshot.counters)
     app[TOKENS] = tokens
 
     async def ask_version() -> object:

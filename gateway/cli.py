@@ -41,15 +41,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     from gateway.app import create_app
     from gateway.logs import configure_logging
     from gateway.serve import serve
+    from gateway.snapshot import load_snapshot
+    from gateway.tokens import TokenCounters
 
     try:
-        config = load_config(args.config)
+        # Validated as check-config does (errors with their lines) before anything starts;
+        # the app then makes its own counters, with the engine to ask.
+        config = load_snapshot(args.config, TokenCounters(None)).config
         app = create_app(config, config_path=Path(args.config).absolute())
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 1
     configure_logging(config.logging)
-    asyncio.run(serve(app, config))
+    try:
+        asyncio.run(serve(app, config))
+    except ConfigError as err:  # a file the policies name, read before anything listens
+        print(err, file=sys.stderr)
+        return 1
     return 0
 
 

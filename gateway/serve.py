@@ -23,7 +23,11 @@ async def serve(app: web.Application, config: Config) -> None:
     runner = web.AppRunner(
         app, handle_signals=False, handler_cancellation=True, access_log=None, shutdown_timeout=1.0
     )
-    await runner.setup()
+    try:
+        await runner.setup()
+    except BaseException:  # a context failed to start (a config file it reads): undo the others
+        await runner.cleanup()
+        raise
     sites = [web.TCPSite(runner, config.server.host, config.server.port)]
     if config.admin.enabled and ADMIN_APP in app:
         admin_runner = web.AppRunner(app[ADMIN_APP], handle_signals=False, access_log=None)
