@@ -216,6 +216,12 @@ class EngineSupervisor:
             lambda: self._state not in {EngineState.READY, EngineState.STARTING}, 30.0
         )
 
+    def reconfigure(self, config: EngineConfig) -> None:
+        """Settings from a reloaded config: probes, wedge detection and the restart policy
+        apply from now on, the command and environment at the next (re)start. The URL stays
+        the one this supervisor was made with."""
+        self._config = config.model_copy(update={"url": self._config.url})
+
     async def settle(self, suspicion: str) -> bool:
         """Run a probe generation now: True if the ready engine answers it."""
         if not self.is_ready():

@@ -62,24 +62,36 @@ class Gate:
         wall_clock: Callable[[], float] = time.time,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.config = config
         self.supervisor = supervisor
         self.ledger = ledger
-        # A failure report is confirmed by probes: allow for a full round of failed ones.
-        self.settle_timeout_s = (
-            engine.probe_timeout_s + engine.health_failures * engine.startup_probe_interval_s + 2.0
-        )
-        self.wedge_detect_s = engine.wedge_timeout_s + engine.probe_timeout_s + 5.0
         self.quarantine = Quarantine(config.quarantine_ttl_s, config.quarantine_max_entries)
         self.suspects = SuspectBook(config.quarantine_ttl_s, config.quarantine_max_entries)
+        self.bulkhead: Callable[[str | None], int] | None = None
+        """The current `max_in_flight` of a model, read at each admission so that a live
+        reload's smaller bulkhead holds back requests already waiting; None: the size each
+        request brought."""
         self.wall_clock = wall_clock
         self._clock = clock
         self._changed = asyncio.Event()
+        self.reconfigure(config, engine)
         self._by_model: Counter[str | None] = Counter()
         self._solo: Inflight | None = None
         self._suspects_waiting = 0
         self._waiting = 0
         supervisor.subscribe(self._on_state_change)
+
+    def reconfigure(self, config: IsolationConfig, engine: EngineConfig) -> None:
+        """Isolation and engine settings of a new snapshot; applies to the next decision
+        (entries already quarantined keep their expiry)."""
+        self.config = config
+        # A failure report is confirmed by probes: allow for a full round of failed ones.
+        self.settle_timeout_s = (
+            engine.probe_timeout_s + engine.health_failures * engine.startup_probe_interval_s + 2.0
+        )
+        self.wedge_detect_s = engine.wedge_timeout_s + engine.probe_timeout_s + 5.0
+        for book in (self.quarantine, self.suspects):
+            book.ttl_s, book.max_entries = config.quarantine_ttl_s, config.quarantine_max_entries
+        self._notify()  # waiters look again (a larger bulkhead may admit them now)
 
     # -- state changes ---------------------------------------------------------------------
 
@@ -154,10 +166,15 @@ class Gate:
         if is_suspect:
             if len(self.ledger):
                 return False
-        elif self._suspects_waiting or self._by_model[entry.model] >= entry.max_in_flight:
+        elif self._suspects_waiting or self._by_model[entry.model] >= self._limit(entry):
             return False
         entry.ticket = self._take(entry.request_id, entry.model, entry.fp, solo=is_suspect)
         return True
+
+    def _limit(self, entry: _Entry) -> int:
+        """The bulkhead's size for this request's model: the current snapshot's when a live
+        reload may have changed it, else the size the request brought."""
+        return entry.max_in_flight if self.bulkhead is None else self.bulkhead(entry.model)
 
     async def _wait(
         self, ready: Callable[[], bool], is_suspect: Callable[[], bool], deadline: float

@@ -2,47 +2,67 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
+import structlog
 from aiohttp import web
 
-from engine.supervisor import EngineSupervisor
+from engine.supervisor import EngineState, EngineSupervisor, StateChange
 from gateway import handlers
 from gateway.admin import create_admin_app
 from gateway.admission import Gate
 from gateway.config import KSERVE_PREFIX, Config, ConfigHolder
+from gateway.engineview import EngineHistory
 from gateway.inflight import InflightLedger
 from gateway.keys import (
     ADMIN_APP,
     CONFIG,
+    CONFIG_PATH,
+    ENGINE_HISTORY,
     GATE,
     INFLIGHT,
     LIFECYCLE,
+    RELOADER,
     SESSION,
     SUPERVISOR,
     TOKENS,
     UPSTREAM,
 )
 from gateway.lifecycle import Lifecycle
+from gateway.logs import configure_logging
 from gateway.middlewares import guard_middleware
 from gateway.proxy import Upstream
+from gateway.reload import Reloader
+from gateway.snapshot import Snapshot, load_snapshot, prepare_snapshot
 from gateway.tokens import TokenCounters
 
+log = structlog.get_logger("gateway")
 
-def create_app(config: Config) -> web.Application:
+VERSION_TIMEOUT_S = 10.0
+
+
+def create_app(config: Config, *, config_path: str | Path | None = None) -> web.Application:
+    """The gateway. With `config_path` (the file `config` was loaded from) it reloads that
+    file live: when it changes, on SIGHUP, and on the admin listener's POST /reload.
+    Raises ConfigError when the admin listener would be off loopback without a token."""
     app = web.Application(
         middlewares=[guard_middleware], client_max_size=config.server.max_body_bytes
     )
     app[CONFIG] = ConfigHolder(config)
     app[INFLIGHT] = InflightLedger()
     app[LIFECYCLE] = Lifecycle()
+    if config_path is not None:
+        app[CONFIG_PATH] = str(config_path)
     if config.admin.enabled:
-        app[ADMIN_APP] = create_admin_app(app)
+        app[ADMIN_APP] = create_admin_app(app, config.admin)
     # Resources with a lifetime; torn down in reverse order (the engine stops before the
-    # session that talks to it is closed).
+    # session that talks to it is closed; the watcher stops before the engine).
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(_engine_ctx)
+    app.cleanup_ctx.append(_reload_ctx)
 
     app.router.add_get("/health", handlers.health)
     app.router.add_get("/ready", handlers.ready)
@@ -71,14 +91,66 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
-    config = app[CONFIG].current
+    holder = app[CONFIG]
+    config = holder.current
     supervisor = EngineSupervisor(config.engine, app[SESSION], progress=app[INFLIGHT])
     upstream = Upstream(app[SESSION], config.engine.url, supervisor.retry_after_s)
     app[SUPERVISOR] = supervisor
     app[UPSTREAM] = upstream
-    app[GATE] = Gate(config.isolation, supervisor, app[INFLIGHT], config.engine)
-    app[TOKENS] = TokenCounters(upstream)
+    gate = Gate(config.isolation, supervisor, app[INFLIGHT], config.engine)
+    gate.bulkhead = lambda model: holder.current.policy_for(model).max_in_flight
+    app[GATE] = gate
+    tokens = TokenCounters(upstream)
+    # The starting snapshot's counters are made ahead, off the event loop, like a reload's;
+    # a file it names that cannot be read stops the start (ConfigError) before any listener.
+    snapshot = await asyncio.to_thread(prepare_snapshot, config, tokens)
+    for warning in snapshot.warnings:
+        log.warning("config_warning", warning=warning)
+    tokens.adopt(snapshot.counters)
+    app[TOKENS] = tokens
+
+    async def ask_version() -> object:
+        return (await upstream.json("GET", "/version", timeout=VERSION_TIMEOUT_S))[1]
+
+    history = EngineHistory(ask_version)
+    app[ENGINE_HISTORY] = history
+    supervisor.subscribe(history)  # before start: the first change is kept
     await supervisor.start()
     yield
     await supervisor.stop()
-    await app[TOKENS].close()
+    await history.close()
+    await tokens.close()
+
+
+async def _reload_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Watch config.yaml (when the app was made from one) and apply what validates."""
+    if CONFIG_PATH not in app:
+        yield
+        return
+    path = Path(app[CONFIG_PATH])
+    supervisor, tokens = app[SUPERVISOR], app[TOKENS]
+
+    def prepare(file: Path) -> Snapshot:
+        # In a worker thread: `models` is an immutable mapping the supervisor replaces whole.
+        return load_snapshot(file, tokens, supervisor.models)
+
+    def apply(running: Config, new: Config, snapshot: Snapshot) -> None:
+        # One synchronous step: no request runs between the first change and the swap.
+        tokens.adopt(snapshot.counters)
+        app[GATE].reconfigure(new.isolation, new.engine)
+        supervisor.reconfigure(new.engine)
+        if new.logging != running.logging:
+            configure_logging(new.logging)
+        app[CONFIG].swap(new)
+
+    reloader = Reloader(path, app[CONFIG], prepare, apply)
+    app[RELOADER] = reloader
+
+    def on_engine(change: StateChange) -> None:
+        # A (re)spawned engine runs the command of the snapshot serving then.
+        if change.new is EngineState.FAILED:
+            reloader.state.pending_engine_restart = ()
+
+    supervisor.subscribe(on_engine)
+    async with reloader.running():
+        yield

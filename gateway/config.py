@@ -71,12 +71,15 @@ class ServerConfig(_Frozen):
 
 
 class AdminConfig(_Frozen):
-    """The operator's listener (quarantine list and clear). Loopback by default; never the
-    client port."""
+    """The operator's listener (effective configuration, quarantine, engine state, restart,
+    reload). Loopback by default; never the client port."""
 
     host: str = "127.0.0.1"
     port: int = Field(8081, ge=0, le=65535)
     enabled: bool = True
+    token_env: str = Field("VLLM_GUARD_ADMIN_TOKEN", min_length=1)
+    """The environment variable holding the bearer token the admin listener requires when
+    it is bound to anything but loopback (127.0.0.0/8, ::1); it refuses to start without."""
 
 
 class OnExceed(StrEnum):
@@ -217,7 +220,7 @@ class ConfigError(Exception):
     """config.yaml could not be loaded; the message names the key and what is wrong."""
 
 
-def _line_of(root: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
+def line_of(root: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
     """The line in the YAML text of the key at `loc`, as far down as the text has it."""
     node, line = root, None
     for part in loc:
@@ -241,7 +244,7 @@ def _format_validation_error(path: str, err: ValidationError, root: yaml.Node | 
     for item in err.errors():
         loc = tuple(item["loc"])
         where = ".".join(str(p) for p in loc) or "(top level)"
-        line = _line_of(root, loc)
+        line = line_of(root, loc)
         at = f" (line {line})" if line is not None else ""
         lines.append(f"  {where}{at}: {item['msg']}")
     return "\n".join(lines)
@@ -259,6 +262,12 @@ def parse_config(data: object, source: str = "config", root: yaml.Node | None = 
 
 
 def load_config(path: str | Path) -> Config:
+    return load_document(path)[0]
+
+
+def load_document(path: str | Path) -> tuple[Config, yaml.Node | None]:
+    """The snapshot, and the YAML node tree it came from (to name the line of a key in a
+    later check, as `line_of` does)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -269,7 +278,7 @@ def load_config(path: str | Path) -> Config:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    return parse_config(data, str(path), root)
+    return parse_config(data, str(path), root), root
 
 
 class ConfigHolder:

@@ -68,6 +68,20 @@ class UnsupportedMediaType(GuardError):
     type = "UnsupportedMediaTypeError"
 
 
+class Unauthorized(GuardError):
+    """The admin listener off loopback without the right bearer token."""
+
+    status = 401
+    type = "AuthenticationError"
+
+
+class Conflict(GuardError):
+    """An admin action the gateway's state does not allow (restart in the sidecar shape)."""
+
+    status = 409
+    type = "ConflictError"
+
+
 class Quarantined(GuardError):
     """A request identical to one that killed the engine. 422: the official OpenAI clients
     retry 408, 409, 429 and 5xx by themselves, and must not retry this."""

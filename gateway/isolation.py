@@ -132,6 +132,12 @@ class SuspectBook:
     def acquit(self, fp: str) -> None:
         self._suspects.pop(fp, None)
 
+    def entries(self, now: float) -> list[Suspect]:
+        """The suspects whose suspicion has not faded, oldest first (for the operator)."""
+        for fp in [fp for fp, s in self._suspects.items() if now - s.last_failure > self.ttl_s]:
+            del self._suspects[fp]
+        return list(self._suspects.values())
+
     def __len__(self) -> int:
         return len(self._suspects)
 

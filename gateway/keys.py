@@ -8,9 +8,11 @@ from aiohttp import web
 from engine.supervisor import EngineSupervisor
 from gateway.admission import Gate
 from gateway.config import ConfigHolder
+from gateway.engineview import EngineHistory
 from gateway.inflight import InflightLedger
 from gateway.lifecycle import Lifecycle
 from gateway.proxy import Upstream
+from gateway.reload import Reloader
 from gateway.requestlog import RequestRecord
 from gateway.tokens import TokenCounters
 
@@ -24,5 +26,9 @@ GATE = web.AppKey("gate", Gate)
 TOKENS = web.AppKey("tokens", TokenCounters)
 ADMIN_APP = web.AppKey("admin_app", web.Application)
 MAIN_APP = web.AppKey("main_app", web.Application)
+ADMIN_TOKEN = web.AppKey("admin_token", str)
+ENGINE_HISTORY = web.AppKey("engine_history", EngineHistory)
+RELOADER = web.AppKey("reloader", Reloader)
+CONFIG_PATH = web.AppKey("config_path", str)
 
 RECORD = web.RequestKey("record", RequestRecord)

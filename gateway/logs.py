@@ -1,4 +1,7 @@
-"""structlog, configured once, by the process entry point (never at import)."""
+"""structlog, configured by the process entry point (never at import), and again by a live
+reload that changes the `logging` section. Loggers are not cached on first use: a logger made
+at import (`structlog.get_logger`) looks up the current level and renderer on each use, so a
+new level applies to every module at once."""
 
 from __future__ import annotations
 
@@ -29,5 +32,5 @@ def configure_logging(config: LoggingConfig) -> None:
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=False,
     )

@@ -14,7 +14,7 @@ import structlog
 from aiohttp import web
 
 from gateway.config import Config
-from gateway.keys import ADMIN_APP, INFLIGHT, LIFECYCLE, SUPERVISOR
+from gateway.keys import ADMIN_APP, CONFIG, INFLIGHT, LIFECYCLE, SUPERVISOR
 
 log = structlog.get_logger("gateway")
 
@@ -63,7 +63,11 @@ async def listen(app: web.Application, config: Config) -> Listening:
         access_log=None,
         shutdown_timeout=SHUTDOWN_TIMEOUT_S,
     )
-    await runner.setup()
+    try:
+        await runner.setup()
+    except BaseException:  # a context failed to start (a config file it reads): undo the others
+        await runner.cleanup()
+        raise
     admin_runner = None
     try:
         await web.TCPSite(runner, config.server.host, config.server.port).start()
@@ -95,7 +99,7 @@ async def serve(app: web.Application, config: Config) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
-        await drain(app, config.server.shutdown_grace_s)
+        await drain(app, app[CONFIG].current.server.shutdown_grace_s)  # as last reloaded
     finally:
         await listening.close()
         log.info("gateway_stopped")

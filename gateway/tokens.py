@@ -459,9 +459,19 @@ class JsonExchange(Protocol):
     ) -> tuple[int, object]: ...
 
 
+def _counter_key(policy: Policy) -> tuple[object, ...]:
+    """What a counter is made from: a policy change outside these keeps the counter."""
+    return (
+        policy.tokenizer,
+        policy.token_source,
+        policy.chat_template,
+        policy.default_chat_template_kwargs,
+    )
+
+
 class TokenCounters:
-    """The counters of all models, made on first use and remade when the policy's tokenizer
-    settings change (a config reload)."""
+    """The counters of all models: made ahead for each validated snapshot (`prepare`, then
+    `adopt` at the swap), or on first use for a model the snapshot did not name."""
 
     def __init__(
         self, upstream: JsonExchange | None, timeout_s: float = TOKENIZE_TIMEOUT_S
@@ -471,18 +481,27 @@ class TokenCounters:
         self._counters: dict[str, tuple[tuple[object, ...], TokenCounter]] = {}
 
     def counter(self, model: str, policy: Policy) -> TokenCounter:
-        key: tuple[object, ...] = (
-            policy.tokenizer,
-            policy.token_source,
-            policy.chat_template,
-            policy.default_chat_template_kwargs,
-        )
+        key = _counter_key(policy)
         known = self._counters.get(model)
         if known is not None and known[0] == key:
             return known[1]
         counter = TokenCounter.for_policy(model, policy, self._remote)
-        self._counters[model] = (key, counter)
+        if known is None:
+            self._counters[model] = (key, counter)
+        # Else the caller's policy is older than the installed one (a request that began
+        # before a reload): its counter serves it alone and does not replace the new one.
         return counter
+
+    def prepare(self, model: str, policy: Policy) -> TokenCounter:
+        """The counter `policy` asks for, made but not installed: it loads tokenizer files, so
+        a reload calls it in a worker thread while it validates a snapshot. Raises ConfigError
+        as `TokenCounter.for_policy` does."""
+        return TokenCounter.for_policy(model, policy, self._remote)
+
+    def adopt(self, prepared: Mapping[str, tuple[Policy, TokenCounter]]) -> None:
+        """Install the counters prepared for a new snapshot in place of all others (a removed
+        model's counter goes with it)."""
+        self._counters = {m: (_counter_key(p), c) for m, (p, c) in prepared.items()}
 
     async def _remote(self, payload: dict[str, object]) -> Mapping[str, object]:
         if self._upstream is None:

@@ -345,3 +345,22 @@ class Recorder:
 
     def reasons(self, state: EngineState) -> list[str]:
         return [c.reason for c in self.changes if c.new is state]
+
+
+# Config files as Kubernetes updates them.
+
+
+def configmap_swap(folder: Path, text: str, version: str) -> Path:
+    """Lay out (or update) `folder` as the kubelet does a ConfigMap volume: the data in a new
+    timestamped folder, the `..data` symlink pointed at it by an atomic rename, config.yaml a
+    symlink through `..data` (made once, never changed). The path of config.yaml."""
+    data = folder / f"..{version}"
+    data.mkdir(parents=True)
+    (data / "config.yaml").write_text(text, encoding="utf-8")
+    tmp = folder / "..data_tmp"
+    tmp.symlink_to(data.name)
+    os.replace(tmp, folder / "..data")
+    link = folder / "config.yaml"
+    if not link.is_symlink():
+        link.symlink_to("..data/config.yaml")
+    return link
