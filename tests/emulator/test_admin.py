@@ -23,8 +23,15 @@ from gateway.app import create_app
 from gateway.cli import main
 from gateway.config import ConfigError, load_config
 from gateway.keys import ADMIN_APP, SUPERVISOR
-from tests.conftest import MODEL_DIR, run_fake_upstream
-from tests.helpers import base_url, emulator_section, error_envelope, free_port, until
+from tests.helpers import (
+    MODEL_DIR,
+    base_url,
+    emulator_section,
+    error_envelope,
+    free_port,
+    run_fake_upstream,
+    until,
+)
 
 TIMINGS: dict[str, Any] = {
     "probe_interval_s": 0.5,

@@ -21,8 +21,17 @@ from gateway.config import load_config
 from gateway.keys import ADMIN_APP, GATE, INFLIGHT, RELOADER, SUPERVISOR
 from gateway.policy import HEADER_MAX_TOKENS
 from gateway.reload import Outcome
-from tests.conftest import MODEL_DIR, run_fake_upstream
-from tests.helpers import CHAT_PATH, base_url, chat, configmap_swap, free_port, send, until
+from tests.helpers import (
+    CHAT_PATH,
+    MODEL_DIR,
+    base_url,
+    chat,
+    configmap_swap,
+    free_port,
+    run_fake_upstream,
+    send,
+    until,
+)
 
 
 def config_data(engine_url: str, limit: int, **policy: Any) -> dict[str, Any]:

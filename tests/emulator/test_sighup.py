@@ -16,13 +16,14 @@ import aiohttp
 import yaml
 
 from engine.emulator import EmulatorSettings, create_emulator_app
-from tests.conftest import ROOT, run_fake_upstream
 from tests.helpers import (
     CHAT_PATH,
+    ROOT,
     base_url,
     chat,
     free_port,
     kill_leftovers,
+    run_fake_upstream,
     send,
     until,
     wait_status,

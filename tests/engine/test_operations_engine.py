@@ -18,8 +18,8 @@ from gateway.app import create_app
 from gateway.config import load_config
 from gateway.keys import ADMIN_APP, ENGINE_HISTORY, SUPERVISOR
 from gateway.policy import HEADER_MAX_TOKENS
-from tests.conftest import MODEL_DIR, RealEngine
-from tests.helpers import CHAT_PATH, base_url, chat, free_port, send, until
+from tests.helpers import CHAT_PATH, MODEL_DIR, base_url, chat, free_port, send, until
+from tests.real_engine import RealEngine
 
 pytestmark = pytest.mark.engine
 

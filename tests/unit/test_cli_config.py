@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from gateway.cli import main
-from tests.conftest import MODEL_DIR
+from tests.helpers import MODEL_DIR
 
 BAD = """\
 admin:

@@ -13,8 +13,7 @@ from gateway.config import ConfigError, parse_config
 from gateway.reload import changed_keys, file_stamp, pin_fixed
 from gateway.snapshot import load_snapshot
 from gateway.tokens import TokenCounters
-from tests.conftest import MODEL_DIR
-from tests.helpers import configmap_swap
+from tests.helpers import MODEL_DIR, configmap_swap
 
 
 @pytest.mark.parametrize(
