@@ -110,15 +110,25 @@ def spawn(
             start_new_session=True,
         )
     child = Child(name, proc, url, log)
+    try:
+        _wait_ready(child, ready_path, timeout)
+    except BaseException:  # Ctrl-C while waiting included: never leave it running
+        child.stop()
+        raise
+    return child
+
+
+def _wait_ready(child: Child, ready_path: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{child.tail()}")
-        if _answers(url + ready_path):
-            return child
+        if child.proc.poll() is not None:
+            raise RuntimeError(f"{child.name} exited with {child.proc.returncode}:\n{child.tail()}")
+        if _answers(child.url + ready_path):
+            return
         time.sleep(0.2)
-    child.stop()
-    raise RuntimeError(f"{name} not ready within {timeout:g} s; see {log}:\n{child.tail()}")
+    raise RuntimeError(
+        f"{child.name} not ready within {timeout:g} s; see {child.log}:\n{child.tail()}"
+    )
 
 
 @contextlib.contextmanager
