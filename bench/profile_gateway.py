@@ -10,7 +10,8 @@ be read, `--gil` off: every thread) for --seconds while wrk runs a little longer
 
 - bench/results/profile-<cell>.svg: the flame graph;
 - bench/results/profile-<cell>.txt: the summary the next person optimising reads first: the
-  functions with the most samples on the stack (inclusive) and at the top of it (self), both as
+  project's functions with the most samples on the stack (inclusive), all functions by samples
+  at the top of the stack (self), both as
   a share of all samples, and the share by area (the gateway's own modules, aiohttp, JSON,
   logging, tokenizer and templates, asyncio, the rest).
 """
@@ -45,15 +46,16 @@ from relay_matrix import (
 RESULTS = ROOT / "bench" / "results"
 FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 AREAS = (
-    ("gateway (vllm-guard's own code)", ("/gateway/",)),
-    ("engine/ tokenization and templates", ("/engine/", "tokenizers", "jinja2")),
+    ("gateway (vllm-guard's own code)", ("gateway/",)),
+    ("engine/ tokenization and templates", ("engine/", "tokenizers/", "jinja2/", "markupsafe/")),
     ("json (stdlib)", ("json/",)),
-    ("logging (structlog)", ("structlog",)),
-    ("pydantic", ("pydantic",)),
+    ("logging (structlog)", ("structlog/",)),
+    ("pydantic", ("pydantic/", "pydantic_core/")),
     ("aiohttp client (to the engine)", ("aiohttp/client", "aiohttp/connector")),
-    ("aiohttp server and streams", ("aiohttp/",)),
-    ("asyncio event loop", ("asyncio/",)),
+    ("aiohttp server, HTTP and streams", ("aiohttp/", "multidict/", "yarl/")),
+    ("asyncio event loop and sockets", ("asyncio/", "selectors.py", "socket.py")),
 )
+"""Areas by the start of a frame's file path (as `short` gives it), most specific first."""
 
 
 def py_spy() -> str:
@@ -93,8 +95,9 @@ def parse_frame(frame: str) -> tuple[str, str]:
 
 
 def area_of(file: str) -> str | None:
-    for name, needles in AREAS:
-        if any(needle in file for needle in needles):
+    path = short(file)
+    for name, prefixes in AREAS:
+        if path.startswith(prefixes):
             return name
     return None
 
@@ -113,7 +116,7 @@ def summarise(raw: Path, top: int = 25) -> str:
         total += count
         frames = [parse_frame(f) for f in stack.split(";")]
         named = [f"{func} ({short(file)})" for func, file in frames]
-        for name in set(named):
+        for name in {n for n, (_, file) in zip(named, frames, strict=True) if ours(file)}:
             inclusive[name] += count
         if named:
             own[named[-1]] += count
@@ -130,11 +133,16 @@ def summarise(raw: Path, top: int = 25) -> str:
 
     lines = [f"{total} samples", "", "Self time by area (innermost frame of a known area):"]
     lines += [f"  {n / total * 100:5.1f}%  {name}" for name, n in areas.most_common()]
-    lines += ["", f"Top {top} functions, inclusive (on the stack):"]
+    lines += ["", f"Top {top} functions of gateway/ and engine/, inclusive (on the stack):"]
     lines += table(inclusive)
     lines += ["", f"Top {top} functions, self (top of the stack):"]
     lines += table(own)
     return "\n".join(lines) + "\n"
+
+
+def ours(file: str) -> bool:
+    """A frame of the project's own code."""
+    return short(file).startswith(("gateway/", "engine/"))
 
 
 def short(file: str) -> str:
