@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -150,6 +151,8 @@ def main() -> int:
         "--rss", action="store_true", help="report the gateway's memory at start and end"
     )
     args = parser.parse_args()
+    # SIGTERM (a CI timeout, `kill PID`) unwinds like Ctrl-C: locust and the gateway stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if not args.host and not (MODEL_DIR / "tokenizer.json").is_file():
         print("models/tiny is missing: run `make model` first", file=sys.stderr)
         return 2
@@ -175,6 +178,8 @@ def main() -> int:
                 target=sample_rss, args=(gateway.pid, 5.0, samples, stop), daemon=True
             )
             sampler.start()
+        if args.ui:
+            print(f"locust's web UI: http://127.0.0.1:{args.web_port} (Ctrl-C to stop)", flush=True)
         try:
             timeout = None if args.ui else args.duration + STOP_TIMEOUT_S + 120
             rc = subprocess.run(
