@@ -486,7 +486,12 @@ def main() -> None:
     seconds = args.seconds or (5.0 if args.full else 4.0)
     started = datetime.datetime.now(datetime.UTC)
     about = machine()
-    command = "make bench BENCH=full" if args.full else "make bench"
+    defaults = args.repeats == 3 and args.seconds is None and args.out == RESULTS
+    command = (
+        ("make bench BENCH=full" if args.full else "make bench")
+        if defaults
+        else " ".join(["python bench/relay_matrix.py", *sys.argv[1:]])
+    )
     print(f"relay matrix ({name}): {about}", flush=True)
     results = run_matrix(FULL if args.full else QUICK, args.repeats, seconds)
     args.out.mkdir(parents=True, exist_ok=True)
