@@ -108,7 +108,7 @@ class Result:
     runs: list[Run] = field(default_factory=list)
 
     def median(self, attr: str) -> float:
-        return statistics.median(getattr(r, attr) for r in self.runs)
+        return float(statistics.median(float(getattr(r, attr)) for r in self.runs))
 
     def spread(self, attr: str) -> tuple[float, float]:
         values = [getattr(r, attr) for r in self.runs]
