@@ -434,6 +434,9 @@ def per_chunk(by_cell: dict[Cell, dict[str, Result]]) -> list[str]:
     return out
 
 
+COLORS = {"upstream": "tab:gray", "bare": "tab:blue", "nginx": "tab:green", "vllm-guard": "tab:red"}
+
+
 def plot(results: list[Result], path: Path, title: str) -> None:
     import matplotlib
 
@@ -457,7 +460,15 @@ def plot(results: list[Result], path: Path, title: str) -> None:
             highs = [
                 index[(cell, name)].spread(attr)[1] - m for m, cell in zip(meds, cells, strict=True)
             ]
-            ax.bar(xs, meds, width, yerr=[lows, highs], capsize=2, label=NAMES[name].strip("*"))
+            ax.bar(
+                xs,
+                meds,
+                width,
+                yerr=[lows, highs],
+                capsize=2,
+                color=COLORS[name],
+                label=NAMES[name].strip("*"),
+            )
     for ax, label in ((ax_cpu, "CPU µs per request (log)"), (ax_rps, "requests/s (log)")):
         ax.set_yscale("log")
         ax.set_ylabel(label)
@@ -465,6 +476,7 @@ def plot(results: list[Result], path: Path, title: str) -> None:
         ax.set_xticklabels([c.label for c in cells], rotation=20, fontsize=8)
         ax.grid(axis="y", alpha=0.3)
     ax_cpu.legend(fontsize=8)
+    ax_rps.legend(fontsize=8)
     ax_cpu.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
