@@ -31,6 +31,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -100,6 +102,28 @@ def start_engine(workdir: Path) -> Child:
         env={**os.environ, **ENGINE_ENV},
         timeout=600,
     )
+
+
+def wait_generation(engine: Child, timeout: float = 600.0) -> None:
+    """Until the engine answers a one-token generation (its first is slow); fail at once when
+    its process exits (the sidecar gateway would only keep probing a dead engine)."""
+    request = urllib.request.Request(  # noqa: S310 (loopback, http)
+        engine.url + "/v1/completions",
+        data=json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": 1}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if engine.proc.poll() is not None:
+            raise RuntimeError(f"the engine exited ({engine.proc.returncode}):\n{engine.tail()}")
+        try:
+            with urllib.request.urlopen(request, timeout=60) as resp:  # noqa: S310 (loopback)
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1.0)
+    raise RuntimeError(f"the engine generated nothing within {timeout:g} s:\n{engine.tail()}")
 
 
 def bench_once(url: str, args: argparse.Namespace, out: Path, seed: int) -> dict[str, float]:
@@ -183,6 +207,7 @@ def main() -> None:
         workdir = Path(tmp)
         engine = start_engine(workdir)
         with running(engine):
+            wait_generation(engine)
             gateway = start_gateway(
                 "gateway",
                 gateway_config(free_port(), {"url": engine.url}),
