@@ -6,7 +6,7 @@ ENGINE_VENV := .venv-engine
 MODEL_DIR := models/tiny
 CONFIG ?= config.yaml
 
-.PHONY: run test unit lint typecheck pytest venv engine model system bench clean
+.PHONY: run test unit lint typecheck pytest venv venv-bench engine model system bench bench-engine profile soak loadtest clean
 
 $(VENV)/.installed: pyproject.toml
 	[ -x $(VENV)/bin/python ] || $(PYTHON) -m venv $(VENV)
@@ -15,6 +15,13 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 venv: $(VENV)/.installed
+
+# The benchmarks' extra tools (matplotlib for the plot, py-spy for the profile).
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(VENV)/bin/python -m pip install --quiet -e '.[test,bench]'
+	touch $@
+
+venv-bench: $(VENV)/.bench-installed
 
 # Debian packages the tests use (redis-server, wrk, nginx): installed when missing.
 system:
@@ -33,8 +40,8 @@ run: venv model
 	$(VENV)/bin/vllm-guard run --config $(CONFIG)
 
 lint: venv
-	$(VENV)/bin/ruff format --check gateway engine tests scripts bench
-	$(VENV)/bin/ruff check gateway engine tests scripts bench
+	$(VENV)/bin/ruff format --check gateway engine tests scripts bench loadtest
+	$(VENV)/bin/ruff check gateway engine tests scripts bench loadtest
 
 typecheck: venv
 	$(VENV)/bin/mypy
@@ -50,9 +57,34 @@ test: lint typecheck pytest
 unit: venv
 	$(VENV)/bin/pytest -q tests/unit
 
-# Figures, not assertions: CPU per admitted request against the emulator (about a minute).
-bench: venv model
+# Figures, not assertions. Admission CPU per request against the emulator (about a minute),
+# then the relay matrix: direct, bare aiohttp relay, nginx, vllm-guard under wrk (a few
+# minutes; BENCH=full for every cell, about 25 minutes). Results in bench/results/.
+BENCH ?= quick
+bench: venv-bench model system
 	$(VENV)/bin/python bench/admission_cost.py
+	$(VENV)/bin/python bench/relay_matrix.py $(if $(filter full,$(BENCH)),--full)
+
+# vLLM's own `vllm bench serve`, directly and through the gateway, against the real engine.
+bench-engine: venv model
+	$(VENV)/bin/python bench/engine_serve.py
+
+# Where the gateway's time goes under wrk load (py-spy): bench/results/profile-*.
+profile: venv-bench model system
+	$(VENV)/bin/python bench/profile_gateway.py
+
+# Ten minutes at 64 users; the gateway's memory at start and end.
+soak: venv model
+	$(VENV)/bin/python bench/soak.py
+
+# Locust against the emulator behind the gateway (DURATION seconds, USERS users), or against a
+# running stack (HOST=http://...), or with locust's web UI (UI=1); POISON=MARKER kills the
+# emulator with requests that carry it. Exit 1 on any unexpected status or unanswered request.
+DURATION ?= 60
+USERS ?= 16
+loadtest: venv model
+	$(VENV)/bin/python loadtest/run.py --duration $(DURATION) --users $(USERS) \
+		$(if $(HOST),--host $(HOST)) $(if $(UI),--ui) $(if $(POISON),--poison $(POISON))
 
 clean:
 	rm -rf $(VENV) $(ENGINE_VENV) $(MODEL_DIR) .pytest_cache .mypy_cache .ruff_cache
