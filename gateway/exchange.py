@@ -15,7 +15,6 @@ in one `Exchange`.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +25,7 @@ from multidict import CIMultiDict
 
 from engine.supervisor import EngineSupervisor
 from gateway.admission import Gate
+from gateway.body import encode_body
 from gateway.errors import EngineFailed, EngineUnavailable, GuardError
 from gateway.inflight import Inflight
 from gateway.keys import GATE, RECORD, SUPERVISOR, UPSTREAM
@@ -288,4 +288,4 @@ async def _ask_again(
 
 
 def _encode(body: dict[str, Any]) -> bytes:
-    return json.dumps(body, ensure_ascii=False).encode()
+    return encode_body(body)
