@@ -1,13 +1,21 @@
 """structlog, configured by the process entry point (never at import), and again by a live
 reload that changes the `logging` section. Loggers are not cached on first use: a logger made
 at import (`structlog.get_logger`) looks up the current level and renderer on each use, so a
-new level applies to every module at once."""
+new level applies to every module at once.
+
+JSON lines are written by orjson (compact, the same keys in the same order), which renders a
+line several times faster than the standard library; a value orjson cannot write (an integer
+past 64 bits) makes that line fall back to the standard library, so no line is lost."""
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+from collections.abc import Callable
+from typing import Any
 
+import orjson
 import structlog
 
 from gateway.config import LoggingConfig
@@ -19,9 +27,19 @@ def configure_logging(config: LoggingConfig) -> None:
     fmt = config.format
     if fmt == "auto":
         fmt = "console" if sys.stderr.isatty() else "json"
-    renderer: structlog.types.Processor = (
-        structlog.dev.ConsoleRenderer() if fmt == "console" else structlog.processors.JSONRenderer()
-    )
+    renderer: structlog.types.Processor
+    factory: Callable[..., Any]
+    buffer = getattr(sys.stderr, "buffer", None)  # None when stderr is a text-only stand-in
+    if fmt == "console" or buffer is None:
+        renderer = (
+            structlog.dev.ConsoleRenderer()
+            if fmt == "console"
+            else structlog.processors.JSONRenderer(serializer=_json_text)
+        )
+        factory = structlog.PrintLoggerFactory(file=sys.stderr)
+    else:
+        renderer = structlog.processors.JSONRenderer(serializer=_json_line)
+        factory = structlog.BytesLoggerFactory(file=buffer)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -31,6 +49,18 @@ def configure_logging(config: LoggingConfig) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=factory,
         cache_logger_on_first_use=False,
     )
+
+
+def _json_line(event: dict[str, Any], **kw: Any) -> bytes:
+    """One log line's JSON (structlog passes `default`, its handler of other objects)."""
+    try:
+        return orjson.dumps(event, default=kw.get("default"), option=orjson.OPT_NON_STR_KEYS)
+    except TypeError:
+        return json.dumps(event, **kw).encode("utf-8", "backslashreplace")
+
+
+def _json_text(event: dict[str, Any], **kw: Any) -> str:
+    return _json_line(event, **kw).decode("utf-8", "backslashreplace")
