@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
@@ -38,6 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check(args.path)
 
     # Imported here so that check-config and status stay light.
+    import uvloop
+
     from gateway.app import create_app
     from gateway.logs import configure_logging
     from gateway.serve import serve
@@ -54,7 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     configure_logging(config.logging)
     try:
-        asyncio.run(serve(app, config))
+        # uvloop: the event loop in C (libuv); the relay's sockets cost less CPU per request.
+        uvloop.run(serve(app, config))
     except ConfigError as err:  # a file the policies name, read before anything listens
         print(err, file=sys.stderr)
         return 1
