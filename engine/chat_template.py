@@ -20,7 +20,7 @@ import copy
 import json
 from collections import deque
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -32,6 +32,7 @@ import jinja2.parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from engine.chat_messages import ContentFormat, InvalidChat
+from engine.render_bound import LengthBound, analyse
 
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # chat_template_utils.render_jinja_template
 
@@ -93,6 +94,8 @@ class CompiledTemplate:
     error: str | None
     variables: frozenset[str]
     content_format: ContentFormat
+    length_bounds: Mapping[str, LengthBound | None] = field(default_factory=dict)
+    """Per content format, the template's proven length bound (`engine.render_bound`)."""
 
 
 def compile_template(source: str) -> CompiledTemplate:
@@ -108,6 +111,7 @@ def compile_template(source: str) -> CompiledTemplate:
         None,
         frozenset(jinja2.meta.find_undeclared_variables(ast)),
         detect_content_format(ast),
+        {fmt: analyse(ast, fmt) for fmt in ("string", "openai")},
     )
 
 

@@ -35,11 +35,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
 from tokenizers import AddedToken, Tokenizer
 
+from engine import render_bound
 from engine.chat_messages import (
     ContentFormat,
     ContentFormatOption,
@@ -57,6 +59,7 @@ from engine.chat_template import CompiledTemplate, compile_template, render_temp
 
 __all__ = [
     "InvalidChat",
+    "PreparedChat",
     "PromptTokenizer",
     "UnsupportedLocally",
     "completion_prompts",
@@ -365,6 +368,31 @@ class PromptTokenizer:
         reasoning_effort: str | None = None,
     ) -> str:
         """The prompt text vLLM renders for a chat request with these fields."""
+        return self.prepare_chat(
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            tools=tools,
+            chat_template=chat_template,
+            chat_template_kwargs=chat_template_kwargs,
+            documents=documents,
+            reasoning_effort=reasoning_effort,
+        ).render()
+
+    def prepare_chat(
+        self,
+        messages: object,
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: object = None,
+        chat_template: str | None = None,
+        chat_template_kwargs: Mapping[str, object] | None = None,
+        documents: object = None,
+        reasoning_effort: str | None = None,
+    ) -> PreparedChat:
+        """Everything vLLM does with a chat request before it renders the template (checks
+        included: InvalidChat and UnsupportedLocally are raised here), ready to render."""
         if add_generation_prompt and continue_final_message:
             raise InvalidChat(
                 "Cannot set both `continue_final_message` and `add_generation_prompt` to True."
@@ -417,9 +445,6 @@ class PromptTokenizer:
         # resolve_chat_template_kwargs keeps the template's variables and transformers'
         # parameters; apply_chat_template consumes its parameters and passes the rest, over the
         # special tokens, to the template.
-        generation = bool(kwargs.get("add_generation_prompt", False))
-        continue_final = bool(kwargs.get("continue_final_message", False))
-        docs = kwargs.get("documents")
         variables: dict[str, object] = {
             **self.special_tokens,
             **{
@@ -428,16 +453,25 @@ class PromptTokenizer:
                 if k in compiled.variables and k not in _HF_CHAT_PARAMS
             },
         }
-        return render_template(
-            compiled.template,
+        return PreparedChat(
+            compiled,
             source,
+            content_format,
             conversation,
             final_tools,
-            docs,
-            generation,
-            continue_final,
+            kwargs.get("documents"),
+            bool(kwargs.get("add_generation_prompt", False)),
+            bool(kwargs.get("continue_final_message", False)),
             variables,
         )
+
+    def tokens_bound(self, nbytes: int) -> int | None:
+        """`upper_bound` of any text of at most `nbytes` UTF-8 bytes, when the tokenizer has no
+        normalizer (which could lengthen the text); else None."""
+        if self._bound_normalize and self._tok.normalizer is not None:
+            return None
+        extra = 1 if self._bound_factor > 1 else 0
+        return self._bound_factor * nbytes + extra + self._special_margin
 
     def encode_chat(
         self,
@@ -464,6 +498,47 @@ class PromptTokenizer:
             reasoning_effort=reasoning_effort,
         )
         return self.encode_completion(text, add_special_tokens=add_special_tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedChat:
+    """A chat request as the template will see it (`PromptTokenizer.prepare_chat`)."""
+
+    compiled: CompiledTemplate
+    source: str
+    content_format: ContentFormat
+    conversation: list[dict[str, Any]]
+    tools: object
+    documents: object
+    add_generation_prompt: bool
+    continue_final_message: bool
+    variables: dict[str, object]
+
+    def render(self) -> str:
+        assert self.compiled.template is not None  # prepare_chat raised otherwise
+        return render_template(
+            self.compiled.template,
+            self.source,
+            self.conversation,
+            self.tools,
+            self.documents,
+            self.add_generation_prompt,
+            self.continue_final_message,
+            self.variables,
+        )
+
+    def length_bound(self) -> int | None:
+        """UTF-8 bytes the rendered prompt certainly does not exceed, without rendering it;
+        None when the template or the request is outside what `engine.render_bound` proves."""
+        bound = self.compiled.length_bounds.get(self.content_format)
+        if bound is None or not render_bound.applies(
+            self.conversation, self.tools, self.documents, self.continue_final_message
+        ):
+            return None
+        try:
+            return bound.of(self.conversation, self.variables)
+        except TypeError:  # a named token that is not a string
+            return None
 
 
 def completion_prompts(prompt: object) -> Sequence[str | list[int]]:

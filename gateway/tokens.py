@@ -9,10 +9,13 @@ request the local path cannot reproduce (images, unusual message shapes, templat
 change how the template is called) is counted by the engine whatever the source.
 
 Cheap bounds first. Admission calls `count_chat_within` / `count_completion_within` with the
-policy's threshold (`policy.exact_count_above`): they render a chat once and answer with the
-cheap upper bound (`PromptTokenizer.upper_bound`: the UTF-8 length of the rendered prompt plus
-the special tokens, for a byte-level BPE) when it is at most the threshold, and with the exact
-count past it; a threshold of None always counts exactly. That is the whole counting API.
+policy's threshold (`policy.exact_count_above`): they answer with a cheap upper bound when it is
+at most the threshold, and with the exact count past it; a threshold of None always counts
+exactly. That is the whole counting API. A chat's cheapest bound needs no rendering at all: for a
+template whose output length `engine.render_bound` can bound from the messages' byte lengths
+(proven once per template), that bound; else the chat is rendered once and bounded by the
+rendered text (`PromptTokenizer.upper_bound`: its UTF-8 length plus the special tokens, for a
+byte-level BPE).
 
 Truncation is reflected: with `truncate_prompt_tokens: k` vLLM keeps k tokens (the last k, BOS
 kept), so the count is min(count, k); k = -1 means the model's `max_model_len`, less one when the
@@ -36,6 +39,7 @@ from typing import Any, Literal, Protocol
 
 from engine.tokenization import (
     InvalidChat,
+    PreparedChat,
     PromptTokenizer,
     UnsupportedLocally,
     completion_prompts,
@@ -114,8 +118,8 @@ class _Chat:
             max_output=max_output or 0,
         )
 
-    def render(self, tok: PromptTokenizer) -> str:
-        return tok.render_chat(
+    def prepare(self, tok: PromptTokenizer) -> PreparedChat:
+        return tok.prepare_chat(
             self.messages,
             add_generation_prompt=self.add_generation_prompt,
             continue_final_message=self.continue_final_message,
@@ -420,8 +424,16 @@ def _within(bound: int, keep: int | None, limit: int | None) -> bool:
 def _local_chat(
     tok: PromptTokenizer, chat: _Chat, keep: int | None, limit: int | None
 ) -> PromptCount:
-    """Render once; the bound when it settles the decision, else encode."""
-    text = chat.render(tok)
+    """A bound without rendering when the template's length bound (engine.render_bound)
+    settles the decision; else render once, the bound of the text when it settles it, else
+    encode. The request's checks run either way (`prepare_chat`)."""
+    prepared = chat.prepare(tok)
+    if limit is not None:
+        nbytes = prepared.length_bound()
+        bound = None if nbytes is None else tok.tokens_bound(nbytes)
+        if bound is not None and _within(bound, keep, limit):
+            return PromptCount(bound, False, "local")
+    text = prepared.render()
     if limit is not None:
         bound = tok.upper_bound(text)
         if _within(bound, keep, limit):
