@@ -273,6 +273,41 @@ def parse_dockerfile(path: Path) -> Dockerfile:
     return Dockerfile(args, stages)
 
 
+# --- the monitoring files -------------------------------------------------------------------
+
+
+def rules() -> list[dict[str, Any]]:
+    """The alerting rules of alerts.yaml, all groups."""
+    groups = yaml.safe_load(ALERTS.read_text(encoding="utf-8"))["groups"]
+    return [rule for group in groups for rule in group["rules"]]
+
+
+def dashboard() -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    return data
+
+
+def panels() -> list[dict[str, Any]]:
+    """The dashboard's panels, rows left out (and panels inside collapsed rows included)."""
+    out = []
+    for panel in dashboard()["panels"]:
+        out.extend(panel.get("panels", []))
+        if panel["type"] != "row":
+            out.append(panel)
+    return out
+
+
+def named_expressions() -> list[tuple[str, str]]:
+    """Every PromQL expression of the rules and the dashboard, with where it is."""
+    items = [(f"alert {r['alert']}", str(r["expr"])) for r in rules()]
+    items += [(f"panel {p['title']}", str(t["expr"])) for p in panels() for t in p["targets"]]
+    variables = dashboard()["templating"]["list"]
+    items += [
+        (f"variable {v['name']}", str(v["definition"])) for v in variables if v["type"] == "query"
+    ]
+    return items
+
+
 # --- the metric reference ---------------------------------------------------------------------
 
 

@@ -4,11 +4,9 @@ name is in the project's metric reference, docs/metrics.md."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -16,9 +14,12 @@ import yaml
 from tests.deploy.manifests import (
     ALERT_TESTS,
     ALERTS,
-    DASHBOARD,
     PROMETHEUS_RULE,
+    dashboard,
     metric_catalogue,
+    named_expressions,
+    panels,
+    rules,
 )
 from tests.deploy.promql import for_promtool, problems
 
@@ -27,29 +28,6 @@ def promtool(*args: str) -> subprocess.CompletedProcess[str]:
     exe = shutil.which("promtool")
     assert exe, "promtool is missing: run scripts/install-system.sh (Debian's prometheus)"
     return subprocess.run([exe, *args], capture_output=True, text=True, timeout=60, check=False)
-
-
-def rules() -> list[dict[str, Any]]:
-    groups = yaml.safe_load(ALERTS.read_text(encoding="utf-8"))["groups"]
-    return [rule for group in groups for rule in group["rules"]]
-
-
-def dashboard() -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(DASHBOARD.read_text(encoding="utf-8"))
-    return data
-
-
-def panels() -> list[dict[str, Any]]:
-    out = []
-    for panel in dashboard()["panels"]:
-        out.extend(panel.get("panels", []))
-        if panel["type"] != "row":
-            out.append(panel)
-    return out
-
-
-def dashboard_exprs() -> list[str]:
-    return [t["expr"] for p in panels() for t in p["targets"]]
 
 
 def test_the_alerting_rules_pass_promtool(tmp_path: Path) -> None:
@@ -92,7 +70,7 @@ def test_every_alert_says_what_and_how_bad() -> None:
 def test_the_dashboards_expressions_parse(tmp_path: Path) -> None:
     """Every dashboard query, with Grafana's variables filled in, is PromQL that Prometheus
     parses (checked as recording rules by promtool)."""
-    exprs = dashboard_exprs()
+    exprs = [t["expr"] for p in panels() for t in p["targets"]]
     assert exprs
     group = {
         "name": "dashboard",
@@ -106,15 +84,9 @@ def test_the_dashboards_expressions_parse(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def _named() -> list[tuple[str, str]]:
-    items = [(f"alert {r['alert']}", r["expr"]) for r in rules()]
-    items += [(f"panel {p['title']}", t["expr"]) for p in panels() for t in p["targets"]]
-    variables = dashboard()["templating"]["list"]
-    items += [(f"variable {v['name']}", v["definition"]) for v in variables if v["type"] == "query"]
-    return items
-
-
-@pytest.mark.parametrize(("where", "expr"), _named(), ids=[w for w, _ in _named()])
+@pytest.mark.parametrize(
+    ("where", "expr"), named_expressions(), ids=[w for w, _ in named_expressions()]
+)
 def test_every_metric_named_is_in_the_reference(where: str, expr: str) -> None:
     """The metrics, labels and closed label values each query and rule names are the ones
     docs/metrics.md lists (a histogram's _bucket/_sum/_count included)."""
