@@ -68,6 +68,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[EmulatorSettings, arg
     p.add_argument("--child", action="store_true", help="start an EngineCore-like child")
     p.add_argument("--child-ignores-term", action="store_true", help="... that ignores SIGTERM")
     p.add_argument("--ignore-term", action="store_true", help="SIGTERM does not stop it")
+    p.add_argument("--no-completions", action="store_true",
+                   help="do not serve /v1/completions (a chat-only server)")  # fmt: skip
     args = p.parse_args(argv)
     settings = EmulatorSettings(
         served_model_names=tuple(args.names or ("tiny",)),
@@ -85,6 +87,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[EmulatorSettings, arg
         hang_on=args.hang_on,
         log_requests=args.log_requests,
         control=args.control,
+        serve_completions=not args.no_completions,
     )
     return settings, args
 

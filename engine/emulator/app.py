@@ -99,7 +99,8 @@ def create_emulator_app(settings: EmulatorSettings) -> web.Application:
     app.router.add_post("/tokenize", _tokenize)
     app.router.add_post("/detokenize", _detokenize)
     app.router.add_post("/v1/chat/completions", _chat_completions)
-    app.router.add_post("/v1/completions", _completions)
+    if settings.serve_completions:
+        app.router.add_post("/v1/completions", _completions)
     return app
 
 

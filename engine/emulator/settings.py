@@ -49,6 +49,9 @@ class EmulatorSettings(BaseModel):
     hang_on: str | None = Field(None, min_length=1)
     """A request whose prompt contains this marker stalls all generation for good, while
     /health keeps answering 200 (vllm#39863)."""
+    serve_completions: bool = True
+    """Serve POST /v1/completions. Off: it answers 404 as any unknown path (a server that
+    serves only chat, as some OpenAI-compatible predictors do)."""
     log_requests: bool = False
     """Print a uvicorn-style access-log line per request on stdout, as vLLM does."""
     control: bool = False
