@@ -4,7 +4,8 @@ One place decides it, from the engine's state, the quarantine, the suspects on p
 the bulkhead:
 - quarantined fingerprint → 422 at once, never the engine;
 - engine not ready: held while a restart is coming (bounded queue, bounded time), else 503 at
-  once; past the bounds 503 with Retry-After;
+  once; past the bounds 503 with Retry-After. In the sidecar shape the kubelet restarts the
+  engine: requests are held for up to `engine.sidecar_hold_s` after it stopped being ready;
 - a suspect runs alone (probation): it waits until nothing else is in flight, and nothing new
   starts while it waits or runs; past `probation_timeout_s` alone it is answered 503;
 - otherwise at most `max_in_flight` requests of a model are in flight to the engine (each
@@ -65,6 +66,7 @@ class Gate:
         self.config = config
         self.supervisor = supervisor
         self.ledger = ledger
+        self.sidecar_hold_s = engine.sidecar_hold_s
         # A failure report is confirmed by probes: allow for a full round of failed ones.
         self.settle_timeout_s = (
             engine.probe_timeout_s + engine.health_failures * engine.startup_probe_interval_s + 2.0
@@ -79,6 +81,7 @@ class Gate:
         self._solo: Inflight | None = None
         self._suspects_waiting = 0
         self._waiting = 0
+        self._left_ready_at = clock()  # not ready yet
         supervisor.subscribe(self._on_state_change)
 
     # -- state changes ---------------------------------------------------------------------
@@ -89,6 +92,7 @@ class Gate:
 
     def _on_state_change(self, change: StateChange) -> None:
         if change.old is EngineState.READY and change.new is not EngineState.READY:
+            self._left_ready_at = self._clock()
             self._attribute()
         self._notify()
 
@@ -173,14 +177,21 @@ class Gate:
             start = self._clock()
             while True:
                 if not self.supervisor.is_ready() and not self.holds_for_restart():
+                    held = not self.supervisor.supervised and self.supervisor.restart_expected()
                     raise EngineUnavailable(
-                        f"The engine is not available ({self.supervisor.state}) and no "
-                        "restart is coming.",
+                        f"The engine is not available ({self.supervisor.state}) and "
+                        + (
+                            f"was not back within {self.sidecar_hold_s:g}s."
+                            if held
+                            else "no restart is coming."
+                        ),
                         retry_after_s=self.supervisor.retry_after_s(),
                     )
                 limit = (
                     deadline if is_suspect() else min(deadline, start + self.config.queue_timeout_s)
                 )
+                if not self.supervisor.supervised and not self.supervisor.is_ready():
+                    limit = min(limit, self._left_ready_at + self.sidecar_hold_s)
                 now = self._clock()
                 if now >= limit:
                     raise self._full()
@@ -223,9 +234,15 @@ class Gate:
         self._notify()
 
     def holds_for_restart(self) -> bool:
-        """Whether requests wait for an engine that is down: only when the supervisor restarts
-        it itself and expects it back (in the sidecar shape they are answered 503 at once)."""
-        return self.supervisor.supervised and self.supervisor.restart_expected()
+        """Whether requests wait for an engine that is down: while the supervisor restarts it
+        and expects it back, or (sidecar shape) for `sidecar_hold_s` after it stopped being
+        ready, while the kubelet brings it back."""
+        if not self.supervisor.restart_expected():
+            return False
+        return (
+            self.supervisor.supervised
+            or self._clock() < self._left_ready_at + self.sidecar_hold_s
+        )
 
     async def engine_failed_with(self, ticket: Inflight) -> bool:
         """After a failed exchange: did the engine fail with this attempt in flight? True once
