@@ -18,15 +18,15 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from engine.settings import EngineConfig
 from engine.supervisor import EngineState, StateChange
 from gateway.config import IsolationConfig
-from gateway.errors import EngineUnavailable, Overloaded, Quarantined
+from gateway.errors import EngineUnavailable, EngineUnreachable, Overloaded, Quarantined
 from gateway.inflight import Inflight, InflightLedger
 from gateway.isolation import (
     InFlightRequest,
@@ -44,12 +44,17 @@ class EngineView(Protocol):
     def state(self) -> EngineState: ...
     @property
     def supervised(self) -> bool: ...
+    @property
+    def epoch(self) -> int: ...
     def is_ready(self) -> bool: ...
     def restart_expected(self) -> bool: ...
     def retry_after_s(self) -> float: ...
     def subscribe(self, callback: Callable[[StateChange], None]) -> None: ...
     def report_engine_failure(self, reason: str) -> None: ...
     async def settle(self, suspicion: str) -> bool: ...
+
+
+T = TypeVar("T")
 
 
 class Gate:
@@ -250,11 +255,38 @@ class Gate:
         probe generation answers, or after `settle_timeout_s` without a verdict."""
         if ticket.engine_failed:
             return True
-        self.supervisor.report_engine_failure("an in-flight request lost its engine")
-        probe = asyncio.ensure_future(self.supervisor.settle("an in-flight request failed"))
+        return await self._verdict(lambda: ticket.engine_failed, "an in-flight request")
+
+    async def exchange(self, call: Callable[[], Awaitable[T]], deadline: float) -> T:
+        """Run one of admission's own exchanges with the engine (`call`: a /tokenize count, or
+        whatever later asks the engine before the generation). A refused or reset connection
+        there is settled like a generation call's: reported to the supervisor; if the engine
+        failed, the request waits for it (within `deadline` and the queue's bounds) and the
+        exchange runs again; if the engine is fine, the error stands."""
+        while True:
+            epoch = self.supervisor.epoch
+            try:
+                return await call()
+            except EngineUnreachable:
+                failed = await self._verdict(self._failed_since(epoch), "an admission exchange")
+                if not failed:
+                    raise
+                await self.wait_engine(deadline)
+
+    def _failed_since(self, epoch: int) -> Callable[[], bool]:
+        return lambda: self.supervisor.epoch != epoch or not self.supervisor.is_ready()
+
+    async def _verdict(self, failed: Callable[[], bool], what: str) -> bool:
+        """Report a lost exchange and wait for the verdict: True once `failed()` holds (the
+        supervisor declared the engine failed), False when a probe generation answers or after
+        `settle_timeout_s`."""
+        if failed():
+            return True
+        self.supervisor.report_engine_failure(f"{what} lost its engine")
+        probe = asyncio.ensure_future(self.supervisor.settle(f"{what} failed"))
         deadline = self._clock() + self.settle_timeout_s
         try:
-            while not ticket.engine_failed:
+            while not failed():
                 if probe.done() and probe.result():
                     return False
                 remaining = deadline - self._clock()
