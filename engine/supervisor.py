@@ -239,7 +239,7 @@ class EngineSupervisor:
         `_restart_check`) is failed, and the answer is False."""
         if not self.is_ready():
             return False
-        if not self.supervised:
+        if not self.supervised and (await self._prober.health()).status == 200:
             evidence = await self._restart_check()
             if evidence is not None and self.is_ready():
                 self._restarted_reason = evidence
@@ -407,7 +407,7 @@ class EngineSupervisor:
         return f"the engine restarted without the gateway seeing it ({self._restarted_reason})"
 
     async def _restart_check(self) -> str | None:
-        """Sidecar shape, the engine answering: evidence that it is not the process it was
+        """Sidecar shape, once /health answered 200: evidence that it is not the process it was
         (`detect.restart_evidence`: its start time, a counter gone backwards, or a refused
         connection before this answer). Without evidence the reading becomes the baseline."""
         marks = await self._prober.marks()
@@ -503,7 +503,7 @@ class EngineSupervisor:
             self._live = True
         elif new in {EngineState.FAILED, EngineState.GIVEN_UP}:
             self._live = False
-        if new is not EngineState.READY and (old is EngineState.READY or new in _REASONED):
+        if new is not EngineState.READY and (old in _LEFT or new in _FAILED):
             self._why_not_ready = reason
         logger.info(
             "engine_state", **{"from": old.value, "to": new.value}, reason=reason, epoch=self._epoch
@@ -537,9 +537,11 @@ class EngineSupervisor:
         return True
 
 
-_REASONED = frozenset({EngineState.FAILED, EngineState.GIVEN_UP, EngineState.STOPPED})
-"""States whose transition reason is why the engine is not ready (restarting and starting
-keep the failure's reason until a probe says more)."""
+_LEFT = frozenset({EngineState.READY, EngineState.STOPPED})
+_FAILED = frozenset({EngineState.FAILED, EngineState.GIVEN_UP, EngineState.STOPPED})
+"""A transition out of ready or stopped, or into a failed state, says why the engine is not
+ready; restarting and starting after a failure keep the failure's reason until a probe says
+more."""
 
 
 async def _first(watchers: Sequence[Coroutine[Any, Any, str | None]]) -> str | None:
