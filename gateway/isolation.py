@@ -56,10 +56,25 @@ def _digest(prefix: bytes, value: object) -> str:
     return hashlib.sha256(prefix + canonical.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
+_OTHER_ASCII_SPACE = ("\t", "\n", "\x0b", "\x0c", "\r", "\x1c", "\x1d", "\x1e", "\x1f")
+
+
+def _plain(text: str) -> bool:
+    """Whether `text` is already in version 2's form (ASCII, single spaces only, none at the
+    ends): a few C-speed scans instead of splitting a long prompt into words."""
+    return (
+        text.isascii()
+        and text[:1] != " "
+        and text[-1:] != " "
+        and "  " not in text
+        and not any(c in text for c in _OTHER_ASCII_SPACE)
+    )
+
+
 def _normalised(value: object) -> object:
     """Version 2's reading of a JSON value (bodies nest at most 128 levels: checked before)."""
     if isinstance(value, str):
-        return " ".join(value.split())
+        return value if _plain(value) else " ".join(value.split())
     if isinstance(value, dict):
         return {k: _normalised(v) for k, v in value.items() if v is not None}
     if isinstance(value, list):
