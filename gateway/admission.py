@@ -245,8 +245,7 @@ class Gate:
         if not self.supervisor.restart_expected():
             return False
         return (
-            self.supervisor.supervised
-            or self._clock() < self._left_ready_at + self.sidecar_hold_s
+            self.supervisor.supervised or self._clock() < self._left_ready_at + self.sidecar_hold_s
         )
 
     async def engine_failed_with(self, ticket: Inflight) -> bool:

@@ -17,7 +17,6 @@ import pytest
 from engine.process import EngineProcess
 from engine.supervisor import EngineState, EngineSupervisor
 from gateway.keys import SUPERVISOR
-from tests.conftest import gateway_config
 from tests.helpers import (
     CHAT_PATH,
     Recorder,
@@ -26,6 +25,7 @@ from tests.helpers import (
     emulator_argv,
     emulator_section,
     free_port,
+    gateway_config,
     port_open,
     send,
     stream_summary,

@@ -8,8 +8,15 @@ from typing import Any
 import aiohttp
 
 from gateway.keys import SUPERVISOR
-from tests.conftest import gateway_config
-from tests.helpers import CHAT_PATH, base_url, chat, emulator_section, free_port, send
+from tests.helpers import (
+    CHAT_PATH,
+    base_url,
+    chat,
+    emulator_section,
+    free_port,
+    gateway_config,
+    send,
+)
 
 POISON = "POISON-e0d4"
 TIMINGS: dict[str, Any] = {

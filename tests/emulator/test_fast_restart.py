@@ -19,13 +19,14 @@ import pytest
 from engine.process import EngineProcess
 from engine.supervisor import EngineState, EngineSupervisor
 from gateway.keys import INFLIGHT, SUPERVISOR
-from tests.conftest import MODEL_DIR, gateway_config
 from tests.helpers import (
     CHAT_PATH,
+    MODEL_DIR,
     Recorder,
     base_url,
     chat,
     free_port,
+    gateway_config,
     send,
     stream_summary,
     until,

@@ -11,13 +11,13 @@ from structlog.testing import capture_logs
 
 from engine.supervisor import EngineSupervisor
 from gateway.keys import SUPERVISOR
-from tests.conftest import gateway_config
 from tests.helpers import (
     CHAT_PATH,
     base_url,
     chat,
     emulator_section,
     free_port,
+    gateway_config,
     send,
     until,
 )

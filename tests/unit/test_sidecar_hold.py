@@ -23,6 +23,7 @@ class SidecarEngine:
     def __init__(self) -> None:
         self.state = EngineState.READY
         self.epoch = 1
+        self.supervised = False
         self.subscribers: list[Callable[[StateChange], None]] = []
 
     def is_ready(self) -> bool:
