@@ -4,7 +4,8 @@ One place decides it, from the engine's state, the quarantine, the suspects on p
 the bulkhead:
 - quarantined fingerprint → 422 at once, never the engine;
 - engine not ready: held while a restart is coming (bounded queue, bounded time), else 503 at
-  once; past the bounds 503 with Retry-After;
+  once; past the bounds 503 with Retry-After. In the sidecar shape the kubelet restarts the
+  engine: requests are held for up to `engine.sidecar_hold_s` after it stopped being ready;
 - a suspect runs alone (probation): it waits until nothing else is in flight, and nothing new
   starts while it waits or runs; past `probation_timeout_s` alone it is answered 503;
 - otherwise at most `max_in_flight` requests of a model are in flight to the engine (each
@@ -17,15 +18,15 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from engine.settings import EngineConfig
 from engine.supervisor import EngineState, StateChange
 from gateway.config import IsolationConfig
-from gateway.errors import EngineUnavailable, Overloaded, Quarantined
+from gateway.errors import EngineUnavailable, EngineUnreachable, Overloaded, Quarantined
 from gateway.inflight import Inflight, InflightLedger
 from gateway.isolation import (
     InFlightRequest,
@@ -43,12 +44,17 @@ class EngineView(Protocol):
     def state(self) -> EngineState: ...
     @property
     def supervised(self) -> bool: ...
+    @property
+    def epoch(self) -> int: ...
     def is_ready(self) -> bool: ...
     def restart_expected(self) -> bool: ...
     def retry_after_s(self) -> float: ...
     def subscribe(self, callback: Callable[[StateChange], None]) -> None: ...
     def report_engine_failure(self, reason: str) -> None: ...
     async def settle(self, suspicion: str) -> bool: ...
+
+
+T = TypeVar("T")
 
 
 class Gate:
@@ -78,12 +84,14 @@ class Gate:
         self._solo: Inflight | None = None
         self._suspects_waiting = 0
         self._waiting = 0
+        self._left_ready_at = clock()  # not ready yet
         supervisor.subscribe(self._on_state_change)
 
     def reconfigure(self, config: IsolationConfig, engine: EngineConfig) -> None:
         """Isolation and engine settings of a new snapshot; applies to the next decision
         (entries already quarantined keep their expiry)."""
         self.config = config
+        self.sidecar_hold_s = engine.sidecar_hold_s
         # A failure report is confirmed by probes: allow for a full round of failed ones.
         self.settle_timeout_s = (
             engine.probe_timeout_s + engine.health_failures * engine.startup_probe_interval_s + 2.0
@@ -101,6 +109,7 @@ class Gate:
 
     def _on_state_change(self, change: StateChange) -> None:
         if change.old is EngineState.READY and change.new is not EngineState.READY:
+            self._left_ready_at = self._clock()
             self._attribute()
         self._notify()
 
@@ -190,14 +199,21 @@ class Gate:
             start = self._clock()
             while True:
                 if not self.supervisor.is_ready() and not self.holds_for_restart():
+                    held = not self.supervisor.supervised and self.supervisor.restart_expected()
                     raise EngineUnavailable(
-                        f"The engine is not available ({self.supervisor.state}) and no "
-                        "restart is coming.",
+                        f"The engine is not available ({self.supervisor.state}) and "
+                        + (
+                            f"was not back within {self.sidecar_hold_s:g}s."
+                            if held
+                            else "no restart is coming."
+                        ),
                         retry_after_s=self.supervisor.retry_after_s(),
                     )
                 limit = (
                     deadline if is_suspect() else min(deadline, start + self.config.queue_timeout_s)
                 )
+                if not self.supervisor.supervised and not self.supervisor.is_ready():
+                    limit = min(limit, self._left_ready_at + self.sidecar_hold_s)
                 now = self._clock()
                 if now >= limit:
                     raise self._full()
@@ -240,9 +256,14 @@ class Gate:
         self._notify()
 
     def holds_for_restart(self) -> bool:
-        """Whether requests wait for an engine that is down: only when the supervisor restarts
-        it itself and expects it back (in the sidecar shape they are answered 503 at once)."""
-        return self.supervisor.supervised and self.supervisor.restart_expected()
+        """Whether requests wait for an engine that is down: while the supervisor restarts it
+        and expects it back, or (sidecar shape) for `sidecar_hold_s` after it stopped being
+        ready, while the kubelet brings it back."""
+        if not self.supervisor.restart_expected():
+            return False
+        return (
+            self.supervisor.supervised or self._clock() < self._left_ready_at + self.sidecar_hold_s
+        )
 
     async def engine_failed_with(self, ticket: Inflight) -> bool:
         """After a failed exchange: did the engine fail with this attempt in flight? True once
@@ -250,11 +271,38 @@ class Gate:
         probe generation answers, or after `settle_timeout_s` without a verdict."""
         if ticket.engine_failed:
             return True
-        self.supervisor.report_engine_failure("an in-flight request lost its engine")
-        probe = asyncio.ensure_future(self.supervisor.settle("an in-flight request failed"))
+        return await self._verdict(lambda: ticket.engine_failed, "an in-flight request")
+
+    async def exchange(self, call: Callable[[], Awaitable[T]], deadline: float) -> T:
+        """Run one of admission's own exchanges with the engine (`call`: a /tokenize count, or
+        whatever later asks the engine before the generation). A refused or reset connection
+        there is settled like a generation call's: reported to the supervisor; if the engine
+        failed, the request waits for it (within `deadline` and the queue's bounds) and the
+        exchange runs again; if the engine is fine, the error stands."""
+        while True:
+            epoch = self.supervisor.epoch
+            try:
+                return await call()
+            except EngineUnreachable:
+                failed = await self._verdict(self._failed_since(epoch), "an admission exchange")
+                if not failed:
+                    raise
+                await self.wait_engine(deadline)
+
+    def _failed_since(self, epoch: int) -> Callable[[], bool]:
+        return lambda: self.supervisor.epoch != epoch or not self.supervisor.is_ready()
+
+    async def _verdict(self, failed: Callable[[], bool], what: str) -> bool:
+        """Report a lost exchange and wait for the verdict: True once `failed()` holds (the
+        supervisor declared the engine failed), False when a probe generation answers or after
+        `settle_timeout_s`."""
+        if failed():
+            return True
+        self.supervisor.report_engine_failure(f"{what} lost its engine")
+        probe = asyncio.ensure_future(self.supervisor.settle(f"{what} failed"))
         deadline = self._clock() + self.settle_timeout_s
         try:
-            while not ticket.engine_failed:
+            while not failed():
                 if probe.done() and probe.result():
                     return False
                 remaining = deadline - self._clock()

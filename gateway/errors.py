@@ -109,6 +109,11 @@ class EngineUnavailable(GuardError):
     type = "ServiceUnavailableError"
 
 
+class EngineUnreachable(EngineUnavailable):
+    """One of admission's own exchanges with the engine (/tokenize, ...) found no engine: the
+    connection was refused, reset or cut. Settled like a generation call (`Gate.exchange`)."""
+
+
 class EngineTimeout(GuardError):
     status = 504
     type = "GatewayTimeoutError"

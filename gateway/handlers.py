@@ -42,8 +42,9 @@ async def ready(request: web.Request) -> web.Response:
     state = str(supervisor.state)
     if supervisor.is_ready() and not request.app[LIFECYCLE].draining:
         return web.json_response({"status": "ready", "engine": state})
+    reason = "draining" if request.app[LIFECYCLE].draining else supervisor.not_ready_reason
     return web.json_response(
-        {"status": "not ready", "engine": state},
+        {"status": "not ready", "engine": state, "reason": reason},
         status=503,
         headers={"Retry-After": str(round(supervisor.retry_after_s()))},
     )

@@ -18,16 +18,70 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+FINGERPRINT_VERSION = 2
+"""The rule `fingerprint` follows by default. Raised whenever the rule changes, so that a
+quarantine shared between replicas keys its entries by version, and a replica in a rolling
+upgrade can still compute the previous version's fingerprint to look them up."""
 
-def fingerprint(body: Mapping[str, Any], ignore: frozenset[str]) -> str:
-    """A hash of the client's body without the fields that vary between retries of the same
-    request (`isolation.fingerprint_ignore`: user, stream, stream_options, request ids, ...).
-    Keys are sorted, so the same request in another key order has the same fingerprint."""
+
+def fingerprint(
+    body: Mapping[str, Any], ignore: frozenset[str], *, version: int = FINGERPRINT_VERSION
+) -> str:
+    """A hash of the client's body that is equal for two requests the quarantine treats as
+    the same.
+
+    Version 2 (the default): the same after dropping the fields that vary between retries
+    (`isolation.fingerprint_ignore`: user, stream, stream_options, request ids, ...), with
+    object keys in any order, members whose value is null left out (vLLM reads null as unset),
+    a whole number the same however it is written (1, 1.0), and every string value compared
+    with its whitespace trimmed at both ends and each inner run of whitespace (spaces, tabs,
+    newlines, any Unicode space) read as one space. Everything else stays distinct: words,
+    letter case, punctuation, the order of messages and of list items, roles, the model, and
+    every parameter's value (max_tokens 20 and 21 differ).
+
+    Version 1: the exact body without the ignored fields, keys sorted (kept for lookups of
+    entries written by replicas that still run it)."""
     kept = {k: v for k, v in body.items() if k not in ignore}
+    if version == 1:
+        return _digest(b"", kept)
+    if version == 2:
+        return _digest(b"v2\n", _normalised(kept))
+    raise ValueError(f"unknown fingerprint version {version}")
+
+
+def _digest(prefix: bytes, value: object) -> str:
     canonical = json.dumps(
-        kept, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=True
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=True
     )
-    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return hashlib.sha256(prefix + canonical.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+_OTHER_ASCII_SPACE = ("\t", "\n", "\x0b", "\x0c", "\r", "\x1c", "\x1d", "\x1e", "\x1f")
+
+
+def _plain(text: str) -> bool:
+    """Whether `text` is already in version 2's form (ASCII, single spaces only, none at the
+    ends): a few C-speed scans instead of splitting a long prompt into words."""
+    return (
+        text.isascii()
+        and text[:1] != " "
+        and text[-1:] != " "
+        and "  " not in text
+        and not any(c in text for c in _OTHER_ASCII_SPACE)
+    )
+
+
+def _normalised(value: object) -> object:
+    """Version 2's reading of a JSON value (bodies nest at most 128 levels: checked before)."""
+    if isinstance(value, str):
+        return value if _plain(value) else " ".join(value.split())
+    if isinstance(value, dict):
+        return {k: _normalised(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_normalised(v) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 @dataclass(frozen=True, slots=True)

@@ -87,7 +87,9 @@ async def admit(request: web.Request, endpoint: Endpoint) -> Exchange:
     target = _target(config, supervisor, model, policy if model == view.model else None)
     if not target.policy.trust_request_chat_template and _brings_a_template(body):
         raise BadRequest(UNTRUSTED_TEMPLATE)
-    prompt_tokens = await _prompt_tokens(request, endpoint, view, body, target)
+    prompt_tokens = await app[GATE].exchange(  # may ask /tokenize: settled like a generation
+        lambda: _prompt_tokens(request, endpoint, view, body, target), deadline
+    )
     decision = decide(view, target.policy, prompt_tokens, target.context_length)
     if isinstance(decision, Reject):
         _reject(record, decision)

@@ -27,6 +27,7 @@ from gateway.errors import (
     EngineFailed,
     EngineTimeout,
     EngineUnavailable,
+    EngineUnreachable,
     error_bytes,
 )
 
@@ -131,11 +132,19 @@ class Upstream:
             ) as resp:
                 raw = await resp.read()
         except aiohttp.ClientConnectorError:
-            raise EngineUnavailable(
+            raise EngineUnreachable(
                 "The engine is not reachable.", retry_after_s=self._retry_after_s()
             ) from None
         except (TimeoutError, aiohttp.ServerTimeoutError):
             raise EngineTimeout("The engine did not answer in time.") from None
+        except (
+            aiohttp.ServerDisconnectedError,
+            aiohttp.ClientOSError,
+            aiohttp.ClientPayloadError,
+        ) as err:
+            raise EngineUnreachable(
+                f"The engine failed to answer ({err}).", retry_after_s=self._retry_after_s()
+            ) from None
         except aiohttp.ClientError as err:
             raise EngineUnavailable(
                 f"The engine failed to answer ({err}).", retry_after_s=self._retry_after_s()
