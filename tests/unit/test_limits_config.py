@@ -1,4 +1,4 @@
-"""The `limits` block of the policy: documented defaults, field-by-field inheritance, strict keys."""
+"""The `limits` block of the policy: documented defaults, deep merge over defaults, strict keys."""
 
 from __future__ import annotations
 
