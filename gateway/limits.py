@@ -62,7 +62,7 @@ class Checked:
     """What the checks answer: the body to go on with, and a refusal to answer now (crash
     class, or cost class in enforce mode) or to report (cost class in report mode)."""
 
-    body: Mapping[str, Any]
+    body: dict[str, Any]
     """The client's body, or a copy without the fields `forbidden_action: strip` removed."""
     refusal: Reject | None = None
     would_reject: Reject | None = None
@@ -89,8 +89,20 @@ def _class_of(refusal: Reject) -> str:
 # -- the three entry points ---------------------------------------------------------------------
 
 
+def watched(body: Mapping[str, Any], *, chat: bool, limits: Limits) -> bool:
+    """Whether a generation body uses anything the limits read: the one cheap test every
+    request pays (two set-disjointness tests and, for a chat, each message's content type)."""
+    keys = body.keys()
+    if not keys.isdisjoint(WATCHED) or not keys.isdisjoint(limits.forbidden):
+        return True
+    if chat:
+        return has_media(body.get("messages"))
+    prompt = body.get("prompt")
+    return isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], str)
+
+
 def check_generation(
-    body: Mapping[str, Any],
+    body: dict[str, Any],
     *,
     chat: bool,
     limits: Limits,
@@ -98,11 +110,10 @@ def check_generation(
     mode: PolicyMode,
 ) -> Checked:
     """/v1/chat/completions (`chat`) and /v1/completions."""
-    keys = body.keys()
-    media = chat and has_media(body.get("messages"))
-    ids = None if chat else id_prompts(body.get("prompt"))
-    if keys.isdisjoint(WATCHED) and keys.isdisjoint(limits.forbidden) and not media and not ids:
+    if not watched(body, chat=chat, limits=limits):
         return Checked(body)
+    keys = body.keys()
+    ids = None if chat else id_prompts(body.get("prompt"))
     body, stripped, findings = _fields(body, limits)
     findings.extend(sampling_findings(body, chat, limits, vocab))
     if ids:
@@ -110,13 +121,13 @@ def check_generation(
     found: Iterable[Finding] = findings
     if not keys.isdisjoint(STRUCTURED_FIELDS):
         found = _chain(found, structured_findings(body, limits))
-    if media:
+    if chat:
         found = _chain(found, media_findings(body.get("messages"), limits))
     return _verdict(body, stripped, found, mode)
 
 
 def check_tokenize(
-    body: Mapping[str, Any], *, limits: Limits, vocab: Vocabulary | None, mode: PolicyMode
+    body: dict[str, Any], *, limits: Limits, vocab: Vocabulary | None, mode: PolicyMode
 ) -> Checked:
     """The relayed /tokenize: it renders messages (media included) and tools."""
     tools = body.get("tools")
@@ -132,7 +143,7 @@ def check_tokenize(
 
 
 def check_embeddings(
-    body: Mapping[str, Any], *, limits: Limits, vocab: Vocabulary | None, mode: PolicyMode
+    body: dict[str, Any], *, limits: Limits, vocab: Vocabulary | None, mode: PolicyMode
 ) -> Checked:
     """The relayed /v1/embeddings: token-id input, chat-style messages, forbidden fields."""
     ids = id_prompts(body.get("input"))
@@ -152,7 +163,7 @@ def _chain(*parts: Iterable[Finding]) -> Iterator[Finding]:
 
 
 def _verdict(
-    body: Mapping[str, Any], stripped: tuple[str, ...], found: Iterable[Finding], mode: PolicyMode
+    body: dict[str, Any], stripped: tuple[str, ...], found: Iterable[Finding], mode: PolicyMode
 ) -> Checked:
     """The first crash-class finding is refused; the first cost-class one is refused in
     enforce mode and reported in report mode (where the rest is still searched for a crash)."""
@@ -170,8 +181,8 @@ def _verdict(
 
 
 def _fields(
-    body: Mapping[str, Any], limits: Limits
-) -> tuple[Mapping[str, Any], tuple[str, ...], list[Finding]]:
+    body: dict[str, Any], limits: Limits
+) -> tuple[dict[str, Any], tuple[str, ...], list[Finding]]:
     """Forbidden fields (and priority) refused, or stripped from a copy of the body."""
     present = [key for key in body if key in limits.forbidden and body[key] is not None]
     priority = body.get("priority")
@@ -264,4 +275,5 @@ __all__ = [
     "check_generation",
     "check_output_budget",
     "check_tokenize",
+    "watched",
 ]
