@@ -132,8 +132,10 @@ class Limits(_Frozen):
     """The model folder with config.json; None: the policy's `tokenizer` folder."""
     max_token_ids: PositiveInt = 1024
     """Entries of logit_bias, allowed_token_ids, stop_token_ids, logprob_token_ids (cost)."""
-    max_bad_words: PositiveInt = 128
-    """Entries of bad_words (cost); their token ids are checked in the vocabulary too."""
+    max_bad_words: PositiveInt = 64
+    """Entries of bad_words (cost); their token ids are checked in the vocabulary too. vLLM
+    takes at most 128 token sequences after tokenizing (VLLM_MAX_NUM_BAD_WORDS), up to two
+    per word (with and without a leading space)."""
     max_logprobs: int = Field(20, ge=0)
     """logprobs / top_logprobs at most this: the engine's --max-logprobs (vLLM's default 20)."""
     prompt_logprobs: bool = False
