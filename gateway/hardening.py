@@ -25,6 +25,7 @@ from gateway.limits import (
     check_generation,
     check_output_budget,
     check_tokenize,
+    limit_class,
     watched,
 )
 from gateway.policy import HEADER_WOULD_REJECT, Admit, Reject
@@ -67,9 +68,8 @@ def limit_output(
     budget = check_output_budget(decision, view, checked.body, policy.limits, policy.on_exceed)
     if isinstance(budget, Reject):
         fields.update(budget.log_fields)
+        fields["limit_class"] = limit_class(budget)
         raise budget.error
-    if budget is not decision:
-        fields.update(budget.log_fields)
     if checked.would_reject is not None and budget.would_reject is None:
         budget = replace(budget, would_reject=checked.would_reject)
     return budget

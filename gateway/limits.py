@@ -73,7 +73,7 @@ class Checked:
         fields: dict[str, object] = {}
         if self.refusal is not None:
             fields.update(self.refusal.log_fields)
-            fields["limit_class"] = _class_of(self.refusal)
+            fields["limit_class"] = limit_class(self.refusal)
         if self.would_reject is not None:
             fields["would_reject"] = self.would_reject.reason.value
             fields["would_reject_message"] = self.would_reject.error.message
@@ -82,7 +82,8 @@ class Checked:
         return fields
 
 
-def _class_of(refusal: Reject) -> str:
+def limit_class(refusal: Reject) -> str:
+    """ "crash" or "cost", for the log line."""
     return "crash" if refusal.reason in CRASH_CLASS else "cost"
 
 
@@ -275,5 +276,6 @@ __all__ = [
     "check_generation",
     "check_output_budget",
     "check_tokenize",
+    "limit_class",
     "watched",
 ]
