@@ -69,6 +69,10 @@ def _id_list_findings(
 
 
 def _keys_as_ids(bias: Mapping[str, Any]) -> list[int]:
+    try:
+        return [int(key) for key in bias]
+    except (TypeError, ValueError):
+        pass
     ids = []
     for key in bias:
         try:

@@ -214,73 +214,111 @@ def schema_findings(schema: object, param: str, where: str, limits: Limits) -> I
     yield from _walk(schema, param, where, limits)
 
 
+# How each subschema keyword is walked: a map of schemas, a list of them, or one; and
+# whether it steps into a part of the value (progress) or applies to the same value again.
+_MAP, _LIST, _ONE = 1, 2, 3
+_KEYWORDS: dict[str, tuple[int, bool]] = {
+    **dict.fromkeys((*_PROGRESS_MAPS, *_DEFINITIONS), (_MAP, True)),
+    **dict.fromkeys(_SAME_MAPS, (_MAP, False)),
+    **dict.fromkeys(_SAME_LISTS, (_LIST, False)),
+    "prefixItems": (_LIST, True),
+    **dict.fromkeys(_PROGRESS_ONE, (_ONE, True)),
+    **dict.fromkeys(_SAME_ONE, (_ONE, False)),
+}
+_NODE_CHECKED = frozenset({"pattern", "enum", *_SAME_LISTS})
+"""Keywords `_node_findings` reads besides `type` (checked inline: nearly every node has it)."""
+
+
+def _text(path: object) -> str:
+    """A subschema's place, kept as nested (parent, key) pairs and made text only for a
+    message."""
+    parts: list[str] = []
+    node: object = path
+    while isinstance(node, tuple):
+        node, key = node
+        parts.append(f"[{key}]" if isinstance(key, int) else f".{key}")
+    parts.append(str(node))
+    return "".join(reversed(parts))[:200]
+
+
 def _walk(root: dict[str, Any], param: str, where: str, limits: Limits) -> Iterator[Finding]:
     """Depth, widths and types of every subschema, then the loops of `$ref`s."""
     # id(subschema) -> the subschemas reached from it without progress ($ref targets included)
     same: dict[int, list[int]] = {}
     refs: dict[int, str] = {}  # id(subschema) -> its $ref
     anchors: dict[str, object] | None = None  # collected when a "#name" $ref first needs them
-    nodes: dict[int, dict[str, Any]] = {}
-    stack: list[tuple[object, int, str]] = [(root, 1, where)]
+    seen: set[int] = set()
+    stack: list[tuple[object, int, object]] = [(root, 1, where)]
     too_deep = False
     while stack:
         node, depth, at = stack.pop()
-        if isinstance(node, bool):
+        if type(node) is not dict:
+            if not isinstance(node, bool):
+                yield _invalid(param, _text(at), "a schema is an object or a boolean")
             continue
-        if not isinstance(node, dict):
-            yield _invalid(param, at, "a schema is an object or a boolean")
+        if id(node) in seen:
             continue
-        if id(node) in nodes:
-            continue
-        nodes[id(node)] = node
+        seen.add(id(node))
         if depth > limits.max_schema_depth and not too_deep:
             too_deep = True
             yield Finding(
                 Limit.MAX_SCHEMA_DEPTH,
                 param,
                 f"{where} nests subschemas more than {limits.max_schema_depth} deep (at "
-                f"{at[:200]}); this server accepts at most that for this model (its "
+                f"{_text(at)}); this server accepts at most that for this model (its "
                 f"limits.max_schema_depth policy).",
             )
-        yield from _node_findings(node, param, at, limits)
+        kind = node.get("type")
+        if (kind is not None and not (type(kind) is str and kind in JSON_TYPES)) or (
+            not node.keys().isdisjoint(_NODE_CHECKED)
+        ):
+            yield from _node_findings(node, param, _text(at), limits)
         children: list[int] = []
         ref = node.get("$ref")
         if ref is not None:
             if not isinstance(ref, str):
-                yield _invalid(param, at, "$ref must be a string")
+                yield _invalid(param, _text(at), "$ref must be a string")
             else:
                 # Resolved against the whole schema; a target off the keywords is walked too.
                 if anchors is None and ref[:2] not in ("#", "#/"):
                     anchors = _anchors(root)
                 target = _resolve(root, ref, anchors or {})
                 if target is None:
-                    yield _invalid(param, at, f"$ref {ref[:80]!r} does not point inside it")
+                    yield _invalid(param, _text(at), f"$ref {ref[:80]!r} does not point inside it")
                 elif isinstance(target, dict):
                     refs[id(node)] = ref
                     children.append(id(target))
-                    stack.append((target, depth, f"{at}.$ref"))
+                    stack.append((target, depth, (at, "$ref")))
         for key, value in node.items():
-            here = f"{at}.{key}"
-            if key in _PROGRESS_MAPS or key in _DEFINITIONS or key in _SAME_MAPS:
-                if isinstance(value, dict):
-                    stack.extend((v, depth + 1, f"{here}.{k}") for k, v in value.items())
-                    if key in _SAME_MAPS:
-                        children.extend(id(v) for v in value.values() if isinstance(v, dict))
-                else:
-                    yield _invalid(param, here, f"{key} must be an object of schemas")
-            elif key in _SAME_LISTS or (key in _PROGRESS_LISTS and isinstance(value, list)):
-                if isinstance(value, list):
-                    stack.extend((v, depth + 1, f"{here}[{i}]") for i, v in enumerate(value))
-                    if key in _SAME_LISTS:
-                        children.extend(id(v) for v in value if isinstance(v, dict))
-                else:
-                    yield _invalid(param, here, f"{key} must be a list of schemas")
-            elif key in _PROGRESS_ONE or key in _SAME_ONE:
-                stack.append((value, depth + 1, here))
-                if key in _SAME_ONE and isinstance(value, dict):
+            walk = _KEYWORDS.get(key)
+            if walk is None:
+                continue
+            shape, progress = walk
+            if key == "items":  # a schema, or draft 4's list of them
+                shape = _LIST if type(value) is list else _ONE
+            if shape is _ONE:
+                stack.append((value, depth + 1, (at, key)))
+                if not progress and type(value) is dict:
                     children.append(id(value))
-        same[id(node)] = children
-    loop = _find_loop(same)
+            elif shape is _MAP:
+                if type(value) is not dict:
+                    yield _invalid(param, _text((at, key)), f"{key} must be an object of schemas")
+                    continue
+                here = (at, key)
+                stack.extend((v, depth + 1, (here, k)) for k, v in value.items())
+                if not progress:
+                    children.extend(id(v) for v in value.values() if type(v) is dict)
+            else:
+                if type(value) is not list:
+                    yield _invalid(param, _text((at, key)), f"{key} must be a list of schemas")
+                    continue
+                here = (at, key)
+                stack.extend((v, depth + 1, (here, i)) for i, v in enumerate(value))
+                if not progress:
+                    children.extend(id(v) for v in value if type(v) is dict)
+        if children:
+            same[id(node)] = children
+    loop = _find_loop(same) if refs else None
     if loop is not None:
         ref_at = refs.get(loop) or next(iter(refs.values()), "#")
         yield Finding(
