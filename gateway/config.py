@@ -165,8 +165,9 @@ class Limits(_Frozen):
     max_output_tokens_total: PositiveInt = 32768
     """n (or best_of) x max_tokens per request, after the per-choice limit; over it, lowered
     or refused as `on_exceed` says (cost)."""
-    max_stop: PositiveInt = 64
-    """Entries of stop (cost)."""
+    max_stop: PositiveInt = 4
+    """Entries of stop (cost): vLLM 0.32's own bound (VLLM_MAX_STOP_STRINGS, 4), refused here
+    before the engine; raise both together."""
     max_stop_chars: PositiveInt = 1024
     """Characters of one stop string (cost)."""
     max_media_parts: PositiveInt = 16

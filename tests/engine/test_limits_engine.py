@@ -55,7 +55,7 @@ SERVED = [
      completion(bad_words=[f"word{i}" for i in range(DEFAULTS.max_bad_words)])),
     ("token-id prompt up to the top id", "/v1/completions",
      completion(prompt=[1, 17, 400, VOCAB - 1])),
-    ("n choices", "/v1/completions", completion(n=8, max_tokens=16)),
+    ("n choices", "/v1/completions", completion(n=8, max_tokens=16, temperature=1.0, seed=7)),
     ("priority 0 and a null internal field", "/v1/chat/completions",
      chat(priority=0, kv_transfer_params=None)),
     ("a json schema", "/v1/chat/completions",
