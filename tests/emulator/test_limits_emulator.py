@@ -8,7 +8,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+import shutil
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -68,7 +70,9 @@ class Emulator:
 async def emulator() -> AsyncIterator[Emulator]:
     app = create_emulator_app(
         EmulatorSettings(
-            served_model_names=("tiny", "report", "strip"), tokenizer=MODEL_DIR, log_requests=True
+            served_model_names=("tiny", "report", "strip", "padded"),
+            tokenizer=MODEL_DIR,
+            log_requests=True,
         )
     )
     bodies: list[tuple[str, Json]] = []
@@ -84,8 +88,13 @@ async def emulator() -> AsyncIterator[Emulator]:
 
 
 @pytest.fixture
-async def gateway(emulator: Emulator, gateway_server: Any) -> str:
+async def gateway(emulator: Emulator, gateway_server: Any, tmp_path: Path) -> str:
     policy = {"tokenizer": str(MODEL_DIR), "token_source": "local", "on_exceed": "reject"}
+    # A model whose config.json says 1500 while its tokenizer knows 2000 ids.
+    padded = tmp_path / "padded"
+    padded.mkdir()
+    shutil.copy(MODEL_DIR / "tokenizer.json", padded / "tokenizer.json")
+    (padded / "config.json").write_text(json.dumps({"vocab_size": 1500}))
     config = gateway_config(
         base_url(emulator.server),
         engine={"probe_interval_s": 60},  # no probe generations during a test
@@ -93,6 +102,7 @@ async def gateway(emulator: Emulator, gateway_server: Any) -> str:
             "tiny": {**policy, "limits": LIMITS},
             "report": {**policy, "mode": "report", "limits": LIMITS},
             "strip": {**policy, "limits": {"forbidden_action": "strip"}},
+            "padded": {**policy, "limits": {"model_dir": str(padded)}},
         },
     )
     url = base_url(await gateway_server(config))
@@ -199,6 +209,21 @@ async def test_an_image_at_the_bound_goes_on_to_the_engine(
     await post(gateway + "/v1/chat/completions", with_image(png(2, 2)))
     assert '"POST /tokenize HTTP/1.1"' in capsys.readouterr().out
     assert emulator.reached("/tokenize") == 1
+
+
+async def test_the_vocabulary_comes_from_the_model_folder(emulator: Emulator, gateway: str) -> None:
+    """The padded model's bound is 1500 (config.json, smaller than its tokenizer): id 1499 is
+    served, 1500 refused before the engine, and 1999 still fits the tiny model."""
+    status, _, _ = await post(gateway + "/v1/completions", completion("padded", prompt=[1499]))
+    assert status == 200
+    status, answer, _ = await post(
+        gateway + "/v1/completions", completion("padded", prompt=[1, 1500])
+    )
+    assert status == 400
+    assert "0 <= id < 1500" in error_envelope(answer, 400)["message"]
+    assert emulator.reached("/v1/completions") == 1
+    status, _, _ = await post(gateway + "/v1/completions", completion(prompt=[1999]))
+    assert status == 200
 
 
 async def test_report_mode_forwards_cost_and_refuses_crash(
