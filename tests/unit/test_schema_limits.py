@@ -9,7 +9,8 @@ import pytest
 
 from gateway.config import Limits
 from gateway.limit_names import Limit
-from gateway.schema_limits import schema_findings, structured_findings
+from gateway.schema_limits import structured_findings
+from gateway.schema_walk import schema_findings
 
 LEGIT: list[tuple[str, Any]] = [
     ("recursion through properties", {"type": "object", "properties": {"next": {"$ref": "#"}}}),
