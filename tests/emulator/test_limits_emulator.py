@@ -20,8 +20,7 @@ from aiohttp.test_utils import TestServer
 from PIL import Image
 
 from engine.emulator import EmulatorSettings, create_emulator_app
-from tests.conftest import MODEL_DIR, gateway_config, run_fake_upstream
-from tests.helpers import base_url, error_envelope
+from tests.helpers import MODEL_DIR, base_url, error_envelope, gateway_config, run_fake_upstream
 
 Json = dict[str, Any]
 LIMITS = {"max_stop": 2, "max_output_tokens_total": 64}

@@ -9,10 +9,8 @@ from typing import Any
 import pytest
 
 from gateway.config import Limits
-from tests.conftest import MODEL_DIR, RealEngine, gateway_config
-from tests.helpers import base_url, error_envelope, post
-
-pytestmark = pytest.mark.engine
+from tests.helpers import MODEL_DIR, base_url, error_envelope, gateway_config, post
+from tests.real_engine import RealEngine
 
 DEFAULTS = Limits()
 VOCAB = 2000  # models/tiny: config.json and tokenizer.json agree

@@ -22,6 +22,7 @@ from gateway.limits import (
 )
 from gateway.policy import Action, Admit, Reject, decide
 from gateway.schemas import parse_chat, parse_completion
+from tests.helpers import error_envelope
 
 VOCAB = Vocabulary(100)
 Json = dict[str, Any]
@@ -230,10 +231,9 @@ def test_limit_at_and_past_its_bound(
     assert refused is not None, checked
     assert other is None
     assert refused.reason is limit
-    body = refused.error.body()
-    assert body["error"]["param"] == param
-    assert body["error"]["code"] == 400
-    assert body["error"]["type"] == "BadRequestError"
+    envelope = error_envelope(refused.error.body(), 400)
+    assert envelope["param"] == param
+    assert envelope["type"] == "BadRequestError"
     assert refused.error.message
     fields = checked.log_fields
     if checked.refusal is not None:

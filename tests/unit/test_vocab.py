@@ -10,7 +10,7 @@ from pathlib import Path
 from engine.supervisor import EngineState, StateChange
 from gateway.config import parse_config
 from gateway.vocab import Vocabularies, read_vocabulary
-from tests.conftest import MODEL_DIR
+from tests.helpers import MODEL_DIR
 
 TINY_VOCAB = 2000  # models/tiny: config.json and tokenizer.json agree
 
