@@ -30,6 +30,7 @@ from gateway.keys import (
     SUPERVISOR,
     TOKENS,
     UPSTREAM,
+    VOCABULARIES,
 )
 from gateway.lifecycle import Lifecycle
 from gateway.logs import configure_logging
@@ -38,6 +39,7 @@ from gateway.proxy import Upstream
 from gateway.reload import Reloader
 from gateway.snapshot import Snapshot, load_snapshot, prepare_snapshot
 from gateway.tokens import TokenCounters
+from gateway.vocab import Vocabularies
 
 log = structlog.get_logger("gateway")
 
@@ -108,6 +110,8 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
         log.warning("config_warning", warning=warning)
     tokens.adopt(snapshot.counters)
     app[TOKENS] = tokens
+    app[VOCABULARIES] = Vocabularies()
+    supervisor.subscribe(app[VOCABULARIES].on_state_change)  # read anew once ready again
 
     async def ask_version() -> object:
         return (await upstream.json("GET", "/version", timeout=VERSION_TIMEOUT_S))[1]

@@ -99,6 +99,134 @@ class TokenSource(StrEnum):
     ENGINE = "engine"
 
 
+class ForbiddenAction(StrEnum):
+    REFUSE = "refuse"
+    STRIP = "strip"
+
+
+class RemoteMedia(StrEnum):
+    REFUSE = "refuse"
+    """Every http(s) media URL is refused (the engine would fetch it from inside the pod)."""
+    ALLOW_LIST = "allow-list"
+    """Only URLs whose host is in `remote_media_hosts`."""
+    ANY = "any"
+
+
+ENGINE_INTERNAL_FIELDS: tuple[str, ...] = ("kv_transfer_params", "ec_transfer_params", "vllm_xargs")
+"""Request fields of vLLM 0.32 that only other engine components are meant to set:
+kv_transfer_params and ec_transfer_params (disaggregated prefill/decode and encoder-cache
+transfers: a client-made one sent a decode engine out of memory, vllm#51137) and vllm_xargs
+(raw arguments for custom logits processors, passed to the engine as `extra_args`)."""
+
+
+class Limits(_Frozen):
+    """Request shapes refused before the engine sees them (gateway.limits). Crash class: refused
+    in every mode. Cost class: follows the policy's `mode` (report: `would-reject` header and
+    log line). Every default is far above what ordinary traffic sends."""
+
+    vocab_size: PositiveInt | None = None
+    """Token ids must be below this (crash class). None: min(config.json `vocab_size`, the
+    tokenizer's size), read from `model_dir` (else the policy's `tokenizer` folder) when the
+    engine becomes ready; unknown when neither is readable (ids then only checked >= 0)."""
+    model_dir: str | None = None
+    """The model folder with config.json; None: the policy's `tokenizer` folder."""
+    max_token_ids: PositiveInt = 1024
+    """Entries of logit_bias, allowed_token_ids, stop_token_ids, logprob_token_ids (cost)."""
+    max_bad_words: PositiveInt = 64
+    """Entries of bad_words (cost); their token ids are checked in the vocabulary too. vLLM
+    takes at most 128 token sequences after tokenizing (VLLM_MAX_NUM_BAD_WORDS), up to two
+    per word (with and without a leading space)."""
+    max_logprobs: int = Field(20, ge=0)
+    """logprobs / top_logprobs at most this: the engine's --max-logprobs (vLLM's default 20)."""
+    prompt_logprobs: bool = False
+    """prompt_logprobs (and echo with logprobs, which implies it) refused unless true: on a
+    long prompt it sent engines out of memory (vllm#16836)."""
+    max_prompt_logprobs: int = Field(5, ge=0)
+    """When prompt_logprobs are allowed: at most this many per prompt token (cost)."""
+    structured_outputs: bool = True
+    """False: no response_format json_*, structured_outputs, guided_* (crash class)."""
+    max_schema_bytes: PositiveInt = 65536
+    """Bytes of one JSON schema, tool parameters included, as JSON (cost)."""
+    max_schema_depth: PositiveInt = 32
+    """Nesting of schema objects in one schema (cost)."""
+    max_schema_alternatives: PositiveInt = 64
+    """Entries of one oneOf / anyOf / allOf (cost)."""
+    max_schema_enum: PositiveInt = 512
+    """Entries of one enum, and of a choice list (cost)."""
+    max_regex_chars: PositiveInt = 4096
+    max_grammar_chars: PositiveInt = 65536
+    forbidden_fields: tuple[str, ...] = ENGINE_INTERNAL_FIELDS
+    """Fields a client must not set (crash class)."""
+    forbidden_action: ForbiddenAction = ForbiddenAction.REFUSE
+    """refuse: 400 naming the field; strip: remove it and forward the rest."""
+    allow_priority: bool = False
+    """priority other than 0 is a forbidden field unless true (the engine must also run
+    --scheduling-policy priority)."""
+    max_output_tokens_total: PositiveInt = 32768
+    """n (or best_of) x max_tokens per request, after the per-choice limit; over it, lowered
+    or refused as `on_exceed` says (cost)."""
+    max_stop: PositiveInt = 4
+    """Entries of stop (cost): vLLM 0.32's own bound (VLLM_MAX_STOP_STRINGS, 4), refused here
+    before the engine; raise both together."""
+    max_stop_chars: PositiveInt = 1024
+    """Characters of one stop string (cost)."""
+    max_media_parts: PositiveInt = 16
+    """Image, audio and video parts of one request (cost)."""
+    max_media_bytes: PositiveInt = 16 * 1024 * 1024
+    """Decoded bytes of one inline (data: or input_audio) media item (cost)."""
+    min_image_side: PositiveInt = 2
+    """Smallest width or height of an inline image: a 1x1 image crashed vLLM (CVE-2026-22773)
+    (crash class)."""
+    max_image_side: PositiveInt = 16384
+    max_image_pixels: PositiveInt = 50_000_000
+    """Width x height of an inline image, read from its header (cost)."""
+    remote_media: RemoteMedia = RemoteMedia.REFUSE
+    """http(s) media URLs, which the engine fetches itself from inside the pod (crash class:
+    refused in every mode). file: and other schemes are always refused."""
+    remote_media_hosts: tuple[str, ...] = ()
+    """Hosts allowed when `remote_media: allow-list` (exact names, lower case)."""
+
+    @cached_property
+    def forbidden(self) -> frozenset[str]:
+        return frozenset(self.forbidden_fields)
+
+    @cached_property
+    def media_hosts(self) -> frozenset[str]:
+        return frozenset(h.lower() for h in self.remote_media_hosts)
+
+
+class LimitsOverride(_Frozen):
+    """`limits:` as written in YAML: a model's entry overrides the defaults' field by field."""
+
+    vocab_size: PositiveInt | None = None
+    model_dir: str | None = None
+    max_token_ids: PositiveInt | None = None
+    max_bad_words: PositiveInt | None = None
+    max_logprobs: Annotated[int, Field(ge=0)] | None = None
+    prompt_logprobs: bool | None = None
+    max_prompt_logprobs: Annotated[int, Field(ge=0)] | None = None
+    structured_outputs: bool | None = None
+    max_schema_bytes: PositiveInt | None = None
+    max_schema_depth: PositiveInt | None = None
+    max_schema_alternatives: PositiveInt | None = None
+    max_schema_enum: PositiveInt | None = None
+    max_regex_chars: PositiveInt | None = None
+    max_grammar_chars: PositiveInt | None = None
+    forbidden_fields: tuple[str, ...] | None = None
+    forbidden_action: ForbiddenAction | None = None
+    allow_priority: bool | None = None
+    max_output_tokens_total: PositiveInt | None = None
+    max_stop: PositiveInt | None = None
+    max_stop_chars: PositiveInt | None = None
+    max_media_parts: PositiveInt | None = None
+    max_media_bytes: PositiveInt | None = None
+    min_image_side: PositiveInt | None = None
+    max_image_side: PositiveInt | None = None
+    max_image_pixels: PositiveInt | None = None
+    remote_media: RemoteMedia | None = None
+    remote_media_hosts: tuple[str, ...] | None = None
+
+
 class PolicyOverride(_Frozen):
     """A policy as written in YAML: every field optional; a model entry overrides the defaults
     field by field."""
@@ -127,6 +255,8 @@ class PolicyOverride(_Frozen):
     """Mirror of the engine's --trust-request-chat-template: when false, a request carrying
     its own chat template is refused by the gateway as the engine would refuse it (and the
     gateway never renders it)."""
+    limits: LimitsOverride | None = None
+    """Request hardening (`Limits`), merged field by field like the rest of the policy."""
 
 
 class Policy(_Frozen):
@@ -148,6 +278,7 @@ class Policy(_Frozen):
     deadline_s: PositiveFloat = 300.0
     max_in_flight: PositiveInt = 64
     trust_request_chat_template: bool = False
+    limits: Limits = Field(default_factory=Limits)
 
 
 class IsolationConfig(_Frozen):
@@ -210,10 +341,15 @@ class Config(_Frozen):
 
 
 def _merge(*layers: PolicyOverride) -> Policy:
+    """Later layers win field by field; `limits` is merged field by field too, so a model's
+    partial `limits:` keeps every limit it does not name from the defaults."""
     values: dict[str, Any] = {}
+    limits: dict[str, Any] = {}
     for layer in layers:
-        values.update(layer.model_dump(exclude_none=True))
-    return Policy(**values)
+        values.update(layer.model_dump(exclude_none=True, exclude={"limits"}))
+        if layer.limits is not None:
+            limits.update(layer.limits.model_dump(exclude_none=True))
+    return Policy(**values, limits=Limits(**limits))
 
 
 class ConfigError(Exception):

@@ -8,7 +8,8 @@ from aiohttp import web
 
 from gateway.config import KSERVE_PREFIX
 from gateway.errors import EngineFailed, EngineUnavailable, NotFound
-from gateway.keys import CONFIG, LIFECYCLE, RECORD, SUPERVISOR, UPSTREAM
+from gateway.hardening import limit_relay
+from gateway.keys import CONFIG, LIFECYCLE, RECORD, SUPERVISOR, UPSTREAM, VOCABULARIES
 from gateway.pipeline import CHAT, COMPLETIONS, generate
 from gateway.proxy import (
     Answered,
@@ -81,6 +82,9 @@ async def relay(request: web.Request) -> web.StreamResponse:
         raise NotFound(f"{request.method} {request.path} is not served by this gateway.")
     record = request[RECORD]
     raw = await request.read()
+    raw, extra = await limit_relay(
+        request.app[VOCABULARIES], request.app[CONFIG].current, path, raw, record.fields
+    )
     retry_after_s = request.app[SUPERVISOR].retry_after_s
     try:
         upstream = await request.app[UPSTREAM].open(
@@ -91,7 +95,7 @@ async def relay(request: web.Request) -> web.StreamResponse:
     outcome = await relay_response(
         request,
         upstream,
-        {"X-Request-Id": record.request_id},
+        {**extra, "X-Request-Id": record.request_id},
         lambda _chunk: record.mark_first_byte(),
     )
     if isinstance(outcome, Answered):

@@ -15,6 +15,7 @@ from gateway.proxy import Upstream
 from gateway.reload import Reloader
 from gateway.requestlog import RequestRecord
 from gateway.tokens import TokenCounters
+from gateway.vocab import Vocabularies
 
 CONFIG = web.AppKey("config", ConfigHolder)
 SESSION = web.AppKey("upstream_session", aiohttp.ClientSession)
@@ -24,6 +25,7 @@ INFLIGHT = web.AppKey("inflight", InflightLedger)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 GATE = web.AppKey("gate", Gate)
 TOKENS = web.AppKey("tokens", TokenCounters)
+VOCABULARIES = web.AppKey("vocabularies", Vocabularies)
 ADMIN_APP = web.AppKey("admin_app", web.Application)
 MAIN_APP = web.AppKey("main_app", web.Application)
 ADMIN_TOKEN = web.AppKey("admin_token", str)

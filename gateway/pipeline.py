@@ -4,7 +4,8 @@
 
     read the body → its view (schema) → not draining → quarantined? → policy prechecks
     → engine ready (held while it restarts) → served model and its context length
-    → chat template trusted? → prompt tokens (cheap bound first) → policy decision
+    → chat template trusted? → request limits (gateway.hardening) → prompt tokens (cheap
+    bound first) → policy decision → output budget
     → the exchange with the engine (`gateway.exchange`: gate, relay, retry, resume)
 
 Each step either passes what the next one needs or raises the `GuardError` the middleware
@@ -25,8 +26,9 @@ from gateway.body import read_json_object
 from gateway.config import Config, Policy
 from gateway.errors import BadRequest, EngineUnavailable, NotFound
 from gateway.exchange import Exchange, answer
+from gateway.hardening import limit_output, limit_request
 from gateway.isolation import fingerprint
-from gateway.keys import CONFIG, GATE, LIFECYCLE, RECORD, SUPERVISOR, TOKENS
+from gateway.keys import CONFIG, GATE, LIFECYCLE, RECORD, SUPERVISOR, TOKENS, VOCABULARIES
 from gateway.policy import Reject, context_length_for, decide, exact_count_above, precheck
 from gateway.requestlog import RequestRecord
 from gateway.schemas import ChatView, CompletionView, parse_chat, parse_completion
@@ -87,12 +89,17 @@ async def admit(request: web.Request, endpoint: Endpoint) -> Exchange:
     target = _target(config, supervisor, model, policy if model == view.model else None)
     if not target.policy.trust_request_chat_template and _brings_a_template(body):
         raise BadRequest(UNTRUSTED_TEMPLATE)
+    limited = await limit_request(
+        app[VOCABULARIES], record.fields, body, chat=endpoint.chat, policy=target.policy
+    )
+    body = limited.body  # without the fields the policy strips
     prompt_tokens = await app[GATE].exchange(  # may ask /tokenize: settled like a generation
         lambda: _prompt_tokens(request, endpoint, view, body, target), deadline
     )
     decision = decide(view, target.policy, prompt_tokens, target.context_length)
     if isinstance(decision, Reject):
         _reject(record, decision)
+    decision = limit_output(decision, limited, view, target.policy, record.fields)
     record.fields.update(decision.log_fields)
     record.fields["prompt_tokens"] = max(prompt_tokens)
     return Exchange.of(

@@ -68,7 +68,8 @@ class Reason(StrEnum):
 class Reject:
     """Refuse the request with `error` (a 400 in vLLM's envelope)."""
 
-    reason: Reason
+    reason: StrEnum
+    """A `Reason`, or a `limit_names.Limit` for a request limit."""
     error: BadRequest
 
     @property
