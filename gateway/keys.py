@@ -8,6 +8,7 @@ from aiohttp import web
 from engine.supervisor import EngineSupervisor
 from gateway.admission import Gate
 from gateway.config import ConfigHolder
+from gateway.fleet import Fleet
 from gateway.inflight import InflightLedger
 from gateway.lifecycle import Lifecycle
 from gateway.proxy import Upstream
@@ -21,6 +22,8 @@ SUPERVISOR = web.AppKey("supervisor", EngineSupervisor)
 INFLIGHT = web.AppKey("inflight", InflightLedger)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 GATE = web.AppKey("gate", Gate)
+FLEET = web.AppKey("fleet", Fleet)
+"""Present only when `isolation.shared` is set."""
 TOKENS = web.AppKey("tokens", TokenCounters)
 ADMIN_APP = web.AppKey("admin_app", web.Application)
 MAIN_APP = web.AppKey("main_app", web.Application)
