@@ -171,7 +171,7 @@ class SharedConfig(_Frozen):
     """For Redis ACLs; the default user when unset."""
     key_prefix: str = Field("vllm-guard", min_length=1, pattern=r"^[A-Za-z0-9_.:{}-]+$")
     """One per deployment: replicas with the same prefix share one quarantine."""
-    replica_id: str | None = Field(None, min_length=1)
+    replica_id: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[^\s]+$")
     """This replica's name in shared entries; the host name (the pod's name) when unset."""
     connect_timeout_s: PositiveFloat = 2.0
     command_timeout_s: PositiveFloat = 2.0

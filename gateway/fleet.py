@@ -33,7 +33,15 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import (
+    ClusterDownError,
+    NoPermissionError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 
 from gateway.config import IsolationConfig, SharedConfig
 from gateway.fleet_wire import (
@@ -63,6 +71,15 @@ log = structlog.get_logger("gateway.fleet")
 
 REDIS_ERRORS: tuple[type[Exception], ...] = (RedisError, OSError)
 """What an unreachable or failing Redis raises (TimeoutError is an OSError)."""
+PASSING_REFUSALS: tuple[type[ResponseError], ...] = (
+    ReadOnlyError,  # connected to a replica during a failover
+    OutOfMemoryError,
+    NoPermissionError,
+    TryAgainError,
+    ClusterDownError,
+)
+"""Refusals that may pass: Redis counts as unreachable and the change is sent again later.
+Any other refusal (a script error on a key someone else wrote) drops that one change."""
 STOP_WAIT_S = 2.0
 PENDING_MAX = 4096
 """Unsent changes kept while Redis is unreachable; past it the oldest are given up."""
@@ -267,9 +284,14 @@ class Fleet:
     async def _flush(self) -> int:
         sent = 0
         while (op := self._pending.peek()) is not None:
-            await self._send(op)
+            try:
+                await self._send(op)
+                sent += 1
+            except ResponseError as err:  # Redis answered, and refused it: never retried
+                if isinstance(err, PASSING_REFUSALS):
+                    raise
+                log.exception("fleet_change_refused", change=type(op).__name__)
             self._pending.pop(op)
-            sent += 1
         return sent
 
     async def _send(self, op: Op) -> None:

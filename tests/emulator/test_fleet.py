@@ -445,3 +445,28 @@ async def test_a_gateway_starts_and_serves_without_redis(gateway_server: Any) ->
     async with aiohttp.ClientSession() as session, session.get(base_url(server) + "/ready") as r:
         assert r.status == 200
         assert (await r.json())["fleet"]["redis"] == "unreachable"
+
+
+async def test_a_change_redis_refuses_is_dropped_and_sharing_goes_on(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    """A change Redis refuses (here: someone else wrote a suspicion key with another type) is
+    logged and dropped, not retried forever; the replica stays connected and shares the next."""
+    base = f"{prefix}:v{FINGERPRINT_VERSION}"
+    async with Redis.from_url(redis_server.url) as r:
+        await r.lpush(f"{base}:suspicion:y", "not a counter")
+    a = _fleet(redis_server, prefix, "a")
+    b = _fleet(redis_server, prefix, "b")
+    await a.start()
+    await b.start()
+    try:
+        with capture_logs() as logs:
+            a.charged("y", None)
+            assert await until(lambda: a.unsent == 0, 10)
+        assert [e["event"] for e in logs if e["log_level"] == "error"] == ["fleet_change_refused"]
+        assert a.connected
+        a.quarantine.add("x", None, "alone on probation", 1, time.time(), proven=True)
+        assert await until(lambda: b.quarantine.get("x", time.time()) is not None, 10)
+    finally:
+        await a.stop()
+        await b.stop()

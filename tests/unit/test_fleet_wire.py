@@ -266,6 +266,7 @@ def test_shared_is_off_by_default_and_defaults_are_sane() -> None:
         ({"url": "redis:///0"}, "needs a host"),
         ({"url": "unix://"}, "needs the socket's path"),
         ({"key_prefix": "has space"}, "key_prefix"),
+        ({"replica_id": "pod a"}, "replica_id"),
         ({"command_timeout_s": 0}, "command_timeout_s"),
         ({"passwrd": "x"}, "passwrd"),
     ],
