@@ -149,7 +149,13 @@ class Fleet:
 
     @property
     def unsent(self) -> int:
+        """Changes made here that Redis has not acknowledged yet."""
         return len(self._pending)
+
+    @property
+    def dropped(self) -> int:
+        """Unsent changes given up because too many waited (Redis away for long)."""
+        return self._pending.dropped
 
     def detail(self) -> dict[str, Any]:
         """For `/ready`'s body: never its status (fail open)."""
