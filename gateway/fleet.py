@@ -219,6 +219,8 @@ class Fleet:
             except Exception as err:  # a bug here must not end sharing for good
                 log.exception("fleet_error")
                 self._down(err)
+            if self._stopping:
+                return
             if self._synced.is_set():  # the last session got as far as a full load
                 self._synced.clear()
                 delay = self.shared.reconnect_s
