@@ -100,7 +100,7 @@ async def run(trials: int) -> None:
             gateways.append(server)
         a, b = gateways
         url_b = str(b.make_url("/v1/chat/completions"))
-        skip = a.app[CONFIG].current.isolation.fingerprint_skip
+        skip = a.app[CONFIG].current.isolation.fingerprint_ignore_set
         mirror_ms: list[float] = []
         refusal_ms: list[float] = []
         async with aiohttp.ClientSession() as session:

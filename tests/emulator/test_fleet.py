@@ -15,22 +15,23 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
 from gateway.config import parse_config
 from gateway.fleet import Fleet
 from gateway.isolation import FINGERPRINT_VERSION, Quarantine, SuspectBook, fingerprint
-from gateway.keys import ADMIN_APP, CONFIG, FLEET, GATE, INFLIGHT, SUPERVISOR
-from tests.conftest import MODEL_DIR, gateway_config
+from gateway.keys import CONFIG, FLEET, GATE, INFLIGHT, SUPERVISOR
 from tests.helpers import (
     CHAT_PATH,
+    MODEL_DIR,
+    Gateway,
     base_url,
     chat,
     emulator_argv,
     emulator_section,
     free_port,
+    gateway_config,
     kill_leftovers,
     pid_alive,
     send,
@@ -160,11 +161,11 @@ async def sidecar_engine(tmp_path: Path) -> AsyncIterator[Emulator]:
         engine.stop()
 
 
-def _fp(server: TestServer, body: dict[str, Any]) -> str:
-    return fingerprint(body, server.app[CONFIG].current.isolation.fingerprint_skip)
+def _fp(server: Gateway, body: dict[str, Any]) -> str:
+    return fingerprint(body, server.app[CONFIG].current.isolation.fingerprint_ignore_set)
 
 
-def _knows(server: TestServer, fp: str) -> bool:
+def _knows(server: Gateway, fp: str) -> bool:
     gate = server.app[GATE]
     return gate.quarantine.get(fp, gate.wall_clock()) is not None
 
@@ -174,7 +175,7 @@ async def _chat(base: str, body: dict[str, Any], timeout: float = 60) -> dict[st
         return await send(session, base + CHAT_PATH, body, timeout)
 
 
-async def _quarantine_on(server: TestServer, poison: dict[str, Any]) -> None:
+async def _quarantine_on(server: Gateway, poison: dict[str, Any]) -> None:
     """Send `poison` until its gateway's probation proves it a culprit (the engine dies)."""
     fp = _fp(server, poison)
     for _ in range(3):
@@ -187,10 +188,10 @@ async def _quarantine_on(server: TestServer, poison: dict[str, Any]) -> None:
     assert entry.proven
 
 
-async def _admin(server: TestServer) -> TestServer:
-    admin = TestServer(server.app[ADMIN_APP], host="127.0.0.1", port=free_port())
-    await admin.start_server()
-    return admin
+def _admin(server: Gateway, path: str) -> str:
+    """A URL on the gateway's own admin listener."""
+    assert server.admin_url is not None
+    return server.admin_url + path
 
 
 async def test_a_culprit_found_on_one_replica_is_refused_by_another_before_its_engine_sees_it(
@@ -267,29 +268,24 @@ async def test_clearing_on_one_replica_clears_everywhere(
     fp1, fp2 = _fp(a, first), _fp(a, second)
     assert await until(lambda: _knows(b, fp1) and _knows(b, fp2), 10)
 
-    admin_a, admin_b = await _admin(a), await _admin(b)
-    try:
-        async with aiohttp.ClientSession() as session:
-            async with session.delete(admin_b.make_url(f"/quarantine/{fp1}")) as resp:
-                assert resp.status == 200
-            assert await until(lambda: not _knows(a, fp1), 10)
-            assert _knows(a, fp2)
-            assert _knows(b, fp2)
-            async with Redis.from_url(redis_server.url, decode_responses=True) as r:
-                index = f"{prefix}:v{FINGERPRINT_VERSION}:quarantine"
-                assert await r.zrange(index, 0, -1) == [fp2]
-            async with session.delete(admin_a.make_url("/quarantine")) as resp:
-                assert (await resp.json())["cleared"] == 1
-            assert await until(lambda: not _knows(b, fp2), 10)
-            async with session.get(admin_b.make_url("/quarantine")) as resp:
-                assert (await resp.json())["quarantine"] == []
-    finally:
-        await admin_a.close()
-        await admin_b.close()
+    async with aiohttp.ClientSession() as session:
+        async with session.delete(_admin(b, f"/quarantine/{fp1}")) as resp:
+            assert resp.status == 200
+        assert await until(lambda: not _knows(a, fp1), 10)
+        assert _knows(a, fp2)
+        assert _knows(b, fp2)
+        async with Redis.from_url(redis_server.url, decode_responses=True) as r:
+            index = f"{prefix}:v{FINGERPRINT_VERSION}:quarantine"
+            assert await r.zrange(index, 0, -1) == [fp2]
+        async with session.delete(_admin(a, "/quarantine")) as resp:
+            assert (await resp.json())["cleared"] == 1
+        assert await until(lambda: not _knows(b, fp2), 10)
+        async with session.get(_admin(b, "/quarantine")) as resp:
+            assert (await resp.json())["quarantine"] == []
     assert sidecar_engine.generations() == 0
 
 
-async def _kill_engine_with_in_flight(server: TestServer, body: dict[str, Any]) -> None:
+async def _kill_engine_with_in_flight(server: Gateway, body: dict[str, Any]) -> None:
     """Send `body` (slow), and SIGKILL the engine while it is in flight (an unrelated death:
     an out-of-memory kill): the request is a suspect, retried alone, and answered."""
     request = asyncio.create_task(_chat(base_url(server), body, timeout=90))
@@ -450,11 +446,11 @@ async def test_a_gateway_starts_and_serves_without_redis(gateway_server: Any) ->
 async def test_a_change_redis_refuses_is_dropped_and_sharing_goes_on(
     redis_server: RedisServer, prefix: str
 ) -> None:
-    """A change Redis refuses (here: someone else wrote a suspicion key with another type) is
+    """A change Redis refuses (here: someone else wrote a suspicion key that is no counter) is
     logged and dropped, not retried forever; the replica stays connected and shares the next."""
     base = f"{prefix}:v{FINGERPRINT_VERSION}"
     async with Redis.from_url(redis_server.url) as r:
-        await r.lpush(f"{base}:suspicion:y", "not a counter")
+        await r.set(f"{base}:suspicion:y", "not a counter")
     a = _fleet(redis_server, prefix, "a")
     b = _fleet(redis_server, prefix, "b")
     await a.start()
