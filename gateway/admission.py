@@ -126,13 +126,16 @@ class Gate:
             self.config.suspect_failures,
             self.wall_clock(),
         )
+        alone = {t.fingerprint for t in in_flight if t.solo}
         for culprit in verdict.quarantine:
+            # Proven: it ran alone on probation (the only kind other replicas are told of).
             self.quarantine.add(
                 culprit.fingerprint,
                 culprit.model,
                 culprit.reason,
                 culprit.failures,
                 self.wall_clock(),
+                proven=culprit.fingerprint in alone,
             )
             self.suspects.acquit(culprit.fingerprint)
 

@@ -16,12 +16,14 @@ from gateway.admin import create_admin_app
 from gateway.admission import Gate
 from gateway.config import KSERVE_PREFIX, Config, ConfigHolder
 from gateway.engineview import EngineHistory
+from gateway.fleet import Fleet
 from gateway.inflight import InflightLedger
 from gateway.keys import (
     ADMIN_APP,
     CONFIG,
     CONFIG_PATH,
     ENGINE_HISTORY,
+    FLEET,
     GATE,
     INFLIGHT,
     LIFECYCLE,
@@ -65,6 +67,8 @@ def create_app(config: Config, *, config_path: str | Path | None = None) -> web.
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(_engine_ctx)
     app.cleanup_ctx.append(_reload_ctx)
+    if config.isolation.shared is not None:
+        app.cleanup_ctx.append(_fleet_ctx)  # after the gate it shares; stopped before it
 
     app.router.add_get("/health", handlers.health)
     app.router.add_get("/ready", handlers.ready)
@@ -158,3 +162,19 @@ async def _reload_ctx(app: web.Application) -> AsyncIterator[None]:
     supervisor.subscribe(on_engine)
     async with reloader.running():
         yield
+    await app[TOKENS].close()
+
+
+async def _fleet_ctx(app: web.Application) -> AsyncIterator[None]:
+    """One quarantine for every replica (`isolation.shared`): the gate's quarantine and suspect
+    book mirrored through Redis."""
+    isolation = app[CONFIG].current.isolation
+    assert isolation.shared is not None  # only added when set
+    gate = app[GATE]
+    fleet = Fleet(
+        isolation.shared, isolation, gate.quarantine, gate.suspects, wall_clock=gate.wall_clock
+    )
+    app[FLEET] = fleet
+    await fleet.start()
+    yield
+    await fleet.stop()

@@ -12,9 +12,18 @@ from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Self
+from urllib.parse import parse_qs, urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from engine.settings import EngineConfig
 
@@ -281,6 +290,55 @@ class Policy(_Frozen):
     limits: Limits = Field(default_factory=Limits)
 
 
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+class SharedConfig(_Frozen):
+    """One quarantine for every replica, shared through Redis (gateway.fleet). The password
+    never comes from this file: it is read from the environment variable `password_env`."""
+
+    url: str
+    """redis://host:6379/0, rediss:// for TLS, or unix:///path/redis.sock; no password."""
+    password_env: str = "VLLM_GUARD_REDIS_PASSWORD"  # noqa: S105 (a variable's name)
+    """The environment variable holding the password (unset or empty: no AUTH)."""
+    username: str | None = None
+    """For Redis ACLs; the default user when unset."""
+    key_prefix: str = Field("vllm-guard", min_length=1, pattern=r"^[A-Za-z0-9_.:{}-]+$")
+    """One per deployment: replicas with the same prefix share one quarantine."""
+    replica_id: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[^\s]+$")
+    """This replica's name in shared entries; the host name (the pod's name) when unset."""
+    connect_timeout_s: PositiveFloat = 2.0
+    command_timeout_s: PositiveFloat = 2.0
+    """Each Redis command; past it Redis counts as unreachable."""
+    reconnect_s: PositiveFloat = 1.0
+    """Wait between attempts to reach Redis again, doubling up to 10 times this."""
+    health_check_s: PositiveFloat = 5.0
+    """An idle connection is checked (PING) this often, so a silent Redis is noticed."""
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str) -> str:
+        check_redis_url(url)
+        return url
+
+
+def check_redis_url(url: str) -> None:
+    """A Redis URL with a scheme we know, a host (or socket path) and no password in it."""
+    parts = urlsplit(url)
+    if parts.scheme not in REDIS_SCHEMES:
+        raise ValueError(
+            f"url must start with one of {', '.join(s + '://' for s in REDIS_SCHEMES)}"
+        )
+    if parts.password is not None or "password" in parse_qs(parts.query):
+        raise ValueError(
+            "url must not hold a password: put it in the environment variable named by password_env"
+        )
+    if parts.scheme == "unix" and not parts.path:
+        raise ValueError("a unix:// url needs the socket's path")
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ValueError("url needs a host")
+
+
 class IsolationConfig(_Frozen):
     """Attribution, probation and quarantine of requests that kill the engine."""
 
@@ -304,6 +362,9 @@ class IsolationConfig(_Frozen):
         "service_tier",
         "store",
     )
+    shared: SharedConfig | None = None
+    """Share culprits and suspicion with every replica through Redis; unset: this replica's
+    quarantine is its own."""
 
     @cached_property
     def fingerprint_ignore_set(self) -> frozenset[str]:

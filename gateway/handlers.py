@@ -4,12 +4,14 @@ relay."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
 from gateway.config import KSERVE_PREFIX
 from gateway.errors import EngineFailed, EngineUnavailable, NotFound
 from gateway.hardening import limit_relay
-from gateway.keys import CONFIG, LIFECYCLE, RECORD, SUPERVISOR, UPSTREAM, VOCABULARIES
+from gateway.keys import CONFIG, FLEET, LIFECYCLE, RECORD, SUPERVISOR, UPSTREAM, VOCABULARIES
 from gateway.pipeline import CHAT, COMPLETIONS, generate
 from gateway.proxy import (
     Answered,
@@ -41,11 +43,14 @@ async def ready(request: web.Request) -> web.Response:
     """The engine is usable now: read from the state the background probe keeps current."""
     supervisor = request.app[SUPERVISOR]
     state = str(supervisor.state)
+    detail: dict[str, Any] = {"engine": state}
+    if FLEET in request.app:  # shown, never in the status: the fleet part fails open
+        detail["fleet"] = request.app[FLEET].detail()
     if supervisor.is_ready() and not request.app[LIFECYCLE].draining:
-        return web.json_response({"status": "ready", "engine": state})
+        return web.json_response({"status": "ready", **detail})
     reason = "draining" if request.app[LIFECYCLE].draining else supervisor.not_ready_reason
     return web.json_response(
-        {"status": "not ready", "engine": state, "reason": reason},
+        {"status": "not ready", **detail, "reason": reason},
         status=503,
         headers={"Retry-After": str(round(supervisor.retry_after_s()))},
     )

@@ -16,7 +16,12 @@ import json
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
+
+FINGERPRINT_VERSION = 1
+"""Bumped whenever `fingerprint()` would hash the same request differently. Shared quarantine
+keys carry it (gateway.fleet), so replicas never match one version's fingerprints against
+another's."""
 
 FINGERPRINT_VERSION = 2
 """The rule `fingerprint` follows by default. Raised whenever the rule changes, so that a
@@ -93,6 +98,10 @@ class QuarantineEntry:
     until: float
     reason: str
     failures: int
+    proven: bool = False
+    """Found alone on probation: only such entries are shared with other replicas."""
+    found_by: str | None = None
+    """The replica that found it (set when replicas share a quarantine)."""
 
     def public(self) -> dict[str, Any]:
         """What the operator sees: never the prompt text."""
@@ -103,7 +112,16 @@ class QuarantineEntry:
             "until": self.until,
             "reason": self.reason,
             "failures": self.failures,
+            "found_by": self.found_by,
         }
+
+
+class QuarantineListener(Protocol):
+    """Told of each change this replica makes to its quarantine (gateway.fleet shares them)."""
+
+    def quarantined(self, entry: QuarantineEntry) -> None: ...
+    def released(self, fp: str | None) -> None:
+        """One fingerprint cleared, or all of them (None)."""
 
 
 class Quarantine:
@@ -114,16 +132,38 @@ class Quarantine:
         self.ttl_s = ttl_s
         self.max_entries = max_entries
         self._entries: OrderedDict[str, QuarantineEntry] = OrderedDict()
+        self._listener: QuarantineListener | None = None
+        self._replica: str | None = None
+
+    def attach(self, listener: QuarantineListener, replica: str) -> None:
+        """Tell `listener` of every add, remove and clear from now on; entries found here
+        carry `replica`. Entries `load`ed and `forget`s are not told (they came from it)."""
+        self._listener, self._replica = listener, replica
 
     def add(
-        self, fp: str, model: str | None, reason: str, failures: int, now: float
+        self,
+        fp: str,
+        model: str | None,
+        reason: str,
+        failures: int,
+        now: float,
+        *,
+        proven: bool = False,
     ) -> QuarantineEntry:
-        entry = QuarantineEntry(fp, model, now, now + self.ttl_s, reason, failures)
-        self._entries.pop(fp, None)
-        self._entries[fp] = entry
+        entry = QuarantineEntry(
+            fp, model, now, now + self.ttl_s, reason, failures, proven, self._replica
+        )
+        self.load(entry)
+        if self._listener is not None:
+            self._listener.quarantined(entry)
+        return entry
+
+    def load(self, entry: QuarantineEntry) -> None:
+        """Hold an entry made elsewhere (another replica's), as it is."""
+        self._entries.pop(entry.fingerprint, None)
+        self._entries[entry.fingerprint] = entry
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
-        return entry
 
     def get(self, fp: str, now: float) -> QuarantineEntry | None:
         entry = self._entries.get(fp)
@@ -138,12 +178,24 @@ class Quarantine:
         return list(self._entries.values())
 
     def remove(self, fp: str) -> bool:
-        return self._entries.pop(fp, None) is not None
+        found = self._entries.pop(fp, None) is not None
+        if self._listener is not None:  # told even when absent here: the fleet may hold it
+            self._listener.released(fp)
+        return found
 
     def clear(self) -> int:
         count = len(self._entries)
         self._entries.clear()
+        if self._listener is not None:
+            self._listener.released(None)
         return count
+
+    def forget(self, fp: str | None) -> None:
+        """Drop one entry, or all (None), released elsewhere."""
+        if fp is None:
+            self._entries.clear()
+        else:
+            self._entries.pop(fp, None)
 
 
 @dataclass(slots=True)
@@ -154,6 +206,12 @@ class Suspect:
     last_failure: float
 
 
+class SuspectListener(Protocol):
+    """Told of each engine failure charged here (gateway.fleet counts them fleet-wide)."""
+
+    def charged(self, fp: str, model: str | None) -> None: ...
+
+
 class SuspectBook:
     """Fingerprints that were in flight when the engine failed, awaiting a verdict."""
 
@@ -161,13 +219,27 @@ class SuspectBook:
         self.ttl_s = ttl_s
         self.max_entries = max_entries
         self._suspects: OrderedDict[str, Suspect] = OrderedDict()
+        self._listener: SuspectListener | None = None
+
+    def attach(self, listener: SuspectListener) -> None:
+        self._listener = listener
 
     def charge(self, fp: str, model: str | None, now: float) -> Suspect:
         """One more engine failure with `fp` in flight."""
+        suspect = self._put(fp, model, now)
+        suspect.failures += 1
+        if self._listener is not None:
+            self._listener.charged(fp, model)
+        return suspect
+
+    def mark(self, fp: str, model: str | None, now: float) -> None:
+        """A suspect without a failure here: other replicas' failures made it one."""
+        self._put(fp, model, now)
+
+    def _put(self, fp: str, model: str | None, now: float) -> Suspect:
         suspect = self._suspects.pop(fp, None)
         if suspect is None or now - suspect.last_failure > self.ttl_s:
             suspect = Suspect(fp, model, 0, now)
-        suspect.failures += 1
         suspect.last_failure = now
         self._suspects[fp] = suspect
         while len(self._suspects) > self.max_entries:

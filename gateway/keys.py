@@ -9,6 +9,7 @@ from engine.supervisor import EngineSupervisor
 from gateway.admission import Gate
 from gateway.config import ConfigHolder
 from gateway.engineview import EngineHistory
+from gateway.fleet import Fleet
 from gateway.inflight import InflightLedger
 from gateway.lifecycle import Lifecycle
 from gateway.proxy import Upstream
@@ -24,6 +25,8 @@ SUPERVISOR = web.AppKey("supervisor", EngineSupervisor)
 INFLIGHT = web.AppKey("inflight", InflightLedger)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 GATE = web.AppKey("gate", Gate)
+FLEET = web.AppKey("fleet", Fleet)
+"""Present only when `isolation.shared` is set."""
 TOKENS = web.AppKey("tokens", TokenCounters)
 VOCABULARIES = web.AppKey("vocabularies", Vocabularies)
 ADMIN_APP = web.AppKey("admin_app", web.Application)

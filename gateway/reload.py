@@ -48,9 +48,11 @@ FIXED_KEYS: tuple[str, ...] = (
     "admin",
     "engine.url",
     "engine.connect_timeout_s",
+    "isolation.shared",
 )
 """Read once when the gateway starts (its listeners, the body-size cap of its app, the
-session to the engine): a change waits for the next gateway start."""
+session to the engine, the shared quarantine's Redis connection): a change waits for the next
+gateway start."""
 
 AT_ENGINE_RESTART: tuple[str, ...] = ("engine.command", "engine.env")
 """Applied to the snapshot, used when the engine is next (re)started."""
@@ -163,6 +165,7 @@ def pin_fixed(running: Config, new: Config) -> tuple[Config, tuple[str, ...], tu
             "server": server,
             "admin": running.admin,
             "engine": new.engine.model_copy(update=engine_keep),
+            "isolation": new.isolation.model_copy(update={"shared": running.isolation.shared}),
         }
     )
     return pinned, tuple(_collapse(fixed)), tuple(_collapse(later))
