@@ -50,7 +50,7 @@ def test_keys_carry_the_prefix_and_the_fingerprint_version() -> None:
     assert len(set(names)) == len(names)
     assert keys.entry("f") == keys.entry_prefix + "f"
     assert keys.released("f") == keys.released_prefix + "f"
-    assert FleetKeys.of("prod", 2).index != keys.index
+    assert FleetKeys.of("prod", FINGERPRINT_VERSION + 1).index != keys.index
 
 
 @pytest.mark.parametrize(
