@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,10 +16,12 @@ from gateway import handlers
 from gateway.admin import create_admin_app
 from gateway.admission import Gate
 from gateway.config import KSERVE_PREFIX, Config, ConfigHolder
+from gateway.edge import api_key_hashes
 from gateway.engineview import EngineHistory
 from gateway.inflight import InflightLedger
 from gateway.keys import (
     ADMIN_APP,
+    API_KEYS,
     CONFIG,
     CONFIG_PATH,
     ENGINE_HISTORY,
@@ -33,7 +36,7 @@ from gateway.keys import (
 )
 from gateway.lifecycle import Lifecycle
 from gateway.logs import configure_logging
-from gateway.middlewares import guard_middleware
+from gateway.middlewares import expect_handler, guard_middleware
 from gateway.proxy import Upstream
 from gateway.reload import Reloader
 from gateway.snapshot import Snapshot, load_snapshot, prepare_snapshot
@@ -52,6 +55,7 @@ def create_app(config: Config, *, config_path: str | Path | None = None) -> web.
         middlewares=[guard_middleware], client_max_size=config.server.max_body_bytes
     )
     app[CONFIG] = ConfigHolder(config)
+    app[API_KEYS] = api_key_hashes(config.server.api_key_env, os.environ)
     app[INFLIGHT] = InflightLedger()
     app[LIFECYCLE] = Lifecycle()
     if config_path is not None:
@@ -68,9 +72,9 @@ def create_app(config: Config, *, config_path: str | Path | None = None) -> web.
     app.router.add_get("/ready", handlers.ready)
     app.router.add_get("/engine/live", handlers.engine_live)
     for path, handler in handlers.GENERATION_HANDLERS.items():
-        app.router.add_post(path, handler)
-        app.router.add_post(KSERVE_PREFIX + path, handler)
-    app.router.add_route("*", "/{tail:.*}", handlers.relay)
+        app.router.add_post(path, handler, expect_handler=expect_handler)
+        app.router.add_post(KSERVE_PREFIX + path, handler, expect_handler=expect_handler)
+    app.router.add_route("*", "/{tail:.*}", handlers.relay, expect_handler=expect_handler)
     return app
 
 

@@ -4,13 +4,15 @@ says what is wrong."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from typing import Any
 
 from aiohttp import web
 
-from gateway.errors import BadRequest, UnsupportedMediaType
+from gateway.errors import BadRequest, RequestTimeout, UnsupportedMediaType
+from gateway.keys import CONFIG
 
 _JSON_TYPES = frozenset({"application/json", ""})
 MAX_JSON_DEPTH = 128
@@ -28,7 +30,7 @@ async def read_json_object(request: web.Request) -> tuple[bytes, dict[str, Any]]
         raise UnsupportedMediaType(
             f"Content-Type must be application/json, not {request.content_type!r}."
         )
-    raw = await request.read()
+    raw = await read_body(request)
     if not raw:
         raise BadRequest("The request body is empty; a JSON object is required.")
     try:
@@ -51,6 +53,17 @@ async def read_json_object(request: web.Request) -> tuple[bytes, dict[str, Any]]
             "(\\ud800-\\udfff): that is not valid Unicode text."
         )
     return raw, body
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The whole body, sent within `server.body_timeout_s` (408 past it, and the connection
+    closes); the size bound is the app's client_max_size (413)."""
+    timeout = request.app[CONFIG].current.server.body_timeout_s
+    try:
+        async with asyncio.timeout(timeout):
+            return await request.read()
+    except TimeoutError:
+        raise RequestTimeout(f"The request body was not received within {timeout:g} s.") from None
 
 
 def _too_deep(value: object) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from gateway.body import read_body
 from gateway.config import KSERVE_PREFIX
 from gateway.errors import EngineFailed, EngineUnavailable, NotFound
 from gateway.keys import CONFIG, LIFECYCLE, RECORD, SUPERVISOR, UPSTREAM
@@ -79,7 +80,7 @@ async def relay(request: web.Request) -> web.StreamResponse:
     if f"{request.method} {path}" not in request.app[CONFIG].current.server.relay_set:
         raise NotFound(f"{request.method} {request.path} is not served by this gateway.")
     record = request[RECORD]
-    raw = await request.read()
+    raw = await read_body(request)
     retry_after_s = request.app[SUPERVISOR].retry_after_s
     try:
         upstream = await request.app[UPSTREAM].open(
