@@ -93,6 +93,7 @@ async def relay(request: web.Request) -> web.StreamResponse:
         upstream,
         {"X-Request-Id": record.request_id},
         lambda _chunk: record.mark_first_byte(),
+        write_timeout_s=request.app[CONFIG].current.server.client_write_timeout_s,
     )
     if isinstance(outcome, Answered):
         return outcome.response

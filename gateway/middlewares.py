@@ -23,6 +23,7 @@ from gateway.edge import (
 )
 from gateway.errors import GuardError, error_body
 from gateway.keys import API_KEYS, CONFIG, RECORD
+from gateway.proxy import ClientTooSlow
 from gateway.requestlog import Outcome, RequestRecord, request_id_from
 
 log = structlog.get_logger("gateway")
@@ -71,8 +72,14 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as exc:
         record.outcome = Outcome.REJECTED
         resp = _render_http(exc, record.request_id)
-    except (asyncio.CancelledError, ConnectionResetError):
-        # The client went away; the relay has already dropped the engine's side.
+    except (asyncio.CancelledError, ConnectionResetError) as exc:
+        # The client went away (or stopped reading: cut now); the relay has already dropped
+        # the engine's side and the gate freed the slot.
+        if isinstance(exc, ClientTooSlow):
+            record.reason = "client_write_timeout"
+            record.fields["client_write_timeout_s"] = exc.timeout_s
+            if request.transport is not None:
+                request.transport.abort()
         record.outcome = Outcome.CLIENT_GONE
         record.status = 499  # nginx's "client closed request": no status reached anyone
         log.info("request_finished", **record.log_fields(None))

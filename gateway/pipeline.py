@@ -21,8 +21,10 @@ from typing import Any, NoReturn
 from aiohttp import web
 
 from engine.supervisor import EngineSupervisor
+from gateway.admission import ClientShare
 from gateway.body import read_json_object
 from gateway.config import Config, Policy
+from gateway.edge import client_key
 from gateway.errors import BadRequest, EngineUnavailable, NotFound
 from gateway.exchange import Exchange, answer
 from gateway.isolation import fingerprint
@@ -103,6 +105,17 @@ async def admit(request: web.Request, endpoint: Endpoint) -> Exchange:
         fingerprint=fp,
         max_in_flight=target.policy.max_in_flight,
         deadline=deadline,
+        share=_share(request, target.policy),
+    )
+
+
+def _share(request: web.Request, policy: Policy) -> ClientShare | None:
+    """The client's share of the bulkhead, when the policy sets one."""
+    if policy.max_in_flight_per_client is None:
+        return None
+    peer = request.remote
+    return ClientShare(
+        client_key(request.headers.get("Authorization"), peer), policy.max_in_flight_per_client
     )
 
 

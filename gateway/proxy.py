@@ -12,6 +12,7 @@ Exceptions are left for errors the middleware renders.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -74,6 +75,25 @@ def response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
         if name.lower() not in _RESPONSE_DROP:
             out.add(name, value)
     return out
+
+
+class ClientTooSlow(ConnectionResetError):
+    """A write to the client did not complete within `server.client_write_timeout_s`: the
+    client stopped reading. Handled as a client gone (the engine's side is closed, the
+    bulkhead slot freed), and the connection is aborted."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(f"the client read nothing for {timeout_s:g} s")
+        self.timeout_s = timeout_s
+
+
+async def write_bounded(resp: web.StreamResponse, data: bytes, timeout_s: float | None) -> None:
+    """`resp.write(data)`, waiting at most `timeout_s` for a client that does not read."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            await resp.write(data)
+    except TimeoutError:
+        raise ClientTooSlow(timeout_s or 0.0) from None
 
 
 ProgressCallback = Callable[[bytes], None]
@@ -189,16 +209,19 @@ async def relay_response(
     upstream: aiohttp.ClientResponse,
     extra_headers: Mapping[str, str],
     on_progress: ProgressCallback | None = None,
+    *,
+    write_timeout_s: float | None = None,
 ) -> RelayOutcome:
-    """Answer the client with the engine's response: a stream chunk by chunk, anything else
-    whole. Always releases the upstream connection; closes it unless the engine answered.
-    Raises `BadGateway` for an engine error (4xx) whose body is not JSON."""
+    """Answer the client with the engine's response: a stream chunk by chunk (each write
+    waiting at most `write_timeout_s`, else `ClientTooSlow`), anything else whole. Always
+    releases the upstream connection; closes it unless the engine answered. Raises
+    `BadGateway` for an engine error (4xx) whose body is not JSON."""
     outcome: RelayOutcome | None = None
     try:
         headers = response_headers(upstream)
         headers.update(extra_headers)
         if upstream.content_type == "text/event-stream":
-            outcome = await _relay_stream(request, upstream, headers, on_progress)
+            outcome = await _relay_stream(request, upstream, headers, on_progress, write_timeout_s)
         else:
             outcome = await _relay_whole(upstream, headers, on_progress)
         return outcome
@@ -251,6 +274,7 @@ async def _relay_stream(
     upstream: aiohttp.ClientResponse,
     headers: CIMultiDict[str],
     on_progress: ProgressCallback | None,
+    write_timeout_s: float | None,
 ) -> RelayOutcome:
     # Nothing goes to the client before the engine's first chunk: a stream the engine cuts
     # before that can still be retried as if it never started.
@@ -260,7 +284,7 @@ async def _relay_stream(
         return first
     resp = web.StreamResponse(status=upstream.status, headers=headers)
     await resp.prepare(request)
-    if not await _pump(resp, chunks, first, None, on_progress):
+    if not await _pump(resp, chunks, first, None, on_progress, write_timeout_s):
         return CutAfterBytes(resp)
     await resp.write_eof()
     return Answered(resp)
@@ -271,6 +295,8 @@ async def continue_stream(
     upstream: aiohttp.ClientResponse,
     transform: Transform,
     on_progress: ProgressCallback | None,
+    *,
+    write_timeout_s: float | None = None,
 ) -> RelayOutcome:
     """Relay a continuation into a stream the client already has open (see gateway.resume).
     Reports like `relay_response`; always releases or closes the upstream connection."""
@@ -280,7 +306,7 @@ async def continue_stream(
         first = await _first_chunk(chunks)
         if isinstance(first, FailedBeforeBytes):
             outcome = first
-        elif not await _pump(resp, chunks, first, transform, on_progress):
+        elif not await _pump(resp, chunks, first, transform, on_progress, write_timeout_s):
             outcome = CutAfterBytes(resp)
         else:
             outcome = Answered(resp)
@@ -308,8 +334,10 @@ async def _pump(
     first: bytes,
     transform: Transform | None,
     on_progress: ProgressCallback | None,
+    write_timeout_s: float | None,
 ) -> bool:
-    """Relay chunks until the engine's stream ends (True) or the engine cuts it (False)."""
+    """Relay chunks until the engine's stream ends (True) or the engine cuts it (False).
+    A client that takes no bytes for `write_timeout_s` raises `ClientTooSlow`."""
     chunk = first
     try:
         while chunk:
@@ -317,7 +345,7 @@ async def _pump(
             if on_progress is not None:
                 on_progress(out)
             if out:
-                await resp.write(out)
+                await write_bounded(resp, out, write_timeout_s)
             chunk = await anext(chunks, b"")
     except _ENGINE_CUT:
         return False
