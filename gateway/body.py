@@ -36,7 +36,7 @@ async def read_json_object(request: web.Request) -> tuple[bytes, dict[str, Any]]
     try:
         # Strictly decoded: json.loads(bytes) would let UTF-8-encoded surrogates through.
         text = raw.decode(json.detect_encoding(raw))
-        body = json.loads(text)
+        body = json.loads(text, parse_constant=_NonFinite)
     except UnicodeDecodeError:
         raise BadRequest("The request body is not valid UTF-8.") from None
     except RecursionError:
@@ -47,12 +47,43 @@ async def read_json_object(request: web.Request) -> tuple[bytes, dict[str, Any]]
         raise BadRequest(f"The request body must be a JSON object, not {type(body).__name__}.")
     if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _too_deep(body):
         raise BadRequest(f"The request body is nested more than {MAX_JSON_DEPTH} levels deep.")
+    where = _non_finite_at(body) if _NON_FINITE.search(text) else None
+    if where is not None:
+        path, literal = where
+        raise BadRequest(
+            f"The request body holds {literal} at `{path}`: NaN and Infinity are not JSON numbers.",
+            param=path,
+        )
     if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(body):
         raise BadRequest(
             "The request body holds an unpaired UTF-16 surrogate escape "
             "(\\ud800-\\udfff): that is not valid Unicode text."
         )
     return raw, body
+
+
+class _NonFinite(str):
+    """A NaN, Infinity or -Infinity literal as parsed (Python's parser accepts them)."""
+
+    __slots__ = ()
+
+
+_NON_FINITE = re.compile(r"NaN|Infinity")
+
+
+def _non_finite_at(value: object) -> tuple[str, str] | None:
+    """Where (a dotted path, list items as [i]) the first NaN or Infinity literal of a
+    parsed body is, and which; None without one."""
+    stack: list[tuple[object, str]] = [(value, "")]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, _NonFinite):
+            return path or "(body)", str(item)
+        if isinstance(item, dict):
+            stack.extend((v, f"{path}.{k}" if path else str(k)) for k, v in item.items())
+        elif isinstance(item, list):
+            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(item))
+    return None
 
 
 async def read_body(request: web.Request) -> bytes:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Final
 
 import aiohttp
+import structlog
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -46,6 +47,7 @@ HOP_BY_HOP: Final = frozenset(
         "content-length",
     }
 )
+log = structlog.get_logger("gateway")
 _STREAM_BODY_BYTES: Final = 1 << 20  # aiohttp's TOO_LARGE_BYTES_BODY
 # Response headers the gateway sets itself.
 _RESPONSE_DROP: Final = HOP_BY_HOP | {"date", "server", "x-request-id"}
@@ -124,15 +126,18 @@ class Upstream:
                 allow_redirects=False,
             )
         except aiohttp.ClientConnectorError as err:
+            # The client is told what happened, never where the engine listens: the
+            # address and the OS error stay in the log.
+            log.warning("engine_unreachable", path=path, error=str(err))
             raise EngineFailed(
-                f"The engine is not reachable ({err.os_error.strerror or err}); "
-                "it may be starting or restarting."
+                "The engine is not reachable; it may be starting or restarting."
             ) from None
         except (TimeoutError, aiohttp.ServerTimeoutError):
             raise EngineTimeout("The engine did not answer in time.") from None
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as err:
+            log.warning("engine_disconnected", path=path, error=str(err))
             raise EngineFailed(
-                f"The engine closed the connection before answering ({err})."
+                f"The engine closed the connection before answering ({type(err).__name__})."
             ) from None
 
     async def json(
@@ -157,8 +162,10 @@ class Upstream:
         except (TimeoutError, aiohttp.ServerTimeoutError):
             raise EngineTimeout("The engine did not answer in time.") from None
         except aiohttp.ClientError as err:
+            log.warning("engine_failed_to_answer", path=path, error=str(err))
             raise EngineUnavailable(
-                f"The engine failed to answer ({err}).", retry_after_s=self._retry_after_s()
+                f"The engine failed to answer ({type(err).__name__}).",
+                retry_after_s=self._retry_after_s(),
             ) from None
         try:
             return resp.status, json.loads(raw)

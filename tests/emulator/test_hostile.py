@@ -17,7 +17,16 @@ import structlog
 from aiohttp.test_utils import TestServer
 
 from engine.emulator import EmulatorSettings, create_emulator_app
-from tests.helpers import StartGateway, base_url, gateway_config, run_fake_upstream, send
+from gateway.app import create_app
+from gateway.serve import listen
+from tests.helpers import (
+    StartGateway,
+    base_url,
+    free_port,
+    gateway_config,
+    run_fake_upstream,
+    send,
+)
 
 BOUND_S = 20.0
 """A generous bound for what should happen after a timeout of about a second."""
@@ -161,3 +170,61 @@ async def _refused_unread(port: int) -> None:
         assert raw.startswith(b"HTTP/1.1 401")
     finally:
         writer.close()
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        (b'{"model": "tiny", "prompt": "hi", "temperature": NaN}', "temperature"),
+        (b'{"model": "tiny", "prompt": "hi", "top_p": Infinity}', "top_p"),
+        (b'{"model": "tiny", "prompt": "hi", "logit_bias": {"5": -Infinity}}', "logit_bias.5"),
+    ],
+)
+async def test_nan_and_infinity_are_refused(
+    gateway_server: StartGateway, emulator: TestServer, raw: bytes, field: str
+) -> None:
+    """NaN and Infinity literals (which Python's parser accepts) are refused 400, naming the
+    field, as strict JSON would; nothing reaches the engine."""
+    gateway = await gateway_server(gateway_config(base_url(emulator)))
+    async with aiohttp.ClientSession() as s:
+        answer = await send(
+            s,
+            gateway.url + "/v1/completions",
+            data=raw,
+            headers={"Content-Type": "application/json"},
+        )
+    assert answer["status"] == 400
+    error = answer["json"]["error"]
+    assert error["param"] == field
+    assert field in error["message"]
+
+
+async def test_engine_down_does_not_tell_its_address(gateway_server: StartGateway) -> None:
+    """While the engine is down, a relayed path answers 503 without the engine's address or
+    port (they stay in the log)."""
+    port = free_port()
+    config = gateway_config(f"http://127.0.0.1:{port}")
+    gateway = await gateway_server(config, wait_ready=False)
+    with structlog.testing.capture_logs() as logs:
+        async with aiohttp.ClientSession() as s, s.get(gateway.url + "/v1/models") as resp:
+            assert resp.status == 503
+            text = await resp.text()
+    assert "127.0.0.1" not in text
+    assert str(port) not in text
+    assert any(str(port) in str(e.get("error")) for e in logs), logs
+
+
+async def test_quarantine_clears_are_logged(emulator: TestServer) -> None:
+    """Clearing the quarantine (all, or one fingerprint) on the admin port writes a log
+    line saying how many entries went."""
+    config = gateway_config(base_url(emulator), admin={"enabled": True, "port": 0})
+    listening = await listen(create_app(config), config)
+    try:
+        admin = f"http://127.0.0.1:{listening.admin_port}/quarantine"
+        with structlog.testing.capture_logs() as logs:
+            async with aiohttp.ClientSession() as s, s.delete(admin) as resp:
+                assert resp.status == 200
+    finally:
+        await listening.close()
+    cleared = [e for e in logs if e["event"] == "admin_quarantine_cleared"]
+    assert [e["cleared"] for e in cleared] == [0]
