@@ -82,6 +82,28 @@ def parse_models(payload: object) -> dict[str, int]:
     return models
 
 
+def parse_model_families(payload: object) -> dict[str, str]:
+    """Each served id of a /v1/models body to the model it serves: its `root` (vLLM gives
+    every --served-model-name of one model the same root); a LoRA adapter (with a `parent`)
+    to its base model's. The gateway gives names of one model the same policy."""
+    data = payload.get("data") if isinstance(payload, dict) else None
+    items = [i for i in data if isinstance(i, dict)] if isinstance(data, list) else []
+    roots: dict[str, str] = {}
+    parents: dict[str, str] = {}
+    for item in items:
+        model_id = item.get("id")
+        if not isinstance(model_id, str):
+            continue
+        root = item.get("root")
+        roots[model_id] = root if isinstance(root, str) and root else model_id
+        if isinstance(item.get("parent"), str):
+            parents[model_id] = item["parent"]
+    return {
+        model_id: roots.get(parents[model_id], parents[model_id]) if model_id in parents else root
+        for model_id, root in roots.items()
+    }
+
+
 def parse_counters(text: str, names: Sequence[str] = PROGRESS_COUNTERS) -> float | None:
     """The sum of all samples of the named counters in Prometheus text, or None if none."""
     total: float | None = None

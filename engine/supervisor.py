@@ -39,6 +39,7 @@ from engine.detect import (
     backoff_delay,
     decide_wedge,
     parse_counters,
+    parse_model_families,
     parse_models,
     retry_after,
     should_give_up,
@@ -96,6 +97,7 @@ class EngineSupervisor:
         self._state = EngineState.STOPPED
         self._epoch = 0
         self._models: Mapping[str, int] = MappingProxyType({})
+        self._families: Mapping[str, str] = MappingProxyType({})
         self._live = True
         self._subscribers: list[Callable[[StateChange], None]] = []
         self._changed = asyncio.Event()
@@ -127,6 +129,12 @@ class EngineSupervisor:
     def models(self) -> Mapping[str, int]:
         """Served model ids (LoRA adapters included) to max_model_len, as of the last READY."""
         return self._models
+
+    @property
+    def model_families(self) -> Mapping[str, str]:
+        """Served model ids to the model they serve (detect.parse_model_families), as of the
+        last /v1/models read while starting."""
+        return self._families
 
     @property
     def supervised(self) -> bool:
@@ -456,9 +464,11 @@ class EngineSupervisor:
         if status != 200:
             return {}, f"/v1/models: {body}"
         try:
-            models = parse_models(json.loads(body))
+            payload = json.loads(body)
         except ValueError:
             return {}, "/v1/models: not JSON"
+        models = parse_models(payload)
+        self._families = MappingProxyType(parse_model_families(payload))
         if not models:
             return {}, "/v1/models: no models"
         ok, detail = await self._probe_generation(next(iter(models)))

@@ -15,6 +15,7 @@ from engine.supervisor import EngineState, EngineSupervisor, StateChange
 from gateway import handlers
 from gateway.admin import create_admin_app
 from gateway.admission import Gate
+from gateway.aliases import AliasReporter
 from gateway.config import KSERVE_PREFIX, Config, ConfigHolder
 from gateway.edge import api_key_hashes
 from gateway.engineview import EngineHistory
@@ -100,6 +101,7 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     supervisor = EngineSupervisor(config.engine, app[SESSION], progress=app[INFLIGHT])
     upstream = Upstream(app[SESSION], config.engine.url, supervisor.retry_after_s)
     app[SUPERVISOR] = supervisor
+    AliasReporter(app[CONFIG], supervisor)
     app[UPSTREAM] = upstream
     gate = Gate(config.isolation, supervisor, app[INFLIGHT], config.engine)
     gate.bulkhead = lambda model: holder.current.policy_for(model).max_in_flight

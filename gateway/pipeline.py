@@ -22,6 +22,7 @@ from aiohttp import web
 
 from engine.supervisor import EngineSupervisor
 from gateway.admission import ClientShare
+from gateway.aliases import policy_name
 from gateway.body import read_json_object
 from gateway.config import Config, Policy
 from gateway.edge import client_key
@@ -78,7 +79,8 @@ async def admit(request: web.Request, endpoint: Endpoint) -> Exchange:
     fp = fingerprint(body, config.isolation.fingerprint_ignore_set)
     record.fields["fingerprint"] = fp
     app[GATE].check_quarantine(fp)
-    policy = config.policy_for(view.model)  # the named model's: its deadline, its prechecks
+    # The named model's (an alias's, its model's): its deadline, its prechecks.
+    policy = policy_of(config, app[SUPERVISOR], view.model)
     deadline = time.monotonic() + policy.deadline_s
     refusal = precheck(view, policy)
     if refusal is not None:
@@ -125,7 +127,7 @@ def _target(
     """A served model with its policy (looked up unless the caller has it) and the context
     length to decide with (503 while unknown)."""
     if policy is None:
-        policy = config.policy_for(model)
+        policy = policy_of(config, supervisor, model)
     max_model_len = supervisor.models.get(model)
     context_length = context_length_for(policy, max_model_len)
     if context_length is None:  # the engine did not say; only the policy could
@@ -134,6 +136,11 @@ def _target(
             retry_after_s=supervisor.retry_after_s(),
         )
     return Target(model, policy, max_model_len, context_length)
+
+
+def policy_of(config: Config, supervisor: EngineSupervisor, model: str | None) -> Policy:
+    """The policy of a model name: its own entry, else its model's (gateway.aliases)."""
+    return config.policy_for(policy_name(model, supervisor.model_families, config.models))
 
 
 UNTRUSTED_TEMPLATE = (
