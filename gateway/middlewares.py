@@ -69,6 +69,10 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
         record.outcome = Outcome.REJECTED if err.status < 500 else Outcome.ENGINE_ERROR
         record.reason = record.reason or err.type
         resp = render_error(err, record.request_id)
+        # A refusal is often held by a frame it was raised from (a `Reject` names its
+        # error), a cycle through the traceback that only the cyclic GC frees, with the
+        # request's body in it: drop the traceback so the body goes now.
+        err.with_traceback(None)
     except web.HTTPException as exc:
         record.outcome = Outcome.REJECTED
         resp = _render_http(exc, record.request_id)

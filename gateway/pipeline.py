@@ -30,7 +30,14 @@ from gateway.errors import BadRequest, EngineUnavailable, NotFound
 from gateway.exchange import Exchange, answer
 from gateway.isolation import fingerprint
 from gateway.keys import CONFIG, GATE, LIFECYCLE, RECORD, SUPERVISOR, TOKENS
-from gateway.policy import Reject, context_length_for, decide, exact_count_above, precheck
+from gateway.policy import (
+    Reject,
+    context_length_for,
+    decide,
+    exact_count_above,
+    precheck,
+    refused_from,
+)
 from gateway.requestlog import RequestRecord
 from gateway.schemas import ChatView, CompletionView, parse_chat, parse_completion
 
@@ -191,8 +198,13 @@ async def _prompt_tokens(
     it is below every threshold of the policy, else the exact count (one render either way)."""
     counter = request.app[TOKENS].counter(target.model, target.policy)
     limit = exact_count_above(view, target.policy, target.context_length)
+    refuse_at = refused_from(target.policy, target.context_length)
     if endpoint.chat:
-        count = await counter.count_chat_within(body, limit, max_model_len=target.max_model_len)
+        count = await counter.count_chat_within(
+            body, limit, max_model_len=target.max_model_len, refuse_at=refuse_at
+        )
         return [count.tokens]
-    counts = await counter.count_completion_within(body, limit, max_model_len=target.max_model_len)
+    counts = await counter.count_completion_within(
+        body, limit, max_model_len=target.max_model_len, refuse_at=refuse_at
+    )
     return [c.tokens for c in counts]
