@@ -17,7 +17,7 @@ from gateway.admin import create_admin_app
 from gateway.admission import Gate
 from gateway.aliases import AliasReporter
 from gateway.config import KSERVE_PREFIX, Config, ConfigHolder
-from gateway.edge import api_key_hashes
+from gateway.edge import api_key_hashes, engine_key
 from gateway.engineview import EngineHistory
 from gateway.inflight import InflightLedger
 from gateway.keys import (
@@ -80,8 +80,13 @@ def create_app(config: Config, *, config_path: str | Path | None = None) -> web.
 
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
-    engine = app[CONFIG].current.engine
+    config = app[CONFIG].current
+    engine = config.engine
+    key = engine_key(config.server.api_key_env, os.environ)
     session = aiohttp.ClientSession(
+        # The gateway's own requests carry the engine's key; a client's own Authorization,
+        # forwarded, takes its place on relayed ones.
+        headers=None if key is None else {"Authorization": f"Bearer {key}"},
         connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
         # No total or read timeout: a healthy long generation can be silent for minutes;
         # a stuck engine is the supervisor's to notice. Connecting is bounded.

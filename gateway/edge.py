@@ -32,6 +32,12 @@ def api_key_hashes(env_names: Sequence[str], environ: Mapping[str, str]) -> tupl
     return tuple(hashlib.sha256(key.encode()).digest() for key in keys if key)
 
 
+def engine_key(env_names: Sequence[str], environ: Mapping[str, str]) -> str | None:
+    """The first key set, which the gateway's own requests to the engine (probes, /tokenize)
+    carry: an engine started with --api-key answers nothing without one."""
+    return next((environ[n] for n in env_names if environ.get(n)), None)
+
+
 def key_required(method: str, path: str) -> bool:
     """Whether vLLM would check the key on this request (`path` as the engine knows it)."""
     return method != "OPTIONS" and path.startswith(API_KEY_PREFIXES)

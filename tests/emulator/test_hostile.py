@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 import structlog
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from engine.emulator import EmulatorSettings, create_emulator_app
@@ -228,3 +229,37 @@ async def test_quarantine_clears_are_logged(emulator: TestServer) -> None:
         await listening.close()
     cleared = [e for e in logs if e["event"] == "admin_quarantine_cleared"]
     assert [e["cleared"] for e in cleared] == [0]
+
+
+async def test_the_gateway_carries_the_key_to_an_engine_that_needs_it(
+    gateway_server: StartGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With VLLM_API_KEY set, the gateway's own probes and counts reach an engine that, like
+    vLLM with --api-key, answers 401 under /v1 without it: the engine becomes ready and a
+    client with the key is served."""
+    monkeypatch.setenv("VLLM_API_KEY", "key-one")
+    app = create_emulator_app(EmulatorSettings())
+
+    @web.middleware
+    async def vllm_auth(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path.startswith("/v1") and request.headers.get("Authorization") != (
+            "Bearer key-one"
+        ):
+            return web.json_response({"error": "Unauthorized"}, status=401)
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    app.middlewares.append(vllm_auth)
+    engine = await run_fake_upstream(app)
+    try:
+        gateway = await gateway_server(gateway_config(base_url(engine)), timeout=30)
+        async with aiohttp.ClientSession() as s:
+            answer = await send(
+                s,
+                gateway.url + "/v1/completions",
+                {"model": "tiny", "prompt": "hi", "max_tokens": 2},
+                headers={"Authorization": "Bearer key-one"},
+            )
+        assert answer["status"] == 200
+    finally:
+        await engine.close()
