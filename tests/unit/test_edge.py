@@ -18,6 +18,7 @@ from gateway.edge import (
     expect_refusal,
     key_required,
 )
+from gateway.reload import pin_fixed
 
 
 @pytest.mark.parametrize(
@@ -122,3 +123,31 @@ def test_check_config_refuses_the_shared_port(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     path.write_text("server:\n  port: 8080\nadmin:\n  port: 8080\n")
     assert main(["check-config", str(path)]) == 1
+
+
+def test_connection_bounds_read_at_start_wait_for_a_restart() -> None:
+    """A reload keeps the header and keep-alive timeouts and the API key variables (read when
+    the listeners and the app start) at their running values and names them; the body and
+    client write timeouts, read per request, apply."""
+    running = parse_config({})
+    new = parse_config(
+        {
+            "server": {
+                "header_timeout_s": 1,
+                "keepalive_timeout_s": 2,
+                "api_key_env": ["OTHER"],
+                "body_timeout_s": 3,
+                "client_write_timeout_s": 4,
+            }
+        }
+    )
+    pinned, fixed, _ = pin_fixed(running, new)
+    assert pinned.server.header_timeout_s == running.server.header_timeout_s
+    assert pinned.server.keepalive_timeout_s == running.server.keepalive_timeout_s
+    assert pinned.server.api_key_env == running.server.api_key_env
+    assert (pinned.server.body_timeout_s, pinned.server.client_write_timeout_s) == (3, 4)
+    assert set(fixed) == {
+        "server.header_timeout_s",
+        "server.keepalive_timeout_s",
+        "server.api_key_env",
+    }
