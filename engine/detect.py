@@ -75,6 +75,11 @@ def parse_models(payload: object) -> dict[str, int]:
     return dict(parse_facts(payload).lengths)
 
 
+def parse_model_families(payload: object) -> dict[str, str]:
+    """Each served id of a /v1/models body to the model it serves (`EngineFacts.families`)."""
+    return dict(parse_facts(payload).families)
+
+
 def parse_counters(text: str, names: Sequence[str] = PROGRESS_COUNTERS) -> float | None:
     """The sum of all samples of the named counters in Prometheus text, or None if none."""
     samples = parse_samples(text, names)

@@ -39,6 +39,21 @@ class EngineFacts:
     def default_model(self) -> str | None:
         return next(iter(self.models), None)
 
+    @property
+    def families(self) -> Mapping[str, str]:
+        """Each served id to the model it serves: its `root` (vLLM gives every
+        --served-model-name of one model the same root, else the id itself); a LoRA adapter to
+        its base model's. The gateway gives the names of one model the same policy."""
+
+        def family(model: ModelFacts) -> str:
+            return model.root or model.id
+
+        out: dict[str, str] = {}
+        for model in self.models.values():
+            base = self.models.get(model.parent) if model.parent else None
+            out[model.id] = family(base) if base is not None else (model.parent or family(model))
+        return MappingProxyType(out)
+
 
 def parse_facts(payload: object) -> EngineFacts:
     """The facts in a /v1/models body. vLLM lists LoRA adapters without a max_model_len: they

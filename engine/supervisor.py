@@ -146,6 +146,12 @@ class EngineSupervisor:
         return None if self.is_ready() else self._why_not_ready
 
     @property
+    def model_families(self) -> Mapping[str, str]:
+        """Served model ids to the model they serve (`EngineFacts.families`), as of the last
+        /v1/models read when the engine became ready."""
+        return self._facts.families
+
+    @property
     def supervised(self) -> bool:
         return self._config.command is not None
 

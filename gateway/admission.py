@@ -9,7 +9,9 @@ the bulkhead:
 - a suspect runs alone (probation): it waits until nothing else is in flight, and nothing new
   starts while it waits or runs; past `probation_timeout_s` alone it is answered 503;
 - otherwise at most `max_in_flight` requests of a model are in flight to the engine (each
-  request counts once); the excess waits in the same queue, and past it gets 429.
+  request counts once); the excess waits in the same queue, and past it gets 429;
+- a client (its bearer token, or its address) with `max_in_flight_per_client` of a model's
+  requests in flight or waiting gets 429 at once: one client cannot hold every slot.
 """
 
 from __future__ import annotations
@@ -81,6 +83,9 @@ class Gate:
         self._changed = asyncio.Event()
         self.reconfigure(config, engine)
         self._by_model: Counter[str | None] = Counter()
+        self._by_client: Counter[tuple[str | None, str]] = Counter()
+        """Requests of each (model, client) in flight or waiting, for the per-client share."""
+        self._share_of: dict[Inflight, tuple[str | None, str]] = {}
         self._solo: Inflight | None = None
         self._suspects_waiting = 0
         self._waiting = 0
@@ -152,19 +157,45 @@ class Gate:
         await self._wait(self.supervisor.is_ready, lambda: False, deadline)
 
     async def enter(
-        self, request_id: str, model: str | None, fp: str, max_in_flight: int, deadline: float
+        self,
+        request_id: str,
+        model: str | None,
+        fp: str,
+        max_in_flight: int,
+        deadline: float,
+        share: ClientShare | None = None,
     ) -> Inflight:
         """Wait until this request may go to the engine (`deadline` is monotonic), and put
-        it in flight."""
+        it in flight. With a `share`, a client already at it is refused at once (429)."""
         entry = _Entry(request_id, model, fp, max_in_flight)
+        key = None if share is None else (model, share.client)
+        if share is not None and key is not None:
+            if self._by_client[key] >= share.limit:
+                raise Overloaded(
+                    f"This client already has {share.limit} requests of this model in "
+                    "flight (max_in_flight_per_client); retry when one is answered.",
+                    retry_after_s=1,
+                )
+            self._by_client[key] += 1
         try:
             await self._wait(lambda: self._try_take(entry), lambda: entry.suspect, deadline)
+        except BaseException:
+            self._leave_share(key)
+            raise
         finally:
             if entry.suspect:
                 self._suspects_waiting -= 1
                 self._notify()
         assert entry.ticket is not None  # _wait returns once _try_take took one
+        if key is not None:
+            self._share_of[entry.ticket] = key
         return entry.ticket
+
+    def _leave_share(self, key: tuple[str | None, str] | None) -> None:
+        if key is not None:
+            self._by_client[key] -= 1
+            if self._by_client[key] <= 0:
+                del self._by_client[key]
 
     def _try_take(self, entry: _Entry) -> bool:
         """Put the request in flight if it may go now (raises once it is quarantined)."""
@@ -252,6 +283,7 @@ class Gate:
         """The attempt is over. A suspect that was answered while alone is innocent."""
         self.ledger.remove(ticket)
         self._by_model[ticket.model] -= 1
+        self._leave_share(self._share_of.pop(ticket, None))
         if self._solo is ticket:
             self._solo = None
             if answered and not ticket.engine_failed:
@@ -328,6 +360,15 @@ class Gate:
         """How long a suspect may run alone: at least long enough for a wedge to be detected
         (and so attributed to it) before it is cut."""
         return max(self.config.probation_timeout_s, self.wedge_detect_s)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientShare:
+    """Who a request comes from (gateway.edge.client_key) and how many of a model's requests
+    it may have in flight or waiting at once."""
+
+    client: str
+    limit: int
 
 
 @dataclass(slots=True, eq=False)

@@ -40,6 +40,7 @@ DEFAULT_RELAY_PATHS: tuple[str, ...] = (
 """Read-only engine paths relayed as they are, unless config.yaml lists others."""
 
 KSERVE_PREFIX = "/openai"
+_ANY_HOST = frozenset({"0.0.0.0", "::", ""})
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -60,6 +61,20 @@ class ServerConfig(_Frozen):
     any path not here (and not a generation path) is answered 404 by the gateway."""
     shutdown_grace_s: PositiveFloat = 20.0
     """On SIGTERM, how long in-flight requests may take to finish before they are cut."""
+    header_timeout_s: PositiveFloat = 10.0
+    """How long a client may take to send a request's line and headers (from the connection's
+    opening, or from the first byte of a next request); then the connection is closed."""
+    body_timeout_s: PositiveFloat = 30.0
+    """How long a client may take to send a request's body once its headers are in (408)."""
+    keepalive_timeout_s: PositiveFloat = 75.0
+    """How long an idle kept-alive connection stays open."""
+    client_write_timeout_s: PositiveFloat = 30.0
+    """How long a write to a client that does not read may wait: then the client is cut, its
+    work at the engine cancelled and its bulkhead slot freed."""
+    api_key_env: tuple[str, ...] = ("VLLM_API_KEY",)
+    """Environment variables holding the engine's API keys (vLLM reads VLLM_API_KEY). When any
+    is set, a request to /v1 without one of them as its bearer token is answered 401 in vLLM's
+    shape before its body is read."""
 
     @cached_property
     def relay_set(self) -> frozenset[str]:
@@ -260,6 +275,9 @@ class PolicyOverride(_Frozen):
     """How long a request may take in all, retries after an engine restart included."""
     max_in_flight: PositiveInt | None = None
     """Admission bulkhead: requests of this model in flight to the engine at once."""
+    max_in_flight_per_client: PositiveInt | None = None
+    """One client's share of the bulkhead (a client is its bearer token, or its address
+    without one); past it, 429 at once. Unset: no share."""
     trust_request_chat_template: bool | None = None
     """Mirror of the engine's --trust-request-chat-template: when false, a request carrying
     its own chat template is refused by the gateway as the engine would refuse it (and the
@@ -286,6 +304,7 @@ class Policy(_Frozen):
     default_chat_template_kwargs: Mapping[str, Any] | None = None
     deadline_s: PositiveFloat = 300.0
     max_in_flight: PositiveInt = 64
+    max_in_flight_per_client: PositiveInt | None = None
     trust_request_chat_template: bool = False
     limits: Limits = Field(default_factory=Limits)
 
@@ -394,6 +413,21 @@ class Config(_Frozen):
         self._policies[None] = _merge(self.defaults)
         for name, override in self.models.items():
             self._policies[name] = _merge(self.defaults, override)
+
+    @model_validator(mode="after")
+    def _check_ports(self) -> Self:
+        server, admin = self.server, self.admin
+        hosts_meet = server.host == admin.host or bool(_ANY_HOST & {server.host, admin.host})
+        if admin.enabled and server.port != 0 and admin.port == server.port and hosts_meet:
+            raise ValueError(
+                f"admin.port {admin.port} is server.port: the operator's listener must have "
+                "a port of its own"
+            )
+        return self
+
+    def has_policy(self, model: str) -> bool:
+        """Whether config.yaml has a `models:` entry of this very name."""
+        return model in self.models
 
     def policy_for(self, model: str | None) -> Policy:
         """The resolved policy of a model: its entry merged over the defaults, or the defaults."""

@@ -58,6 +58,13 @@ class MethodNotAllowed(GuardError):
     type = "MethodNotAllowed"
 
 
+class RequestTimeout(GuardError):
+    """The client took longer than `server.body_timeout_s` to send its body."""
+
+    status = 408
+    type = "RequestTimeoutError"
+
+
 class PayloadTooLarge(GuardError):
     status = 413
     type = "RequestTooLargeError"

@@ -8,6 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.body import read_body
 from gateway.config import KSERVE_PREFIX
 from gateway.errors import EngineFailed, EngineUnavailable, NotFound
 from gateway.hardening import limit_relay
@@ -86,7 +87,7 @@ async def relay(request: web.Request) -> web.StreamResponse:
     if f"{request.method} {path}" not in request.app[CONFIG].current.server.relay_set:
         raise NotFound(f"{request.method} {request.path} is not served by this gateway.")
     record = request[RECORD]
-    raw = await request.read()
+    raw = await read_body(request)
     raw, extra = await limit_relay(
         request.app[VOCABULARIES], request.app[CONFIG].current, path, raw, record.fields
     )
@@ -102,6 +103,7 @@ async def relay(request: web.Request) -> web.StreamResponse:
         upstream,
         {**extra, "X-Request-Id": record.request_id},
         lambda _chunk: record.mark_first_byte(),
+        write_timeout_s=request.app[CONFIG].current.server.client_write_timeout_s,
     )
     if isinstance(outcome, Answered):
         return outcome.response

@@ -35,5 +35,7 @@ ADMIN_TOKEN = web.AppKey("admin_token", str)
 ENGINE_HISTORY = web.AppKey("engine_history", EngineHistory)
 RELOADER = web.AppKey("reloader", Reloader)
 CONFIG_PATH = web.AppKey("config_path", str)
+API_KEYS = web.AppKey("api_keys", tuple[bytes, ...])
+"""SHA-256 digests of the engine's API keys the gateway checks (gateway.edge); empty: none."""
 
 RECORD = web.RequestKey("record", RequestRecord)
