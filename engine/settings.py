@@ -7,7 +7,7 @@ and `engine` never imports `gateway`.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -36,6 +36,14 @@ class EngineConfig(BaseModel):
     """How often it runs while the engine is starting or failed."""
     probe_timeout_s: PositiveFloat = 10.0
     """Bound on one probe request (/health, /v1/models, or the one-token generation)."""
+    probe: Literal["auto", "completions", "chat"] = "auto"
+    """The path of the one-token probe generation: `completions` (POST /v1/completions),
+    `chat` (POST /v1/chat/completions), or `auto`: completions, and chat when completions
+    answers 404 or 405 (an engine that serves only chat); discovered once per start."""
+    sidecar_hold_s: Annotated[float, Field(ge=0)] = 10.0
+    """Sidecar shape: how long after the engine stopped being ready requests (in flight and
+    new) are held for its return (the kubelet restarting it) before they are answered 503.
+    The supervised shape holds within the isolation queue's bounds instead."""
     health_failures: PositiveInt = 3
     """Consecutive failed /health probes that mark a running engine failed."""
     wedge_timeout_s: PositiveFloat = 60.0

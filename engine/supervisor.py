@@ -23,13 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import signal
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from types import MappingProxyType
 from typing import Any, Protocol
 
 import aiohttp
@@ -39,16 +37,16 @@ from engine.detect import (
     backoff_delay,
     decide_wedge,
     parse_counters,
-    parse_models,
+    restart_evidence,
     retry_after,
     should_give_up,
 )
+from engine.facts import EngineFacts
+from engine.probes import Prober
 from engine.process import EngineProcess
 from engine.settings import EngineConfig
 
 logger = structlog.get_logger(__name__)
-
-PROBE_PROMPT = "ping"
 
 
 class EngineState(StrEnum):
@@ -92,10 +90,11 @@ class EngineSupervisor:
         self._session = session
         self._progress = progress
         self._clock = clock
-        self._base_url = config.url.rstrip("/")
+        self._prober = Prober(config, session)
         self._state = EngineState.STOPPED
         self._epoch = 0
-        self._models: Mapping[str, int] = MappingProxyType({})
+        self._facts = EngineFacts()
+        self._why_not_ready: str | None = "not started"
         self._live = True
         self._subscribers: list[Callable[[StateChange], None]] = []
         self._changed = asyncio.Event()
@@ -111,6 +110,12 @@ class EngineSupervisor:
         self._tokens: float | None = None  # token counters as last read, while watching
         self._tokens_moved_at = 0.0
         self._cleared_at: float | None = None
+        # Sidecar shape: what /metrics said of the engine process, and whether a connection
+        # was refused since (restart_evidence).
+        self._marks: Mapping[str, float] | None = None
+        self._refused = False
+        self._restarted_event = asyncio.Event()
+        self._restarted_reason = ""
 
     # What the gateway reads.
 
@@ -124,9 +129,27 @@ class EngineSupervisor:
         return self._epoch
 
     @property
+    def facts(self) -> EngineFacts:
+        """What the engine said of itself (models, roots, max_model_len), read again each time
+        it became ready: the one place the gateway learns them."""
+        return self._facts
+
+    @property
     def models(self) -> Mapping[str, int]:
         """Served model ids (LoRA adapters included) to max_model_len, as of the last READY."""
-        return self._models
+        return self._facts.lengths
+
+    @property
+    def not_ready_reason(self) -> str | None:
+        """Why the engine is not ready (the failure, then the last failed probe's reason:
+        "probe generation: 404 on /v1/completions"); None while ready."""
+        return None if self.is_ready() else self._why_not_ready
+
+    @property
+    def model_families(self) -> Mapping[str, str]:
+        """Served model ids to the model they serve (`EngineFacts.families`), as of the last
+        /v1/models read when the engine became ready."""
+        return self._facts.families
 
     @property
     def supervised(self) -> bool:
@@ -223,10 +246,19 @@ class EngineSupervisor:
         self._config = config.model_copy(update={"url": self._config.url})
 
     async def settle(self, suspicion: str) -> bool:
-        """Run a probe generation now: True if the ready engine answers it."""
+        """Run a probe generation now: True if the ready engine answers it and is the process
+        it was. A sidecar engine that answers but restarted under the gateway (see
+        `_restart_check`) is failed, and the answer is False."""
         if not self.is_ready():
             return False
-        ok, detail = await self._probe_generation(next(iter(self._models), ""))
+        if not self.supervised and (await self._prober.health()).status == 200:
+            evidence = await self._restart_check()
+            if evidence is not None and self.is_ready():
+                self._restarted_reason = evidence
+                self._restarted_event.set()
+                logger.info("engine_settle", suspicion=suspicion, answered=False, detail=evidence)
+                return False
+        ok, detail = await self._prober.generation(self._facts.default_model or "")
         logger.info("engine_settle", suspicion=suspicion, answered=ok, detail=detail)
         return ok
 
@@ -279,6 +311,7 @@ class EngineSupervisor:
     async def _start_and_watch(self, first: bool) -> str:
         """(Start and) probe the engine until ready, then watch it; why it failed."""
         began = self._clock()
+        self._prober.new_start()
         timeout = self._config.startup_timeout_s if self.supervised or first else None
         if self._config.command is not None:
             # Shielded: a stop() arriving meanwhile must still find the process to stop it.
@@ -306,8 +339,12 @@ class EngineSupervisor:
         self._epoch += 1
         self._tokens = None
         self._cleared_at = None
+        self._refused = False
+        self._marks = None if self.supervised else await self._prober.marks()
+        self._restarted_event.clear()
         self._transition(
-            EngineState.READY, f"probe generation answered; models {sorted(self._models)}"
+            EngineState.READY,
+            f"probe generation answered on {self._prober.kind}; models {sorted(self.models)}",
         )
         return await self._watch()
 
@@ -332,11 +369,14 @@ class EngineSupervisor:
                 await asyncio.sleep(self._config.startup_probe_interval_s)
             while True:
                 probes += 1
-                models, last = await self._probe_ready()
-                if models:
-                    self._models = MappingProxyType(models)
+                facts, detail = await self._prober.ready()
+                if facts is not None:
+                    self._facts = facts
                     return None
-                logger.debug("engine_not_ready", detail=last)
+                if detail != last:  # each new reason once, not each probe
+                    self._why_not_ready = detail
+                    self._note(detail)
+                last = detail
                 await asyncio.sleep(self._config.startup_probe_interval_s)
 
         async def startup_timeout(seconds: float) -> str:
@@ -352,7 +392,7 @@ class EngineSupervisor:
 
     async def _watch(self) -> str:
         """Watch the ready engine until it fails; the reason."""
-        watchers = [self._health_loop(), self._restart_requested()]
+        watchers = [self._health_loop(), self._restart_requested(), self._restarted_under_us()]
         if self._process is not None:
             watchers.append(self._exited(self._process, "while ready"))
         if self._progress is not None:
@@ -373,6 +413,23 @@ class EngineSupervisor:
         self._restart_event.clear()
         return f"restart requested: {self._restart_reason}"
 
+    async def _restarted_under_us(self) -> str:
+        await self._restarted_event.wait()
+        self._restarted_event.clear()
+        return f"the engine restarted without the gateway seeing it ({self._restarted_reason})"
+
+    async def _restart_check(self) -> str | None:
+        """Sidecar shape, once /health answered 200: evidence that it is not the process it was
+        (`detect.restart_evidence`: its start time, a counter gone backwards, or a refused
+        connection before this answer). Without evidence the reading becomes the baseline."""
+        marks = await self._prober.marks()
+        evidence = restart_evidence(self._marks, marks, self._refused)
+        if evidence is None:
+            if marks is not None:
+                self._marks = marks
+            self._refused = False
+        return evidence
+
     async def _health_loop(self) -> str:
         cfg = self._config
         self._check_now.clear()
@@ -386,10 +443,16 @@ class EngineSupervisor:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._check_now.wait(), interval)
             self._check_now.clear()
-            status, detail = await self._request("GET", "/health")
-            if status == 200:
+            answer = await self._prober.health()
+            if answer.status == 200:
+                if not self.supervised:
+                    evidence = await self._restart_check()
+                    if evidence is not None:
+                        return f"the engine restarted without the gateway seeing it ({evidence})"
                 failures = 0
                 continue
+            self._refused = self._refused or answer.refused
+            detail = answer.text
             failures += 1
             logger.warning(
                 "engine_probe_failed",
@@ -410,7 +473,7 @@ class EngineSupervisor:
             if not decide_wedge(stalled, quiet, since_cleared, timeout):
                 continue
             logger.warning("engine_wedge_suspected", stalled_for=stalled, tokens_quiet_for=quiet)
-            ok, detail = await self._probe_generation(next(iter(self._models), ""))
+            ok, detail = await self._prober.generation(self._facts.default_model or "")
             if not ok:
                 # Patience: a last look at whether anything moved while the probe waited.
                 stalled, quiet = await self._progress_now(progress)
@@ -435,59 +498,14 @@ class EngineSupervisor:
             if stalled is None:
                 self._cleared_at = None
             return stalled, None
-        status, text = await self._request("GET", "/metrics")
-        tokens = parse_counters(text) if status == 200 else None
+        answer = await self._prober.request("GET", "/metrics")
+        tokens = parse_counters(answer.text) if answer.status == 200 else None
         now = self._clock()
         if tokens is not None and tokens != self._tokens:
             self._tokens, self._tokens_moved_at = tokens, now
         if self._tokens is None:
             return stalled, None
         return stalled, now - self._tokens_moved_at
-
-    # Probes.
-
-    async def _probe_ready(self) -> tuple[dict[str, int], str]:
-        """/health, /v1/models, then a one-token generation: the models when all answered,
-        else {} and what failed."""
-        status, detail = await self._request("GET", "/health")
-        if status != 200:
-            return {}, f"/health: {detail}"
-        status, body = await self._request("GET", "/v1/models")
-        if status != 200:
-            return {}, f"/v1/models: {body}"
-        try:
-            models = parse_models(json.loads(body))
-        except ValueError:
-            return {}, "/v1/models: not JSON"
-        if not models:
-            return {}, "/v1/models: no models"
-        ok, detail = await self._probe_generation(next(iter(models)))
-        return (models, "ready") if ok else ({}, detail)
-
-    async def _probe_generation(self, model: str) -> tuple[bool, str]:
-        status, detail = await self._request(
-            "POST",
-            "/v1/completions",
-            payload={"model": model, "prompt": PROBE_PROMPT, "max_tokens": 1, "temperature": 0},
-        )
-        return status == 200, f"/v1/completions: {detail if status != 200 else 'HTTP 200'}"
-
-    async def _request(
-        self, method: str, path: str, payload: Mapping[str, Any] | None = None
-    ) -> tuple[int | None, str]:
-        """(status, body) of one probe, bounded by `probe_timeout_s`; (None, what went wrong)
-        if it got no answer."""
-        timeout = aiohttp.ClientTimeout(total=self._config.probe_timeout_s)
-        try:
-            async with self._session.request(
-                method, self._base_url + path, json=payload, timeout=timeout
-            ) as resp:
-                body = await resp.text(errors="replace")
-                return resp.status, body if resp.status == 200 else f"HTTP {resp.status}"
-        except TimeoutError:
-            return None, f"no answer within {self._config.probe_timeout_s:g}s"
-        except aiohttp.ClientError as exc:
-            return None, f"{type(exc).__name__}: {exc}"
 
     # State.
 
@@ -497,6 +515,8 @@ class EngineSupervisor:
             self._live = True
         elif new in {EngineState.FAILED, EngineState.GIVEN_UP}:
             self._live = False
+        if new is not EngineState.READY and (old in _LEFT or new in _FAILED):
+            self._why_not_ready = reason
         logger.info(
             "engine_state", **{"from": old.value, "to": new.value}, reason=reason, epoch=self._epoch
         )
@@ -509,6 +529,14 @@ class EngineSupervisor:
         self._changed.set()
         self._changed = asyncio.Event()
 
+    def _note(self, reason: str) -> None:
+        """Why the engine is still not ready, once per new reason: an `engine_state` line whose
+        state did not change (subscribers are not told: nothing changed for them)."""
+        state = self._state.value
+        logger.info(
+            "engine_state", **{"from": state, "to": state}, reason=reason, epoch=self._epoch
+        )
+
     async def _wait_until(self, condition: Callable[[], bool], timeout: float) -> bool:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -519,6 +547,13 @@ class EngineSupervisor:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), remaining)
         return True
+
+
+_LEFT = frozenset({EngineState.READY, EngineState.STOPPED})
+_FAILED = frozenset({EngineState.FAILED, EngineState.GIVEN_UP, EngineState.STOPPED})
+"""A transition out of ready or stopped, or into a failed state, says why the engine is not
+ready; restarting and starting after a failure keep the failure's reason until a probe says
+more."""
 
 
 async def _first(watchers: Sequence[Coroutine[Any, Any, str | None]]) -> str | None:

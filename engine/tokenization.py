@@ -171,6 +171,7 @@ class PromptTokenizer:
         post = tokenizer.post_processor
         self._special_margin = int(post.num_special_tokens_to_add(False)) if post else 0
         self._bound_factor, self._bound_normalize = self._bound_shape(tokenizer)
+        self._longest_token_bytes: int | None = None  # for lower_bound, made on first use
 
     @property
     def exact(self) -> bool:
@@ -315,6 +316,27 @@ class PromptTokenizer:
             text = str(self._tok.normalizer.normalize_str(text))
         extra = 1 if self._bound_factor > 1 else 0
         return self._bound_factor * len(text.encode("utf-8")) + extra + self._special_margin
+
+    def lower_bound(self, text: str) -> int | None:
+        """A cheap count that is never above `len(encode_completion(text, ...))`, or None
+        when this tokenizer has none.
+
+        For a plain byte-level BPE (no normalizer, no prefix space), each token covers the
+        UTF-8 bytes of one vocabulary entry (a byte-level entry is one byte per character)
+        or of an added token matched in the text, so there are at least bytes / L tokens, L
+        the longest such entry in bytes: computed once per tokenizer. Other tokenizers can
+        lengthen the text before it is split, and get no lower bound."""
+        if self._bound_factor != 1:
+            return None
+        if self._longest_token_bytes is None:
+            vocab = self._tok.get_vocab(with_added_tokens=False)
+            added = self._tok.get_added_tokens_decoder().values()
+            self._longest_token_bytes = max(
+                max((len(t) for t in vocab), default=1),
+                max((len(a.content.encode("utf-8")) for a in added), default=1),
+            )
+        size = len(text) if text.isascii() else len(text.encode("utf-8"))
+        return -(-size // self._longest_token_bytes)
 
     @staticmethod
     def _bound_shape(tok: Any) -> tuple[int, bool]:

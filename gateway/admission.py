@@ -4,11 +4,14 @@ One place decides it, from the engine's state, the quarantine, the suspects on p
 the bulkhead:
 - quarantined fingerprint → 422 at once, never the engine;
 - engine not ready: held while a restart is coming (bounded queue, bounded time), else 503 at
-  once; past the bounds 503 with Retry-After;
+  once; past the bounds 503 with Retry-After. In the sidecar shape the kubelet restarts the
+  engine: requests are held for up to `engine.sidecar_hold_s` after it stopped being ready;
 - a suspect runs alone (probation): it waits until nothing else is in flight, and nothing new
   starts while it waits or runs; past `probation_timeout_s` alone it is answered 503;
 - otherwise at most `max_in_flight` requests of a model are in flight to the engine (each
-  request counts once); the excess waits in the same queue, and past it gets 429.
+  request counts once); the excess waits in the same queue, and past it gets 429;
+- a client (its bearer token, or its address) with `max_in_flight_per_client` of a model's
+  requests in flight or waiting gets 429 at once: one client cannot hold every slot.
 """
 
 from __future__ import annotations
@@ -17,15 +20,15 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from engine.settings import EngineConfig
 from engine.supervisor import EngineState, StateChange
 from gateway.config import IsolationConfig
-from gateway.errors import EngineUnavailable, Overloaded, Quarantined
+from gateway.errors import EngineUnavailable, EngineUnreachable, Overloaded, Quarantined
 from gateway.inflight import Inflight, InflightLedger
 from gateway.isolation import (
     InFlightRequest,
@@ -43,12 +46,17 @@ class EngineView(Protocol):
     def state(self) -> EngineState: ...
     @property
     def supervised(self) -> bool: ...
+    @property
+    def epoch(self) -> int: ...
     def is_ready(self) -> bool: ...
     def restart_expected(self) -> bool: ...
     def retry_after_s(self) -> float: ...
     def subscribe(self, callback: Callable[[StateChange], None]) -> None: ...
     def report_engine_failure(self, reason: str) -> None: ...
     async def settle(self, suspicion: str) -> bool: ...
+
+
+T = TypeVar("T")
 
 
 class Gate:
@@ -75,15 +83,20 @@ class Gate:
         self._changed = asyncio.Event()
         self.reconfigure(config, engine)
         self._by_model: Counter[str | None] = Counter()
+        self._by_client: Counter[tuple[str | None, str]] = Counter()
+        """Requests of each (model, client) in flight or waiting, for the per-client share."""
+        self._share_of: dict[Inflight, tuple[str | None, str]] = {}
         self._solo: Inflight | None = None
         self._suspects_waiting = 0
         self._waiting = 0
+        self._left_ready_at = clock()  # not ready yet
         supervisor.subscribe(self._on_state_change)
 
     def reconfigure(self, config: IsolationConfig, engine: EngineConfig) -> None:
         """Isolation and engine settings of a new snapshot; applies to the next decision
         (entries already quarantined keep their expiry)."""
         self.config = config
+        self.sidecar_hold_s = engine.sidecar_hold_s
         # A failure report is confirmed by probes: allow for a full round of failed ones.
         self.settle_timeout_s = (
             engine.probe_timeout_s + engine.health_failures * engine.startup_probe_interval_s + 2.0
@@ -101,6 +114,7 @@ class Gate:
 
     def _on_state_change(self, change: StateChange) -> None:
         if change.old is EngineState.READY and change.new is not EngineState.READY:
+            self._left_ready_at = self._clock()
             self._attribute()
         self._notify()
 
@@ -117,13 +131,16 @@ class Gate:
             self.config.suspect_failures,
             self.wall_clock(),
         )
+        alone = {t.fingerprint for t in in_flight if t.solo}
         for culprit in verdict.quarantine:
+            # Proven: it ran alone on probation (the only kind other replicas are told of).
             self.quarantine.add(
                 culprit.fingerprint,
                 culprit.model,
                 culprit.reason,
                 culprit.failures,
                 self.wall_clock(),
+                proven=culprit.fingerprint in alone,
             )
             self.suspects.acquit(culprit.fingerprint)
 
@@ -140,19 +157,45 @@ class Gate:
         await self._wait(self.supervisor.is_ready, lambda: False, deadline)
 
     async def enter(
-        self, request_id: str, model: str | None, fp: str, max_in_flight: int, deadline: float
+        self,
+        request_id: str,
+        model: str | None,
+        fp: str,
+        max_in_flight: int,
+        deadline: float,
+        share: ClientShare | None = None,
     ) -> Inflight:
         """Wait until this request may go to the engine (`deadline` is monotonic), and put
-        it in flight."""
+        it in flight. With a `share`, a client already at it is refused at once (429)."""
         entry = _Entry(request_id, model, fp, max_in_flight)
+        key = None if share is None else (model, share.client)
+        if share is not None and key is not None:
+            if self._by_client[key] >= share.limit:
+                raise Overloaded(
+                    f"This client already has {share.limit} requests of this model in "
+                    "flight (max_in_flight_per_client); retry when one is answered.",
+                    retry_after_s=1,
+                )
+            self._by_client[key] += 1
         try:
             await self._wait(lambda: self._try_take(entry), lambda: entry.suspect, deadline)
+        except BaseException:
+            self._leave_share(key)
+            raise
         finally:
             if entry.suspect:
                 self._suspects_waiting -= 1
                 self._notify()
         assert entry.ticket is not None  # _wait returns once _try_take took one
+        if key is not None:
+            self._share_of[entry.ticket] = key
         return entry.ticket
+
+    def _leave_share(self, key: tuple[str | None, str] | None) -> None:
+        if key is not None:
+            self._by_client[key] -= 1
+            if self._by_client[key] <= 0:
+                del self._by_client[key]
 
     def _try_take(self, entry: _Entry) -> bool:
         """Put the request in flight if it may go now (raises once it is quarantined)."""
@@ -190,14 +233,21 @@ class Gate:
             start = self._clock()
             while True:
                 if not self.supervisor.is_ready() and not self.holds_for_restart():
+                    held = not self.supervisor.supervised and self.supervisor.restart_expected()
                     raise EngineUnavailable(
-                        f"The engine is not available ({self.supervisor.state}) and no "
-                        "restart is coming.",
+                        f"The engine is not available ({self.supervisor.state}) and "
+                        + (
+                            f"was not back within {self.sidecar_hold_s:g}s."
+                            if held
+                            else "no restart is coming."
+                        ),
                         retry_after_s=self.supervisor.retry_after_s(),
                     )
                 limit = (
                     deadline if is_suspect() else min(deadline, start + self.config.queue_timeout_s)
                 )
+                if not self.supervisor.supervised and not self.supervisor.is_ready():
+                    limit = min(limit, self._left_ready_at + self.sidecar_hold_s)
                 now = self._clock()
                 if now >= limit:
                     raise self._full()
@@ -233,6 +283,7 @@ class Gate:
         """The attempt is over. A suspect that was answered while alone is innocent."""
         self.ledger.remove(ticket)
         self._by_model[ticket.model] -= 1
+        self._leave_share(self._share_of.pop(ticket, None))
         if self._solo is ticket:
             self._solo = None
             if answered and not ticket.engine_failed:
@@ -240,9 +291,14 @@ class Gate:
         self._notify()
 
     def holds_for_restart(self) -> bool:
-        """Whether requests wait for an engine that is down: only when the supervisor restarts
-        it itself and expects it back (in the sidecar shape they are answered 503 at once)."""
-        return self.supervisor.supervised and self.supervisor.restart_expected()
+        """Whether requests wait for an engine that is down: while the supervisor restarts it
+        and expects it back, or (sidecar shape) for `sidecar_hold_s` after it stopped being
+        ready, while the kubelet brings it back."""
+        if not self.supervisor.restart_expected():
+            return False
+        return (
+            self.supervisor.supervised or self._clock() < self._left_ready_at + self.sidecar_hold_s
+        )
 
     async def engine_failed_with(self, ticket: Inflight) -> bool:
         """After a failed exchange: did the engine fail with this attempt in flight? True once
@@ -250,11 +306,38 @@ class Gate:
         probe generation answers, or after `settle_timeout_s` without a verdict."""
         if ticket.engine_failed:
             return True
-        self.supervisor.report_engine_failure("an in-flight request lost its engine")
-        probe = asyncio.ensure_future(self.supervisor.settle("an in-flight request failed"))
+        return await self._verdict(lambda: ticket.engine_failed, "an in-flight request")
+
+    async def exchange(self, call: Callable[[], Awaitable[T]], deadline: float) -> T:
+        """Run one of admission's own exchanges with the engine (`call`: a /tokenize count, or
+        whatever later asks the engine before the generation). A refused or reset connection
+        there is settled like a generation call's: reported to the supervisor; if the engine
+        failed, the request waits for it (within `deadline` and the queue's bounds) and the
+        exchange runs again; if the engine is fine, the error stands."""
+        while True:
+            epoch = self.supervisor.epoch
+            try:
+                return await call()
+            except EngineUnreachable:
+                failed = await self._verdict(self._failed_since(epoch), "an admission exchange")
+                if not failed:
+                    raise
+                await self.wait_engine(deadline)
+
+    def _failed_since(self, epoch: int) -> Callable[[], bool]:
+        return lambda: self.supervisor.epoch != epoch or not self.supervisor.is_ready()
+
+    async def _verdict(self, failed: Callable[[], bool], what: str) -> bool:
+        """Report a lost exchange and wait for the verdict: True once `failed()` holds (the
+        supervisor declared the engine failed), False when a probe generation answers or after
+        `settle_timeout_s`."""
+        if failed():
+            return True
+        self.supervisor.report_engine_failure(f"{what} lost its engine")
+        probe = asyncio.ensure_future(self.supervisor.settle(f"{what} failed"))
         deadline = self._clock() + self.settle_timeout_s
         try:
-            while not ticket.engine_failed:
+            while not failed():
                 if probe.done() and probe.result():
                     return False
                 remaining = deadline - self._clock()
@@ -277,6 +360,15 @@ class Gate:
         """How long a suspect may run alone: at least long enough for a wedge to be detected
         (and so attributed to it) before it is cut."""
         return max(self.config.probation_timeout_s, self.wedge_detect_s)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientShare:
+    """Who a request comes from (gateway.edge.client_key) and how many of a model's requests
+    it may have in flight or waiting at once."""
+
+    client: str
+    limit: int
 
 
 @dataclass(slots=True, eq=False)

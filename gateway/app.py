@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,14 +15,19 @@ from engine.supervisor import EngineState, EngineSupervisor, StateChange
 from gateway import handlers
 from gateway.admin import create_admin_app
 from gateway.admission import Gate
+from gateway.aliases import AliasReporter
 from gateway.config import KSERVE_PREFIX, Config, ConfigHolder
+from gateway.edge import api_key_hashes, engine_key
 from gateway.engineview import EngineHistory
+from gateway.fleet import Fleet
 from gateway.inflight import InflightLedger
 from gateway.keys import (
     ADMIN_APP,
+    API_KEYS,
     CONFIG,
     CONFIG_PATH,
     ENGINE_HISTORY,
+    FLEET,
     GATE,
     INFLIGHT,
     LIFECYCLE,
@@ -30,14 +36,16 @@ from gateway.keys import (
     SUPERVISOR,
     TOKENS,
     UPSTREAM,
+    VOCABULARIES,
 )
 from gateway.lifecycle import Lifecycle
 from gateway.logs import configure_logging
-from gateway.middlewares import guard_middleware
+from gateway.middlewares import expect_handler, guard_middleware
 from gateway.proxy import Upstream
 from gateway.reload import Reloader
 from gateway.snapshot import Snapshot, load_snapshot, prepare_snapshot
 from gateway.tokens import TokenCounters
+from gateway.vocab import Vocabularies
 
 log = structlog.get_logger("gateway")
 
@@ -52,6 +60,7 @@ def create_app(config: Config, *, config_path: str | Path | None = None) -> web.
         middlewares=[guard_middleware], client_max_size=config.server.max_body_bytes
     )
     app[CONFIG] = ConfigHolder(config)
+    app[API_KEYS] = api_key_hashes(config.server.api_key_env, os.environ)
     app[INFLIGHT] = InflightLedger()
     app[LIFECYCLE] = Lifecycle()
     if config_path is not None:
@@ -63,20 +72,27 @@ def create_app(config: Config, *, config_path: str | Path | None = None) -> web.
     app.cleanup_ctx.append(_upstream_ctx)
     app.cleanup_ctx.append(_engine_ctx)
     app.cleanup_ctx.append(_reload_ctx)
+    if config.isolation.shared is not None:
+        app.cleanup_ctx.append(_fleet_ctx)  # after the gate it shares; stopped before it
 
     app.router.add_get("/health", handlers.health)
     app.router.add_get("/ready", handlers.ready)
     app.router.add_get("/engine/live", handlers.engine_live)
     for path, handler in handlers.GENERATION_HANDLERS.items():
-        app.router.add_post(path, handler)
-        app.router.add_post(KSERVE_PREFIX + path, handler)
-    app.router.add_route("*", "/{tail:.*}", handlers.relay)
+        app.router.add_post(path, handler, expect_handler=expect_handler)
+        app.router.add_post(KSERVE_PREFIX + path, handler, expect_handler=expect_handler)
+    app.router.add_route("*", "/{tail:.*}", handlers.relay, expect_handler=expect_handler)
     return app
 
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
-    engine = app[CONFIG].current.engine
+    config = app[CONFIG].current
+    engine = config.engine
+    key = engine_key(config.server.api_key_env, os.environ)
     session = aiohttp.ClientSession(
+        # The gateway's own requests carry the engine's key; a client's own Authorization,
+        # forwarded, takes its place on relayed ones.
+        headers=None if key is None else {"Authorization": f"Bearer {key}"},
         connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
         # No total or read timeout: a healthy long generation can be silent for minutes;
         # a stuck engine is the supervisor's to notice. Connecting is bounded.
@@ -96,6 +112,7 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     supervisor = EngineSupervisor(config.engine, app[SESSION], progress=app[INFLIGHT])
     upstream = Upstream(app[SESSION], config.engine.url, supervisor.retry_after_s)
     app[SUPERVISOR] = supervisor
+    AliasReporter(app[CONFIG], supervisor)
     app[UPSTREAM] = upstream
     gate = Gate(config.isolation, supervisor, app[INFLIGHT], config.engine)
     gate.bulkhead = lambda model: holder.current.policy_for(model).max_in_flight
@@ -108,6 +125,8 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
         log.warning("config_warning", warning=warning)
     tokens.adopt(snapshot.counters)
     app[TOKENS] = tokens
+    app[VOCABULARIES] = Vocabularies()
+    supervisor.subscribe(app[VOCABULARIES].on_state_change)  # read anew once ready again
 
     async def ask_version() -> object:
         return (await upstream.json("GET", "/version", timeout=VERSION_TIMEOUT_S))[1]
@@ -154,3 +173,19 @@ async def _reload_ctx(app: web.Application) -> AsyncIterator[None]:
     supervisor.subscribe(on_engine)
     async with reloader.running():
         yield
+    await app[TOKENS].close()
+
+
+async def _fleet_ctx(app: web.Application) -> AsyncIterator[None]:
+    """One quarantine for every replica (`isolation.shared`): the gate's quarantine and suspect
+    book mirrored through Redis."""
+    isolation = app[CONFIG].current.isolation
+    assert isolation.shared is not None  # only added when set
+    gate = app[GATE]
+    fleet = Fleet(
+        isolation.shared, isolation, gate.quarantine, gate.suspects, wall_clock=gate.wall_clock
+    )
+    app[FLEET] = fleet
+    await fleet.start()
+    yield
+    await fleet.stop()

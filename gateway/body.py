@@ -12,6 +12,7 @@ keeps the exact integer."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
@@ -20,7 +21,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.errors import BadRequest, UnsupportedMediaType
+from gateway.errors import BadRequest, RequestTimeout, UnsupportedMediaType
+from gateway.keys import CONFIG
 
 _JSON_TYPES = frozenset({"application/json", ""})
 MAX_JSON_DEPTH = 128
@@ -38,7 +40,7 @@ async def read_json_object(request: web.Request) -> tuple[bytes, dict[str, Any]]
         raise UnsupportedMediaType(
             f"Content-Type must be application/json, not {request.content_type!r}."
         )
-    raw = await request.read()
+    raw = await read_body(request)
     return raw, parse_json_object(raw)
 
 
@@ -94,7 +96,7 @@ def parse_stdlib(raw: bytes) -> dict[str, Any]:
     try:
         # Strictly decoded: json.loads(bytes) would let UTF-8-encoded surrogates through.
         text = raw.decode(json.detect_encoding(raw))
-        body = json.loads(text)
+        body = json.loads(text, parse_constant=_NonFinite)
     except UnicodeDecodeError:
         raise BadRequest("The request body is not valid UTF-8.") from None
     except RecursionError:
@@ -105,6 +107,13 @@ def parse_stdlib(raw: bytes) -> dict[str, Any]:
         raise BadRequest(f"The request body must be a JSON object, not {type(body).__name__}.")
     if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _too_deep(body):
         raise BadRequest(f"The request body is nested more than {MAX_JSON_DEPTH} levels deep.")
+    where = _non_finite_at(body) if _NON_FINITE.search(text) else None
+    if where is not None:
+        path, literal = where
+        raise BadRequest(
+            f"The request body holds {literal} at `{path}`: NaN and Infinity are not JSON numbers.",
+            param=path,
+        )
     if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(body):
         raise BadRequest(
             "The request body holds an unpaired UTF-16 surrogate escape "
@@ -137,6 +146,41 @@ def _has_nonfinite(value: object) -> bool:
         elif isinstance(item, list | tuple):
             stack.extend(item)
     return False
+
+
+class _NonFinite(str):
+    """A NaN, Infinity or -Infinity literal as parsed (Python's parser accepts them)."""
+
+    __slots__ = ()
+
+
+_NON_FINITE = re.compile(r"NaN|Infinity")
+
+
+def _non_finite_at(value: object) -> tuple[str, str] | None:
+    """Where (a dotted path, list items as [i]) the first NaN or Infinity literal of a
+    parsed body is, and which; None without one."""
+    stack: list[tuple[object, str]] = [(value, "")]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, _NonFinite):
+            return path or "(body)", str(item)
+        if isinstance(item, dict):
+            stack.extend((v, f"{path}.{k}" if path else str(k)) for k, v in item.items())
+        elif isinstance(item, list):
+            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(item))
+    return None
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The whole body, sent within `server.body_timeout_s` (408 past it, and the connection
+    closes); the size bound is the app's client_max_size (413)."""
+    timeout = request.app[CONFIG].current.server.body_timeout_s
+    try:
+        async with asyncio.timeout(timeout):
+            return await request.read()
+    except TimeoutError:
+        raise RequestTimeout(f"The request body was not received within {timeout:g} s.") from None
 
 
 def _too_deep(value: object) -> bool:

@@ -1,4 +1,8 @@
-"""`vllm-guard run --config PATH`, `vllm-guard check-config PATH` and `vllm-guard status`."""
+"""`vllm-guard run --config PATH`, `vllm-guard check-config PATH` and `vllm-guard status`.
+
+Without a path, run and check-config read the file named by the environment variable
+VLLM_GUARD_CONFIG (how the container image is pointed at its ConfigMap), else ./config.yaml.
+"""
 
 from __future__ import annotations
 
@@ -15,18 +19,31 @@ from gateway.config import ConfigError, load_config
 
 STATUS_TIMEOUT_S = 10.0
 
+CONFIG_ENV = "VLLM_GUARD_CONFIG"
+
+
+def default_config_path() -> str:
+    """The config path when none is given: $VLLM_GUARD_CONFIG when set, else config.yaml."""
+    return os.environ.get(CONFIG_ENV, "").strip() or "config.yaml"
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vllm-guard", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="start the gateway")
-    run.add_argument("--config", default="config.yaml", help="path to config.yaml")
+    run.add_argument(
+        "--config",
+        default=default_config_path(),
+        help=f"path to config.yaml (default: ${CONFIG_ENV}, else config.yaml)",
+    )
     check = sub.add_parser(
         "check-config", help="validate a config file and the files it names; exit 0 or 1"
     )
-    check.add_argument("path")
+    check.add_argument("path", nargs="?", default=default_config_path())
     status = sub.add_parser("status", help="what a running gateway is doing (its admin listener)")
-    status.add_argument("--config", default="config.yaml", help="where to find the admin listener")
+    status.add_argument(
+        "--config", default=default_config_path(), help="where to find the admin listener"
+    )
     status.add_argument("--url", help="the admin listener's URL, instead of the config's")
     status.add_argument("--json", action="store_true", help="print the JSON as served")
     args = parser.parse_args(argv)

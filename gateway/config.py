@@ -12,9 +12,18 @@ from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Self
+from urllib.parse import parse_qs, urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from engine.settings import EngineConfig
 
@@ -31,6 +40,7 @@ DEFAULT_RELAY_PATHS: tuple[str, ...] = (
 """Read-only engine paths relayed as they are, unless config.yaml lists others."""
 
 KSERVE_PREFIX = "/openai"
+_ANY_HOST = frozenset({"0.0.0.0", "::", ""})
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -51,6 +61,20 @@ class ServerConfig(_Frozen):
     any path not here (and not a generation path) is answered 404 by the gateway."""
     shutdown_grace_s: PositiveFloat = 20.0
     """On SIGTERM, how long in-flight requests may take to finish before they are cut."""
+    header_timeout_s: PositiveFloat = 10.0
+    """How long a client may take to send a request's line and headers (from the connection's
+    opening, or from the first byte of a next request); then the connection is closed."""
+    body_timeout_s: PositiveFloat = 30.0
+    """How long a client may take to send a request's body once its headers are in (408)."""
+    keepalive_timeout_s: PositiveFloat = 75.0
+    """How long an idle kept-alive connection stays open."""
+    client_write_timeout_s: PositiveFloat = 30.0
+    """How long a write to a client that does not read may wait: then the client is cut, its
+    work at the engine cancelled and its bulkhead slot freed."""
+    api_key_env: tuple[str, ...] = ("VLLM_API_KEY",)
+    """Environment variables holding the engine's API keys (vLLM reads VLLM_API_KEY). When any
+    is set, a request to /v1 without one of them as its bearer token is answered 401 in vLLM's
+    shape before its body is read."""
 
     @cached_property
     def relay_set(self) -> frozenset[str]:
@@ -99,6 +123,134 @@ class TokenSource(StrEnum):
     ENGINE = "engine"
 
 
+class ForbiddenAction(StrEnum):
+    REFUSE = "refuse"
+    STRIP = "strip"
+
+
+class RemoteMedia(StrEnum):
+    REFUSE = "refuse"
+    """Every http(s) media URL is refused (the engine would fetch it from inside the pod)."""
+    ALLOW_LIST = "allow-list"
+    """Only URLs whose host is in `remote_media_hosts`."""
+    ANY = "any"
+
+
+ENGINE_INTERNAL_FIELDS: tuple[str, ...] = ("kv_transfer_params", "ec_transfer_params", "vllm_xargs")
+"""Request fields of vLLM 0.32 that only other engine components are meant to set:
+kv_transfer_params and ec_transfer_params (disaggregated prefill/decode and encoder-cache
+transfers: a client-made one sent a decode engine out of memory, vllm#51137) and vllm_xargs
+(raw arguments for custom logits processors, passed to the engine as `extra_args`)."""
+
+
+class Limits(_Frozen):
+    """Request shapes refused before the engine sees them (gateway.limits). Crash class: refused
+    in every mode. Cost class: follows the policy's `mode` (report: `would-reject` header and
+    log line). Every default is far above what ordinary traffic sends."""
+
+    vocab_size: PositiveInt | None = None
+    """Token ids must be below this (crash class). None: min(config.json `vocab_size`, the
+    tokenizer's size), read from `model_dir` (else the policy's `tokenizer` folder) when the
+    engine becomes ready; unknown when neither is readable (ids then only checked >= 0)."""
+    model_dir: str | None = None
+    """The model folder with config.json; None: the policy's `tokenizer` folder."""
+    max_token_ids: PositiveInt = 1024
+    """Entries of logit_bias, allowed_token_ids, stop_token_ids, logprob_token_ids (cost)."""
+    max_bad_words: PositiveInt = 64
+    """Entries of bad_words (cost); their token ids are checked in the vocabulary too. vLLM
+    takes at most 128 token sequences after tokenizing (VLLM_MAX_NUM_BAD_WORDS), up to two
+    per word (with and without a leading space)."""
+    max_logprobs: int = Field(20, ge=0)
+    """logprobs / top_logprobs at most this: the engine's --max-logprobs (vLLM's default 20)."""
+    prompt_logprobs: bool = False
+    """prompt_logprobs (and echo with logprobs, which implies it) refused unless true: on a
+    long prompt it sent engines out of memory (vllm#16836)."""
+    max_prompt_logprobs: int = Field(5, ge=0)
+    """When prompt_logprobs are allowed: at most this many per prompt token (cost)."""
+    structured_outputs: bool = True
+    """False: no response_format json_*, structured_outputs, guided_* (crash class)."""
+    max_schema_bytes: PositiveInt = 65536
+    """Bytes of one JSON schema, tool parameters included, as JSON (cost)."""
+    max_schema_depth: PositiveInt = 32
+    """Nesting of schema objects in one schema (cost)."""
+    max_schema_alternatives: PositiveInt = 64
+    """Entries of one oneOf / anyOf / allOf (cost)."""
+    max_schema_enum: PositiveInt = 512
+    """Entries of one enum, and of a choice list (cost)."""
+    max_regex_chars: PositiveInt = 4096
+    max_grammar_chars: PositiveInt = 65536
+    forbidden_fields: tuple[str, ...] = ENGINE_INTERNAL_FIELDS
+    """Fields a client must not set (crash class)."""
+    forbidden_action: ForbiddenAction = ForbiddenAction.REFUSE
+    """refuse: 400 naming the field; strip: remove it and forward the rest."""
+    allow_priority: bool = False
+    """priority other than 0 is a forbidden field unless true (the engine must also run
+    --scheduling-policy priority)."""
+    max_output_tokens_total: PositiveInt = 32768
+    """n (or best_of) x max_tokens per request, after the per-choice limit; over it, lowered
+    or refused as `on_exceed` says (cost)."""
+    max_stop: PositiveInt = 4
+    """Entries of stop (cost): vLLM 0.32's own bound (VLLM_MAX_STOP_STRINGS, 4), refused here
+    before the engine; raise both together."""
+    max_stop_chars: PositiveInt = 1024
+    """Characters of one stop string (cost)."""
+    max_media_parts: PositiveInt = 16
+    """Image, audio and video parts of one request (cost)."""
+    max_media_bytes: PositiveInt = 16 * 1024 * 1024
+    """Decoded bytes of one inline (data: or input_audio) media item (cost)."""
+    min_image_side: PositiveInt = 2
+    """Smallest width or height of an inline image: a 1x1 image crashed vLLM (CVE-2026-22773)
+    (crash class)."""
+    max_image_side: PositiveInt = 16384
+    max_image_pixels: PositiveInt = 50_000_000
+    """Width x height of an inline image, read from its header (cost)."""
+    remote_media: RemoteMedia = RemoteMedia.REFUSE
+    """http(s) media URLs, which the engine fetches itself from inside the pod (crash class:
+    refused in every mode). file: and other schemes are always refused."""
+    remote_media_hosts: tuple[str, ...] = ()
+    """Hosts allowed when `remote_media: allow-list` (exact names, lower case)."""
+
+    @cached_property
+    def forbidden(self) -> frozenset[str]:
+        return frozenset(self.forbidden_fields)
+
+    @cached_property
+    def media_hosts(self) -> frozenset[str]:
+        return frozenset(h.lower() for h in self.remote_media_hosts)
+
+
+class LimitsOverride(_Frozen):
+    """`limits:` as written in YAML: a model's entry overrides the defaults' field by field."""
+
+    vocab_size: PositiveInt | None = None
+    model_dir: str | None = None
+    max_token_ids: PositiveInt | None = None
+    max_bad_words: PositiveInt | None = None
+    max_logprobs: Annotated[int, Field(ge=0)] | None = None
+    prompt_logprobs: bool | None = None
+    max_prompt_logprobs: Annotated[int, Field(ge=0)] | None = None
+    structured_outputs: bool | None = None
+    max_schema_bytes: PositiveInt | None = None
+    max_schema_depth: PositiveInt | None = None
+    max_schema_alternatives: PositiveInt | None = None
+    max_schema_enum: PositiveInt | None = None
+    max_regex_chars: PositiveInt | None = None
+    max_grammar_chars: PositiveInt | None = None
+    forbidden_fields: tuple[str, ...] | None = None
+    forbidden_action: ForbiddenAction | None = None
+    allow_priority: bool | None = None
+    max_output_tokens_total: PositiveInt | None = None
+    max_stop: PositiveInt | None = None
+    max_stop_chars: PositiveInt | None = None
+    max_media_parts: PositiveInt | None = None
+    max_media_bytes: PositiveInt | None = None
+    min_image_side: PositiveInt | None = None
+    max_image_side: PositiveInt | None = None
+    max_image_pixels: PositiveInt | None = None
+    remote_media: RemoteMedia | None = None
+    remote_media_hosts: tuple[str, ...] | None = None
+
+
 class PolicyOverride(_Frozen):
     """A policy as written in YAML: every field optional; a model entry overrides the defaults
     field by field."""
@@ -123,10 +275,15 @@ class PolicyOverride(_Frozen):
     """How long a request may take in all, retries after an engine restart included."""
     max_in_flight: PositiveInt | None = None
     """Admission bulkhead: requests of this model in flight to the engine at once."""
+    max_in_flight_per_client: PositiveInt | None = None
+    """One client's share of the bulkhead (a client is its bearer token, or its address
+    without one); past it, 429 at once. Unset: no share."""
     trust_request_chat_template: bool | None = None
     """Mirror of the engine's --trust-request-chat-template: when false, a request carrying
     its own chat template is refused by the gateway as the engine would refuse it (and the
     gateway never renders it)."""
+    limits: LimitsOverride | None = None
+    """Request hardening (`Limits`), merged field by field like the rest of the policy."""
 
 
 class Policy(_Frozen):
@@ -147,7 +304,58 @@ class Policy(_Frozen):
     default_chat_template_kwargs: Mapping[str, Any] | None = None
     deadline_s: PositiveFloat = 300.0
     max_in_flight: PositiveInt = 64
+    max_in_flight_per_client: PositiveInt | None = None
     trust_request_chat_template: bool = False
+    limits: Limits = Field(default_factory=Limits)
+
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+class SharedConfig(_Frozen):
+    """One quarantine for every replica, shared through Redis (gateway.fleet). The password
+    never comes from this file: it is read from the environment variable `password_env`."""
+
+    url: str
+    """redis://host:6379/0, rediss:// for TLS, or unix:///path/redis.sock; no password."""
+    password_env: str = "VLLM_GUARD_REDIS_PASSWORD"  # noqa: S105 (a variable's name)
+    """The environment variable holding the password (unset or empty: no AUTH)."""
+    username: str | None = None
+    """For Redis ACLs; the default user when unset."""
+    key_prefix: str = Field("vllm-guard", min_length=1, pattern=r"^[A-Za-z0-9_.:{}-]+$")
+    """One per deployment: replicas with the same prefix share one quarantine."""
+    replica_id: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[^\s]+$")
+    """This replica's name in shared entries; the host name (the pod's name) when unset."""
+    connect_timeout_s: PositiveFloat = 2.0
+    command_timeout_s: PositiveFloat = 2.0
+    """Each Redis command; past it Redis counts as unreachable."""
+    reconnect_s: PositiveFloat = 1.0
+    """Wait between attempts to reach Redis again, doubling up to 10 times this."""
+    health_check_s: PositiveFloat = 5.0
+    """An idle connection is checked (PING) this often, so a silent Redis is noticed."""
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str) -> str:
+        check_redis_url(url)
+        return url
+
+
+def check_redis_url(url: str) -> None:
+    """A Redis URL with a scheme we know, a host (or socket path) and no password in it."""
+    parts = urlsplit(url)
+    if parts.scheme not in REDIS_SCHEMES:
+        raise ValueError(
+            f"url must start with one of {', '.join(s + '://' for s in REDIS_SCHEMES)}"
+        )
+    if parts.password is not None or "password" in parse_qs(parts.query):
+        raise ValueError(
+            "url must not hold a password: put it in the environment variable named by password_env"
+        )
+    if parts.scheme == "unix" and not parts.path:
+        raise ValueError("a unix:// url needs the socket's path")
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ValueError("url needs a host")
 
 
 class IsolationConfig(_Frozen):
@@ -173,6 +381,9 @@ class IsolationConfig(_Frozen):
         "service_tier",
         "store",
     )
+    shared: SharedConfig | None = None
+    """Share culprits and suspicion with every replica through Redis; unset: this replica's
+    quarantine is its own."""
 
     @cached_property
     def fingerprint_ignore_set(self) -> frozenset[str]:
@@ -203,6 +414,21 @@ class Config(_Frozen):
         for name, override in self.models.items():
             self._policies[name] = _merge(self.defaults, override)
 
+    @model_validator(mode="after")
+    def _check_ports(self) -> Self:
+        server, admin = self.server, self.admin
+        hosts_meet = server.host == admin.host or bool(_ANY_HOST & {server.host, admin.host})
+        if admin.enabled and server.port != 0 and admin.port == server.port and hosts_meet:
+            raise ValueError(
+                f"admin.port {admin.port} is server.port: the operator's listener must have "
+                "a port of its own"
+            )
+        return self
+
+    def has_policy(self, model: str) -> bool:
+        """Whether config.yaml has a `models:` entry of this very name."""
+        return model in self.models
+
     def policy_for(self, model: str | None) -> Policy:
         """The resolved policy of a model: its entry merged over the defaults, or the defaults."""
         policy = self._policies.get(model)
@@ -210,10 +436,15 @@ class Config(_Frozen):
 
 
 def _merge(*layers: PolicyOverride) -> Policy:
+    """Later layers win field by field; `limits` is merged field by field too, so a model's
+    partial `limits:` keeps every limit it does not name from the defaults."""
     values: dict[str, Any] = {}
+    limits: dict[str, Any] = {}
     for layer in layers:
-        values.update(layer.model_dump(exclude_none=True))
-    return Policy(**values)
+        values.update(layer.model_dump(exclude_none=True, exclude={"limits"}))
+        if layer.limits is not None:
+            limits.update(layer.limits.model_dump(exclude_none=True))
+    return Policy(**values, limits=Limits(**limits))
 
 
 class ConfigError(Exception):

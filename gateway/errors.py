@@ -58,6 +58,13 @@ class MethodNotAllowed(GuardError):
     type = "MethodNotAllowed"
 
 
+class RequestTimeout(GuardError):
+    """The client took longer than `server.body_timeout_s` to send its body."""
+
+    status = 408
+    type = "RequestTimeoutError"
+
+
 class PayloadTooLarge(GuardError):
     status = 413
     type = "RequestTooLargeError"
@@ -107,6 +114,11 @@ class EngineUnavailable(GuardError):
 
     status = 503
     type = "ServiceUnavailableError"
+
+
+class EngineUnreachable(EngineUnavailable):
+    """One of admission's own exchanges with the engine (/tokenize, ...) found no engine: the
+    connection was refused, reset or cut. Settled like a generation call (`Gate.exchange`)."""
 
 
 class EngineTimeout(GuardError):

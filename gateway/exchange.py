@@ -24,11 +24,11 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from engine.supervisor import EngineSupervisor
-from gateway.admission import Gate
+from gateway.admission import ClientShare, Gate
 from gateway.body import encode_body
 from gateway.errors import EngineFailed, EngineUnavailable, GuardError
 from gateway.inflight import Inflight
-from gateway.keys import GATE, RECORD, SUPERVISOR, UPSTREAM
+from gateway.keys import CONFIG, GATE, RECORD, SUPERVISOR, UPSTREAM
 from gateway.proxy import (
     Answered,
     CutAfterBytes,
@@ -84,6 +84,10 @@ class Exchange:
     client_headers: dict[str, str]
     log: StreamLog | None
     """The bytes the client received, kept when the stream could be resumed."""
+    write_timeout_s: float
+    """How long a write may wait for a client that does not read (`ClientTooSlow` past it)."""
+    share: ClientShare | None = None
+    """The client's share of the bulkhead, when the policy gives one."""
     attempts: int = 0
 
     @classmethod
@@ -99,6 +103,7 @@ class Exchange:
         fingerprint: str,
         max_in_flight: int,
         deadline: float,
+        share: ClientShare | None = None,
     ) -> Exchange:
         app = request.app
         record = request[RECORD]
@@ -121,13 +126,20 @@ class Exchange:
             engine_headers,
             client_headers,
             StreamLog() if resumable(body, chat) else None,
+            app[CONFIG].current.server.client_write_timeout_s,
+            share,
         )
 
     async def enter(self) -> Inflight:
         """One more attempt: wait at the gate until it may go to the engine."""
         self.attempts += 1
         return await self.gate.enter(
-            self.record.request_id, self.model, self.fingerprint, self.max_in_flight, self.deadline
+            self.record.request_id,
+            self.model,
+            self.fingerprint,
+            self.max_in_flight,
+            self.deadline,
+            self.share,
         )
 
     def answered(self) -> None:
@@ -164,7 +176,13 @@ async def first_answer(ex: Exchange) -> web.StreamResponse | Resumable:
     def relay(
         upstream: aiohttp.ClientResponse, on_progress: ProgressCallback
     ) -> Awaitable[RelayOutcome]:
-        return relay_response(ex.request, upstream, ex.client_headers, on_progress)
+        return relay_response(
+            ex.request,
+            upstream,
+            ex.client_headers,
+            on_progress,
+            write_timeout_s=ex.write_timeout_s,
+        )
 
     while True:
         ticket = await ex.enter()
@@ -210,7 +228,8 @@ async def resume(ex: Exchange, cut: Resumable) -> web.StreamResponse:
                 await stream.write_eof()
                 answered = True
                 return stream
-            outcome = await _send(ex, ticket, _encode(rest), _continue(stream, partial, ex.chat))
+            relay = _continue(stream, partial, ex.chat, ex.write_timeout_s)
+            outcome = await _send(ex, ticket, _encode(rest), relay)
             if isinstance(outcome, Answered):
                 answered = True
                 ex.answered()
@@ -248,13 +267,17 @@ async def _send(ex: Exchange, ticket: Inflight, payload: bytes, relay: Relay) ->
         return await relay(upstream, on_progress)
 
 
-def _continue(stream: web.StreamResponse, partial: Partial, chat: bool) -> Relay:
+def _continue(
+    stream: web.StreamResponse, partial: Partial, chat: bool, write_timeout_s: float
+) -> Relay:
     rewriter = EventRewriter(partial, chat)
 
     def relay(
         upstream: aiohttp.ClientResponse, on_progress: ProgressCallback
     ) -> Awaitable[RelayOutcome]:
-        return continue_stream(stream, upstream, rewriter.feed, on_progress)
+        return continue_stream(
+            stream, upstream, rewriter.feed, on_progress, write_timeout_s=write_timeout_s
+        )
 
     return relay
 

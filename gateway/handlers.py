@@ -4,11 +4,15 @@ relay."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
+from gateway.body import read_body
 from gateway.config import KSERVE_PREFIX
 from gateway.errors import EngineFailed, EngineUnavailable, NotFound
-from gateway.keys import CONFIG, LIFECYCLE, RECORD, SUPERVISOR, UPSTREAM
+from gateway.hardening import limit_relay
+from gateway.keys import CONFIG, FLEET, LIFECYCLE, RECORD, SUPERVISOR, UPSTREAM, VOCABULARIES
 from gateway.pipeline import CHAT, COMPLETIONS, generate
 from gateway.proxy import (
     Answered,
@@ -40,10 +44,14 @@ async def ready(request: web.Request) -> web.Response:
     """The engine is usable now: read from the state the background probe keeps current."""
     supervisor = request.app[SUPERVISOR]
     state = str(supervisor.state)
+    detail: dict[str, Any] = {"engine": state}
+    if FLEET in request.app:  # shown, never in the status: the fleet part fails open
+        detail["fleet"] = request.app[FLEET].detail()
     if supervisor.is_ready() and not request.app[LIFECYCLE].draining:
-        return web.json_response({"status": "ready", "engine": state})
+        return web.json_response({"status": "ready", **detail})
+    reason = "draining" if request.app[LIFECYCLE].draining else supervisor.not_ready_reason
     return web.json_response(
-        {"status": "not ready", "engine": state},
+        {"status": "not ready", **detail, "reason": reason},
         status=503,
         headers={"Retry-After": str(round(supervisor.retry_after_s()))},
     )
@@ -79,7 +87,10 @@ async def relay(request: web.Request) -> web.StreamResponse:
     if f"{request.method} {path}" not in request.app[CONFIG].current.server.relay_set:
         raise NotFound(f"{request.method} {request.path} is not served by this gateway.")
     record = request[RECORD]
-    raw = await request.read()
+    raw = await read_body(request)
+    raw, extra = await limit_relay(
+        request.app[VOCABULARIES], request.app[CONFIG].current, path, raw, record.fields
+    )
     retry_after_s = request.app[SUPERVISOR].retry_after_s
     try:
         upstream = await request.app[UPSTREAM].open(
@@ -90,8 +101,9 @@ async def relay(request: web.Request) -> web.StreamResponse:
     outcome = await relay_response(
         request,
         upstream,
-        {"X-Request-Id": record.request_id},
+        {**extra, "X-Request-Id": record.request_id},
         lambda _chunk: record.mark_first_byte(),
+        write_timeout_s=request.app[CONFIG].current.server.client_write_timeout_s,
     )
     if isinstance(outcome, Answered):
         return outcome.response

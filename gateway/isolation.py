@@ -16,18 +16,77 @@ import json
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
+
+FINGERPRINT_VERSION = 1
+"""Bumped whenever `fingerprint()` would hash the same request differently. Shared quarantine
+keys carry it (gateway.fleet), so replicas never match one version's fingerprints against
+another's."""
+
+FINGERPRINT_VERSION = 2
+"""The rule `fingerprint` follows by default. Raised whenever the rule changes, so that a
+quarantine shared between replicas keys its entries by version, and a replica in a rolling
+upgrade can still compute the previous version's fingerprint to look them up."""
 
 
-def fingerprint(body: Mapping[str, Any], ignore: frozenset[str]) -> str:
-    """A hash of the client's body without the fields that vary between retries of the same
-    request (`isolation.fingerprint_ignore`: user, stream, stream_options, request ids, ...).
-    Keys are sorted, so the same request in another key order has the same fingerprint."""
+def fingerprint(
+    body: Mapping[str, Any], ignore: frozenset[str], *, version: int = FINGERPRINT_VERSION
+) -> str:
+    """A hash of the client's body that is equal for two requests the quarantine treats as
+    the same.
+
+    Version 2 (the default): the same after dropping the fields that vary between retries
+    (`isolation.fingerprint_ignore`: user, stream, stream_options, request ids, ...), with
+    object keys in any order, members whose value is null left out (vLLM reads null as unset),
+    a whole number the same however it is written (1, 1.0), and every string value compared
+    with its whitespace trimmed at both ends and each inner run of whitespace (spaces, tabs,
+    newlines, any Unicode space) read as one space. Everything else stays distinct: words,
+    letter case, punctuation, the order of messages and of list items, roles, the model, and
+    every parameter's value (max_tokens 20 and 21 differ).
+
+    Version 1: the exact body without the ignored fields, keys sorted (kept for lookups of
+    entries written by replicas that still run it)."""
     kept = {k: v for k, v in body.items() if k not in ignore}
+    if version == 1:
+        return _digest(b"", kept)
+    if version == 2:
+        return _digest(b"v2\n", _normalised(kept))
+    raise ValueError(f"unknown fingerprint version {version}")
+
+
+def _digest(prefix: bytes, value: object) -> str:
     canonical = json.dumps(
-        kept, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=True
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=True
     )
-    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return hashlib.sha256(prefix + canonical.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+_OTHER_ASCII_SPACE = ("\t", "\n", "\x0b", "\x0c", "\r", "\x1c", "\x1d", "\x1e", "\x1f")
+
+
+def _plain(text: str) -> bool:
+    """Whether `text` is already in version 2's form (ASCII, single spaces only, none at the
+    ends): a few C-speed scans instead of splitting a long prompt into words."""
+    return (
+        text.isascii()
+        and text[:1] != " "
+        and text[-1:] != " "
+        and "  " not in text
+        and not any(c in text for c in _OTHER_ASCII_SPACE)
+    )
+
+
+def _normalised(value: object) -> object:
+    """Version 2's reading of a JSON value (bodies nest at most 128 levels: checked before)."""
+    if isinstance(value, str):
+        return value if _plain(value) else " ".join(value.split())
+    if isinstance(value, dict):
+        return {k: _normalised(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_normalised(v) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +98,10 @@ class QuarantineEntry:
     until: float
     reason: str
     failures: int
+    proven: bool = False
+    """Found alone on probation: only such entries are shared with other replicas."""
+    found_by: str | None = None
+    """The replica that found it (set when replicas share a quarantine)."""
 
     def public(self) -> dict[str, Any]:
         """What the operator sees: never the prompt text."""
@@ -49,7 +112,16 @@ class QuarantineEntry:
             "until": self.until,
             "reason": self.reason,
             "failures": self.failures,
+            "found_by": self.found_by,
         }
+
+
+class QuarantineListener(Protocol):
+    """Told of each change this replica makes to its quarantine (gateway.fleet shares them)."""
+
+    def quarantined(self, entry: QuarantineEntry) -> None: ...
+    def released(self, fp: str | None) -> None:
+        """One fingerprint cleared, or all of them (None)."""
 
 
 class Quarantine:
@@ -60,16 +132,38 @@ class Quarantine:
         self.ttl_s = ttl_s
         self.max_entries = max_entries
         self._entries: OrderedDict[str, QuarantineEntry] = OrderedDict()
+        self._listener: QuarantineListener | None = None
+        self._replica: str | None = None
+
+    def attach(self, listener: QuarantineListener, replica: str) -> None:
+        """Tell `listener` of every add, remove and clear from now on; entries found here
+        carry `replica`. Entries `load`ed and `forget`s are not told (they came from it)."""
+        self._listener, self._replica = listener, replica
 
     def add(
-        self, fp: str, model: str | None, reason: str, failures: int, now: float
+        self,
+        fp: str,
+        model: str | None,
+        reason: str,
+        failures: int,
+        now: float,
+        *,
+        proven: bool = False,
     ) -> QuarantineEntry:
-        entry = QuarantineEntry(fp, model, now, now + self.ttl_s, reason, failures)
-        self._entries.pop(fp, None)
-        self._entries[fp] = entry
+        entry = QuarantineEntry(
+            fp, model, now, now + self.ttl_s, reason, failures, proven, self._replica
+        )
+        self.load(entry)
+        if self._listener is not None:
+            self._listener.quarantined(entry)
+        return entry
+
+    def load(self, entry: QuarantineEntry) -> None:
+        """Hold an entry made elsewhere (another replica's), as it is."""
+        self._entries.pop(entry.fingerprint, None)
+        self._entries[entry.fingerprint] = entry
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
-        return entry
 
     def get(self, fp: str, now: float) -> QuarantineEntry | None:
         entry = self._entries.get(fp)
@@ -84,12 +178,24 @@ class Quarantine:
         return list(self._entries.values())
 
     def remove(self, fp: str) -> bool:
-        return self._entries.pop(fp, None) is not None
+        found = self._entries.pop(fp, None) is not None
+        if self._listener is not None:  # told even when absent here: the fleet may hold it
+            self._listener.released(fp)
+        return found
 
     def clear(self) -> int:
         count = len(self._entries)
         self._entries.clear()
+        if self._listener is not None:
+            self._listener.released(None)
         return count
+
+    def forget(self, fp: str | None) -> None:
+        """Drop one entry, or all (None), released elsewhere."""
+        if fp is None:
+            self._entries.clear()
+        else:
+            self._entries.pop(fp, None)
 
 
 @dataclass(slots=True)
@@ -100,6 +206,12 @@ class Suspect:
     last_failure: float
 
 
+class SuspectListener(Protocol):
+    """Told of each engine failure charged here (gateway.fleet counts them fleet-wide)."""
+
+    def charged(self, fp: str, model: str | None) -> None: ...
+
+
 class SuspectBook:
     """Fingerprints that were in flight when the engine failed, awaiting a verdict."""
 
@@ -107,13 +219,27 @@ class SuspectBook:
         self.ttl_s = ttl_s
         self.max_entries = max_entries
         self._suspects: OrderedDict[str, Suspect] = OrderedDict()
+        self._listener: SuspectListener | None = None
+
+    def attach(self, listener: SuspectListener) -> None:
+        self._listener = listener
 
     def charge(self, fp: str, model: str | None, now: float) -> Suspect:
         """One more engine failure with `fp` in flight."""
+        suspect = self._put(fp, model, now)
+        suspect.failures += 1
+        if self._listener is not None:
+            self._listener.charged(fp, model)
+        return suspect
+
+    def mark(self, fp: str, model: str | None, now: float) -> None:
+        """A suspect without a failure here: other replicas' failures made it one."""
+        self._put(fp, model, now)
+
+    def _put(self, fp: str, model: str | None, now: float) -> Suspect:
         suspect = self._suspects.pop(fp, None)
         if suspect is None or now - suspect.last_failure > self.ttl_s:
             suspect = Suspect(fp, model, 0, now)
-        suspect.failures += 1
         suspect.last_failure = now
         self._suspects[fp] = suspect
         while len(self._suspects) > self.max_entries:

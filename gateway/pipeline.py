@@ -4,7 +4,8 @@
 
     read the body → its view (schema) → not draining → quarantined? → policy prechecks
     → engine ready (held while it restarts) → served model and its context length
-    → chat template trusted? → prompt tokens (cheap bound first) → policy decision
+    → chat template trusted? → request limits (gateway.hardening) → prompt tokens (cheap
+    bound first) → policy decision → output budget
     → the exchange with the engine (`gateway.exchange`: gate, relay, retry, resume)
 
 Each step either passes what the next one needs or raises the `GuardError` the middleware
@@ -21,13 +22,24 @@ from typing import Any, NoReturn
 from aiohttp import web
 
 from engine.supervisor import EngineSupervisor
+from gateway.admission import ClientShare
+from gateway.aliases import policy_name
 from gateway.body import read_json_object
 from gateway.config import Config, Policy
+from gateway.edge import client_key
 from gateway.errors import BadRequest, EngineUnavailable, NotFound
 from gateway.exchange import Exchange, answer
+from gateway.hardening import limit_output, limit_request
 from gateway.isolation import fingerprint
-from gateway.keys import CONFIG, GATE, LIFECYCLE, RECORD, SUPERVISOR, TOKENS
-from gateway.policy import Reject, context_length_for, decide, exact_count_above, precheck
+from gateway.keys import CONFIG, GATE, LIFECYCLE, RECORD, SUPERVISOR, TOKENS, VOCABULARIES
+from gateway.policy import (
+    Reject,
+    context_length_for,
+    decide,
+    exact_count_above,
+    precheck,
+    refused_from,
+)
 from gateway.requestlog import RequestRecord
 from gateway.schemas import ChatView, CompletionView, parse_chat, parse_completion
 
@@ -76,7 +88,8 @@ async def admit(request: web.Request, endpoint: Endpoint) -> Exchange:
     fp = fingerprint(body, config.isolation.fingerprint_ignore_set)
     record.fields["fingerprint"] = fp
     app[GATE].check_quarantine(fp)
-    policy = config.policy_for(view.model)  # the named model's: its deadline, its prechecks
+    # The named model's (an alias's, its model's): its deadline, its prechecks.
+    policy = policy_of(config, app[SUPERVISOR], view.model)
     deadline = time.monotonic() + policy.deadline_s
     refusal = precheck(view, policy)
     if refusal is not None:
@@ -87,10 +100,17 @@ async def admit(request: web.Request, endpoint: Endpoint) -> Exchange:
     target = _target(config, supervisor, model, policy if model == view.model else None)
     if not target.policy.trust_request_chat_template and _brings_a_template(body):
         raise BadRequest(UNTRUSTED_TEMPLATE)
-    prompt_tokens = await _prompt_tokens(request, endpoint, view, body, target)
+    limited = await limit_request(
+        app[VOCABULARIES], record.fields, body, chat=endpoint.chat, policy=target.policy
+    )
+    body = limited.body  # without the fields the policy strips
+    prompt_tokens = await app[GATE].exchange(  # may ask /tokenize: settled like a generation
+        lambda: _prompt_tokens(request, endpoint, view, body, target), deadline
+    )
     decision = decide(view, target.policy, prompt_tokens, target.context_length)
     if isinstance(decision, Reject):
         _reject(record, decision)
+    decision = limit_output(decision, limited, view, target.policy, record.fields)
     record.fields.update(decision.log_fields)
     record.fields["prompt_tokens"] = max(prompt_tokens)
     return Exchange.of(
@@ -103,6 +123,17 @@ async def admit(request: web.Request, endpoint: Endpoint) -> Exchange:
         fingerprint=fp,
         max_in_flight=target.policy.max_in_flight,
         deadline=deadline,
+        share=_share(request, target.policy),
+    )
+
+
+def _share(request: web.Request, policy: Policy) -> ClientShare | None:
+    """The client's share of the bulkhead, when the policy sets one."""
+    if policy.max_in_flight_per_client is None:
+        return None
+    peer = request.remote
+    return ClientShare(
+        client_key(request.headers.get("Authorization"), peer), policy.max_in_flight_per_client
     )
 
 
@@ -112,7 +143,7 @@ def _target(
     """A served model with its policy (looked up unless the caller has it) and the context
     length to decide with (503 while unknown)."""
     if policy is None:
-        policy = config.policy_for(model)
+        policy = policy_of(config, supervisor, model)
     max_model_len = supervisor.models.get(model)
     context_length = context_length_for(policy, max_model_len)
     if context_length is None:  # the engine did not say; only the policy could
@@ -121,6 +152,11 @@ def _target(
             retry_after_s=supervisor.retry_after_s(),
         )
     return Target(model, policy, max_model_len, context_length)
+
+
+def policy_of(config: Config, supervisor: EngineSupervisor, model: str | None) -> Policy:
+    """The policy of a model name: its own entry, else its model's (gateway.aliases)."""
+    return config.policy_for(policy_name(model, supervisor.model_families, config.models))
 
 
 UNTRUSTED_TEMPLATE = (
@@ -171,8 +207,13 @@ async def _prompt_tokens(
     it is below every threshold of the policy, else the exact count (one render either way)."""
     counter = request.app[TOKENS].counter(target.model, target.policy)
     limit = exact_count_above(view, target.policy, target.context_length)
+    refuse_at = refused_from(target.policy, target.context_length)
     if endpoint.chat:
-        count = await counter.count_chat_within(body, limit, max_model_len=target.max_model_len)
+        count = await counter.count_chat_within(
+            body, limit, max_model_len=target.max_model_len, refuse_at=refuse_at
+        )
         return [count.tokens]
-    counts = await counter.count_completion_within(body, limit, max_model_len=target.max_model_len)
+    counts = await counter.count_completion_within(
+        body, limit, max_model_len=target.max_model_len, refuse_at=refuse_at
+    )
     return [c.tokens for c in counts]

@@ -68,7 +68,8 @@ class Reason(StrEnum):
 class Reject:
     """Refuse the request with `error` (a 400 in vLLM's envelope)."""
 
-    reason: Reason
+    reason: StrEnum
+    """A `Reason`, or a `limit_names.Limit` for a request limit."""
     error: BadRequest
 
     @property
@@ -230,6 +231,17 @@ def exact_count_above(view: RequestView, policy: Policy, context_length: int) ->
     if policy.max_prompt_tokens is not None:
         limit = min(limit, policy.max_prompt_tokens)
     return limit
+
+
+def refused_from(policy: Policy, context_length: int) -> int | None:
+    """The prompt length from which a prompt is refused whatever else the request says
+    (it fills the context, or passes max_prompt_tokens): a lower bound at least this
+    settles the decision without an exact count. None in report mode (nothing is refused)."""
+    if policy.mode is PolicyMode.REPORT:
+        return None
+    if policy.max_prompt_tokens is not None:
+        return min(context_length, policy.max_prompt_tokens + 1)
+    return context_length
 
 
 def context_length_for(policy: Policy, max_model_len: int | None) -> int | None:

@@ -12,6 +12,7 @@ Exceptions are left for errors the middleware renders.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from typing import Final
 
 import aiohttp
+import structlog
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -27,6 +29,7 @@ from gateway.errors import (
     EngineFailed,
     EngineTimeout,
     EngineUnavailable,
+    EngineUnreachable,
     error_bytes,
 )
 
@@ -45,6 +48,7 @@ HOP_BY_HOP: Final = frozenset(
         "content-length",
     }
 )
+log = structlog.get_logger("gateway")
 _STREAM_BODY_BYTES: Final = 1 << 20  # aiohttp's TOO_LARGE_BYTES_BODY
 # Response headers the gateway sets itself.
 _RESPONSE_DROP: Final = HOP_BY_HOP | {"date", "server", "x-request-id"}
@@ -76,6 +80,25 @@ def response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
     return out
 
 
+class ClientTooSlow(ConnectionResetError):
+    """A write to the client did not complete within `server.client_write_timeout_s`: the
+    client stopped reading. Handled as a client gone (the engine's side is closed, the
+    bulkhead slot freed), and the connection is aborted."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(f"the client read nothing for {timeout_s:g} s")
+        self.timeout_s = timeout_s
+
+
+async def write_bounded(resp: web.StreamResponse, data: bytes, timeout_s: float | None) -> None:
+    """`resp.write(data)`, waiting at most `timeout_s` for a client that does not read."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            await resp.write(data)
+    except TimeoutError:
+        raise ClientTooSlow(timeout_s or 0.0) from None
+
+
 ProgressCallback = Callable[[bytes], None]
 """Told of every piece of the answer relayed to the client."""
 Transform = Callable[[bytes], bytes]
@@ -104,15 +127,18 @@ class Upstream:
                 allow_redirects=False,
             )
         except aiohttp.ClientConnectorError as err:
+            # The client is told what happened, never where the engine listens: the
+            # address and the OS error stay in the log.
+            log.warning("engine_unreachable", path=path, error=str(err))
             raise EngineFailed(
-                f"The engine is not reachable ({err.os_error.strerror or err}); "
-                "it may be starting or restarting."
+                "The engine is not reachable; it may be starting or restarting."
             ) from None
         except (TimeoutError, aiohttp.ServerTimeoutError):
             raise EngineTimeout("The engine did not answer in time.") from None
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as err:
+            log.warning("engine_disconnected", path=path, error=str(err))
             raise EngineFailed(
-                f"The engine closed the connection before answering ({err})."
+                f"The engine closed the connection before answering ({type(err).__name__})."
             ) from None
 
     async def json(
@@ -131,14 +157,24 @@ class Upstream:
             ) as resp:
                 raw = await resp.read()
         except aiohttp.ClientConnectorError:
-            raise EngineUnavailable(
+            raise EngineUnreachable(
                 "The engine is not reachable.", retry_after_s=self._retry_after_s()
             ) from None
         except (TimeoutError, aiohttp.ServerTimeoutError):
             raise EngineTimeout("The engine did not answer in time.") from None
-        except aiohttp.ClientError as err:
-            raise EngineUnavailable(
+        except (
+            aiohttp.ServerDisconnectedError,
+            aiohttp.ClientOSError,
+            aiohttp.ClientPayloadError,
+        ) as err:
+            raise EngineUnreachable(
                 f"The engine failed to answer ({err}).", retry_after_s=self._retry_after_s()
+            ) from None
+        except aiohttp.ClientError as err:
+            log.warning("engine_failed_to_answer", path=path, error=str(err))
+            raise EngineUnavailable(
+                f"The engine failed to answer ({type(err).__name__}).",
+                retry_after_s=self._retry_after_s(),
             ) from None
         try:
             return resp.status, json.loads(raw)
@@ -189,16 +225,19 @@ async def relay_response(
     upstream: aiohttp.ClientResponse,
     extra_headers: Mapping[str, str],
     on_progress: ProgressCallback | None = None,
+    *,
+    write_timeout_s: float | None = None,
 ) -> RelayOutcome:
-    """Answer the client with the engine's response: a stream chunk by chunk, anything else
-    whole. Always releases the upstream connection; closes it unless the engine answered.
-    Raises `BadGateway` for an engine error (4xx) whose body is not JSON."""
+    """Answer the client with the engine's response: a stream chunk by chunk (each write
+    waiting at most `write_timeout_s`, else `ClientTooSlow`), anything else whole. Always
+    releases the upstream connection; closes it unless the engine answered. Raises
+    `BadGateway` for an engine error (4xx) whose body is not JSON."""
     outcome: RelayOutcome | None = None
     try:
         headers = response_headers(upstream)
         headers.update(extra_headers)
         if upstream.content_type == "text/event-stream":
-            outcome = await _relay_stream(request, upstream, headers, on_progress)
+            outcome = await _relay_stream(request, upstream, headers, on_progress, write_timeout_s)
         else:
             outcome = await _relay_whole(upstream, headers, on_progress)
         return outcome
@@ -251,6 +290,7 @@ async def _relay_stream(
     upstream: aiohttp.ClientResponse,
     headers: CIMultiDict[str],
     on_progress: ProgressCallback | None,
+    write_timeout_s: float | None,
 ) -> RelayOutcome:
     # Nothing goes to the client before the engine's first chunk: a stream the engine cuts
     # before that can still be retried as if it never started.
@@ -260,7 +300,7 @@ async def _relay_stream(
         return first
     resp = web.StreamResponse(status=upstream.status, headers=headers)
     await resp.prepare(request)
-    if not await _pump(resp, chunks, first, None, on_progress):
+    if not await _pump(resp, chunks, first, None, on_progress, write_timeout_s):
         return CutAfterBytes(resp)
     await resp.write_eof()
     return Answered(resp)
@@ -271,6 +311,8 @@ async def continue_stream(
     upstream: aiohttp.ClientResponse,
     transform: Transform,
     on_progress: ProgressCallback | None,
+    *,
+    write_timeout_s: float | None = None,
 ) -> RelayOutcome:
     """Relay a continuation into a stream the client already has open (see gateway.resume).
     Reports like `relay_response`; always releases or closes the upstream connection."""
@@ -280,7 +322,7 @@ async def continue_stream(
         first = await _first_chunk(chunks)
         if isinstance(first, FailedBeforeBytes):
             outcome = first
-        elif not await _pump(resp, chunks, first, transform, on_progress):
+        elif not await _pump(resp, chunks, first, transform, on_progress, write_timeout_s):
             outcome = CutAfterBytes(resp)
         else:
             outcome = Answered(resp)
@@ -308,8 +350,10 @@ async def _pump(
     first: bytes,
     transform: Transform | None,
     on_progress: ProgressCallback | None,
+    write_timeout_s: float | None,
 ) -> bool:
-    """Relay chunks until the engine's stream ends (True) or the engine cuts it (False)."""
+    """Relay chunks until the engine's stream ends (True) or the engine cuts it (False).
+    A client that takes no bytes for `write_timeout_s` raises `ClientTooSlow`."""
     chunk = first
     try:
         while chunk:
@@ -317,7 +361,7 @@ async def _pump(
             if on_progress is not None:
                 on_progress(out)
             if out:
-                await resp.write(out)
+                await write_bounded(resp, out, write_timeout_s)
             chunk = await anext(chunks, b"")
     except _ENGINE_CUT:
         return False

@@ -45,12 +45,17 @@ FIXED_KEYS: tuple[str, ...] = (
     "server.host",
     "server.port",
     "server.max_body_bytes",
+    "server.header_timeout_s",
+    "server.keepalive_timeout_s",
+    "server.api_key_env",
     "admin",
     "engine.url",
     "engine.connect_timeout_s",
+    "isolation.shared",
 )
-"""Read once when the gateway starts (its listeners, the body-size cap of its app, the
-session to the engine): a change waits for the next gateway start."""
+"""Read once when the gateway starts (its listeners and their connection timeouts, the
+body-size cap of its app, the engine's API keys, the session to the engine, the shared
+quarantine's Redis connection): a change waits for the next gateway start."""
 
 AT_ENGINE_RESTART: tuple[str, ...] = ("engine.command", "engine.env")
 """Applied to the snapshot, used when the engine is next (re)started."""
@@ -156,6 +161,9 @@ def pin_fixed(running: Config, new: Config) -> tuple[Config, tuple[str, ...], tu
             "host": running.server.host,
             "port": running.server.port,
             "max_body_bytes": running.server.max_body_bytes,
+            "header_timeout_s": running.server.header_timeout_s,
+            "keepalive_timeout_s": running.server.keepalive_timeout_s,
+            "api_key_env": running.server.api_key_env,
         }
     )
     pinned = new.model_copy(
@@ -163,6 +171,7 @@ def pin_fixed(running: Config, new: Config) -> tuple[Config, tuple[str, ...], tu
             "server": server,
             "admin": running.admin,
             "engine": new.engine.model_copy(update=engine_keep),
+            "isolation": new.isolation.model_copy(update={"shared": running.isolation.shared}),
         }
     )
     return pinned, tuple(_collapse(fixed)), tuple(_collapse(later))

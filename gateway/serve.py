@@ -15,6 +15,7 @@ from aiohttp import web
 
 from gateway.config import Config
 from gateway.keys import ADMIN_APP, CONFIG, INFLIGHT, LIFECYCLE, SUPERVISOR
+from gateway.protocol import GuardedRunner
 
 log = structlog.get_logger("gateway")
 
@@ -55,13 +56,20 @@ def _bound_port(runner: web.AppRunner) -> int:
 async def listen(app: web.Application, config: Config) -> Listening:
     """Build the runners and sites from the config and start them: the one place where
     server-level settings are made. Handlers are cancelled when their client goes away (so an
-    abandoned generation stops at the engine); signals are `serve()`'s to handle."""
-    runner = web.AppRunner(
+    abandoned generation stops at the engine); signals are `serve()`'s to handle. Bodies are
+    never inflated (a compressed one is refused 415 by the middleware, see issue 10); each
+    connection has a bounded time to send its headers (gateway.protocol) and to stay idle."""
+    server = config.server
+    runner = GuardedRunner(
         app,
+        header_timeout_s=server.header_timeout_s,
         handle_signals=False,
         handler_cancellation=True,
         access_log=None,
         shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+        keepalive_timeout=server.keepalive_timeout_s,
+        auto_decompress=False,
+        lingering_time=0,
     )
     try:
         await runner.setup()

@@ -67,7 +67,8 @@ _COMPLETION_DEFAULT_MAX_TOKENS = 16  # CompletionRequest.max_tokens
 @dataclass(frozen=True, slots=True)
 class PromptCount:
     tokens: int
-    """The exact count, or when `exact` is false an upper bound of it."""
+    """The exact count, or when `exact` is false a bound of it: an upper bound below every
+    threshold, or a lower bound past the refusal one."""
     exact: bool
     source: Literal["local", "engine", "ids"]
 
@@ -305,13 +306,20 @@ class TokenCounter:
     # -- counting ------------------------------------------------------------------------------
 
     async def count_chat_within(
-        self, body: Mapping[str, object], limit: int | None, *, max_model_len: int | None = None
+        self,
+        body: Mapping[str, object],
+        limit: int | None,
+        *,
+        max_model_len: int | None = None,
+        refuse_at: int | None = None,
     ) -> PromptCount:
         """The upper bound when it is at most `limit` (no decision can then depend on the
-        exact count), else the exact count. `limit=None` always counts exactly."""
+        exact count), else the exact count. `limit=None` always counts exactly. A prompt whose
+        cheap lower bound is at least `refuse_at` (it is refused whatever its exact count) is
+        answered with that lower bound, not tokenized."""
         chat = _Chat.read(body)
         keep = _truncation(chat.truncate, chat.max_output, max_model_len)
-        local = await self._chat_local(chat, body, keep, limit)
+        local = await self._chat_local(chat, body, keep, _Limits(limit, refuse_at))
         if isinstance(local, PromptCount):
             return local
         tokens = await self._ask_engine(chat.tokenize_payload(self.model), local)
@@ -323,10 +331,15 @@ class TokenCounter:
         limit: int | None,
         *,
         max_model_len: int | None = None,
+        refuse_at: int | None = None,
     ) -> list[PromptCount]:
-        """Per prompt of a completions request: its bound when at most `limit`, else exact."""
+        """Per prompt of a completions request: its bound when at most `limit`, else exact;
+        when a prompt's lower bound is at least `refuse_at`, every prompt's lower bound (the
+        request is refused, nothing is tokenized)."""
         prompts, add_special_tokens, keep = _read_completion(body, max_model_len)
-        local = await self._prompts_local(prompts, add_special_tokens, keep, limit)
+        local = await self._prompts_local(
+            prompts, add_special_tokens, keep, _Limits(limit, refuse_at)
+        )
         if local is not None:
             return local
         counts = await asyncio.gather(
@@ -339,7 +352,7 @@ class TokenCounter:
     # most that.
 
     async def _chat_local(
-        self, chat: _Chat, body: Mapping[str, object], keep: int | None, limit: int | None
+        self, chat: _Chat, body: Mapping[str, object], keep: int | None, limit: _Limits
     ) -> PromptCount | str:
         """The count made here, or why the engine must make it."""
         if self.tokenizer is None:
@@ -366,7 +379,7 @@ class TokenCounter:
         prompts: Sequence[str | list[int]],
         add_special_tokens: bool,
         keep: int | None,
-        limit: int | None,
+        limit: _Limits,
     ) -> list[PromptCount] | None:
         """The counts made here; None when a text prompt needs the engine."""
         if self.tokenizer is not None:
@@ -417,26 +430,47 @@ class TokenCounter:
         raise BadGateway(f"The engine's /tokenize gave no count ({message or 'no message'}).")
 
 
+@dataclass(frozen=True, slots=True)
+class _Limits:
+    """Where a count stops mattering: an upper bound at most `exact_above` settles the
+    decision; so does a lower bound at least `refuse_at` (the prompt is refused)."""
+
+    exact_above: int | None
+    refuse_at: int | None
+
+
 def _within(bound: int, keep: int | None, limit: int | None) -> bool:
     return limit is not None and min(bound, keep if keep is not None else bound) <= limit
 
 
-def _local_chat(
-    tok: PromptTokenizer, chat: _Chat, keep: int | None, limit: int | None
-) -> PromptCount:
+def _refused_by_lower_bound(
+    tok: PromptTokenizer, text: str, keep: int | None, refuse_at: int | None
+) -> int | None:
+    """The prompt's lower bound when it alone refuses the prompt (truncation considered)."""
+    if refuse_at is None or (keep is not None and keep < refuse_at):
+        return None
+    low = tok.lower_bound(text)
+    return low if low is not None and low >= refuse_at else None
+
+
+def _local_chat(tok: PromptTokenizer, chat: _Chat, keep: int | None, limit: _Limits) -> PromptCount:
     """A bound without rendering when the template's length bound (engine.render_bound)
-    settles the decision; else render once, the bound of the text when it settles it, else
-    encode. The request's checks run either way (`prepare_chat`)."""
+    settles the decision; else render once: the lower bound when it alone refuses, the upper
+    bound of the text when it settles it, else encode. The request's checks run either way
+    (`prepare_chat`)."""
     prepared = chat.prepare(tok)
-    if limit is not None:
+    if limit.exact_above is not None:
         nbytes = prepared.length_bound()
         bound = None if nbytes is None else tok.tokens_bound(nbytes)
-        if bound is not None and _within(bound, keep, limit):
+        if bound is not None and _within(bound, keep, limit.exact_above):
             return PromptCount(bound, False, "local")
     text = prepared.render()
-    if limit is not None:
+    low = _refused_by_lower_bound(tok, text, keep, limit.refuse_at)
+    if low is not None:
+        return PromptCount(low, False, "local")
+    if limit.exact_above is not None:
         bound = tok.upper_bound(text)
-        if _within(bound, keep, limit):
+        if _within(bound, keep, limit.exact_above):
             return PromptCount(bound, False, "local")
     return PromptCount(len(tok.encode_completion(text, chat.add_special_tokens)), True, "local")
 
@@ -446,16 +480,27 @@ def _local_prompts(
     prompts: Sequence[str | list[int]],
     add_special_tokens: bool,
     keep: int | None,
-    limit: int | None,
+    limit: _Limits,
 ) -> list[PromptCount]:
+    lows = [
+        _refused_by_lower_bound(tok, p, keep, limit.refuse_at) if isinstance(p, str) else None
+        for p in prompts
+    ]
+    if any(low is not None for low in lows):  # refused: no prompt needs tokenizing
+        return [
+            PromptCount(len(p), True, "ids")
+            if isinstance(p, list)
+            else PromptCount(tok.lower_bound(p) or 0, False, "local")
+            for p in prompts
+        ]
     out = []
     for prompt in prompts:
         if isinstance(prompt, list):
             out.append(PromptCount(len(prompt), True, "ids"))
             continue
-        if limit is not None:
+        if limit.exact_above is not None:
             bound = tok.upper_bound(prompt)
-            if _within(bound, keep, limit):
+            if _within(bound, keep, limit.exact_above):
                 out.append(PromptCount(bound, False, "local"))
                 continue
         tokens = len(tok.encode_completion(prompt, add_special_tokens))

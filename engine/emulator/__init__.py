@@ -27,6 +27,10 @@ chunk, /health 503; with `on_death="exit"` the process then exits), `die_on` (os
 once: in-process, that ends the host process too, so test it through the CLI), `hang_on`
 (every generation stalls for good, /health stays 200), `latency_ms` (every request is slow).
 Markers and the crash act only on requests that pass validation: those reach the engine.
+`hold_tokenize_on` (a marked /tokenize is never answered, so the process's death resets it:
+an admission exchange in flight when the engine dies; `hold_tokenize_once` makes that happen
+once across restarts). `serve_completions=False` (`--no-completions`) leaves /v1/completions
+unserved (404), as a server that serves only chat.
 
 Token counting without a tokenizer is described in `tokens.py`.
 

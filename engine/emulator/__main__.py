@@ -68,6 +68,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[EmulatorSettings, arg
     p.add_argument("--child", action="store_true", help="start an EngineCore-like child")
     p.add_argument("--child-ignores-term", action="store_true", help="... that ignores SIGTERM")
     p.add_argument("--ignore-term", action="store_true", help="SIGTERM does not stop it")
+    p.add_argument("--hold-tokenize-on", metavar="MARKER",
+                   help="a /tokenize with it is held open until the process dies")  # fmt: skip
+    p.add_argument("--hold-tokenize-once", metavar="FILE", type=Path,
+                   help="hold once across restarts: the first hold creates FILE")  # fmt: skip
+    p.add_argument("--no-completions", action="store_true",
+                   help="do not serve /v1/completions (a chat-only server)")  # fmt: skip
     args = p.parse_args(argv)
     settings = EmulatorSettings(
         served_model_names=tuple(args.names or ("tiny",)),
@@ -85,6 +91,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[EmulatorSettings, arg
         hang_on=args.hang_on,
         log_requests=args.log_requests,
         control=args.control,
+        serve_completions=not args.no_completions,
+        hold_tokenize_on=args.hold_tokenize_on,
+        hold_tokenize_once=args.hold_tokenize_once,
     )
     return settings, args
 

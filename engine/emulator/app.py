@@ -99,7 +99,8 @@ def create_emulator_app(settings: EmulatorSettings) -> web.Application:
     app.router.add_post("/tokenize", _tokenize)
     app.router.add_post("/detokenize", _detokenize)
     app.router.add_post("/v1/chat/completions", _chat_completions)
-    app.router.add_post("/v1/completions", _completions)
+    if settings.serve_completions:
+        app.router.add_post("/v1/completions", _completions)
     return app
 
 
@@ -234,6 +235,7 @@ async def _tokenize(request: web.Request) -> web.Response:
     emulator = request.app[EMULATOR]
     req = parse_as(TokenizeRequest, parse_json(await request.read()))
     resolve_model(req.model, emulator.settings.model_names)
+    await _hold_if_marked(emulator.settings, req)
     tokenizer = emulator.tokenizer
     if req.messages is not None:
         ids = _encode_chat(tokenizer, req)
@@ -252,6 +254,24 @@ async def _tokenize(request: web.Request) -> web.Response:
             "token_strs": strs,
         }
     )
+
+
+async def _hold_if_marked(settings: EmulatorSettings, req: TokenizeRequest) -> None:
+    """`hold_tokenize_on`: never answer a marked /tokenize (until the process dies)."""
+    marker = settings.hold_tokenize_on
+    if marker is None:
+        return
+    text = messages_text(req.messages) if req.messages is not None else [req.prompt or ""]
+    if not any(marker in t for t in text):
+        return
+    once = settings.hold_tokenize_once
+    if once is not None:
+        try:
+            once.touch(exist_ok=False)
+        except FileExistsError:
+            return  # held once already, by an earlier process
+    print("emulator holding /tokenize until the process dies", flush=True)
+    await asyncio.Event().wait()
 
 
 async def _detokenize(request: web.Request) -> web.Response:

@@ -49,6 +49,17 @@ class EmulatorSettings(BaseModel):
     hang_on: str | None = Field(None, min_length=1)
     """A request whose prompt contains this marker stalls all generation for good, while
     /health keeps answering 200 (vllm#39863)."""
+    hold_tokenize_on: str | None = Field(None, min_length=1)
+    """A /tokenize whose text contains this marker is held open, never answered, until the
+    process dies (its connection is then reset): the death window of an admission exchange.
+    It prints `emulator holding /tokenize until the process dies` when it begins."""
+    hold_tokenize_once: Path | None = None
+    """With `hold_tokenize_on`: hold once across restarts. The first hold creates this file; a
+    process that finds it answers marked /tokenize requests normally (a supervised engine is
+    restarted with the same flags)."""
+    serve_completions: bool = True
+    """Serve POST /v1/completions. Off: it answers 404 as any unknown path (a server that
+    serves only chat, as some OpenAI-compatible predictors do)."""
     log_requests: bool = False
     """Print a uvicorn-style access-log line per request on stdout, as vLLM does."""
     control: bool = False

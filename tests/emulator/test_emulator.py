@@ -654,6 +654,72 @@ async def test_hang_stalls_all_generation_while_health_stays_200(
     await wait_for_metric(client, "vllm:num_requests_running", 0)
 
 
+# --- run-time control (--control) ----------------------------------------------------------
+
+
+async def test_control_is_not_served_unless_asked(make_client: MakeClient) -> None:
+    """Without `control`, the emulator serves nothing vLLM would not: /_emulator/ is a 404."""
+    client = await make_client()
+    assert (await client.post("/_emulator/control", json={"health": 503})).status == 404
+    assert (await client.get("/_emulator/info")).status == 404
+    assert (await client.get("/health")).status == 200
+
+
+async def test_control_sets_health_metrics_and_busy(make_client: MakeClient) -> None:
+    """/health answers the status set, /metrics can be made a 404, and `busy` moves the
+    generation counter with no request running; a malformed change is refused."""
+    client = await make_client(control=True)
+    assert (await client.post("/_emulator/control", json={"health": 503})).status == 200
+    assert (await client.get("/health")).status == 503
+    await client.post("/_emulator/control", json={"metrics": False})
+    assert (await client.get("/metrics")).status == 404
+    await client.post("/_emulator/control", json={"metrics": True, "busy": True})
+    async with asyncio.timeout(WAIT_S):
+        while await metric(client, "vllm:generation_tokens_total") < 2:
+            await asyncio.sleep(0.02)
+    assert await metric(client, "vllm:num_requests_running") == 0
+    refused = await client.post("/_emulator/control", json={"health": "sick", "x": 1})
+    assert refused.status == 422
+    info = await (await client.get("/_emulator/info")).json()
+    assert info["child_pid"] is None
+    assert isinstance(info["pid"], int)
+
+
+async def test_control_hangs_and_releases_generation(make_client: MakeClient) -> None:
+    """`hang` stalls a running generation with /health 200; `hang: false` lets it finish."""
+    client = await make_client(control=True)
+    await client.post("/_emulator/control", json={"hang": True})
+    request = asyncio.create_task(
+        client.post("/v1/completions", json={"prompt": "a", "max_tokens": 3})
+    )
+    try:
+        await wait_for_metric(client, "vllm:num_requests_running", 1)
+        assert (await client.get("/health")).status == 200
+        assert await metric(client, "vllm:generation_tokens_total") == 0
+        assert not request.done()
+        await client.post("/_emulator/control", json={"hang": False})
+        async with asyncio.timeout(WAIT_S):
+            answer = await (await request).json()
+    finally:
+        request.cancel()
+    assert answer["usage"]["completion_tokens"] == 3
+
+
+async def test_lora_modules_are_listed_and_served(make_client: MakeClient) -> None:
+    """An adapter is listed as vLLM lists one (its base model as parent, no max_model_len of
+    its own) and answers requests that name it."""
+    client = await make_client(lora_modules={"tiny-lora": "/adapters/x"})
+    models = (await (await client.get("/v1/models")).json())["data"]
+    assert [(m["id"], m["parent"], m["root"]) for m in models] == [
+        ("tiny", None, "tiny"),
+        ("tiny-lora", "tiny", "/adapters/x"),
+    ]
+    assert models[1]["max_model_len"] is None
+    resp = await client.post("/v1/completions", json={"model": "tiny-lora", "prompt": "a"})
+    assert resp.status == 200
+    assert (await resp.json())["model"] == "tiny-lora"
+
+
 # --- faults, as a process ----------------------------------------------------------------
 
 

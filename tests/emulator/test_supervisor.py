@@ -16,9 +16,10 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
+from engine.detect import PROBE_PROMPT
 from engine.process import EngineProcess
 from engine.settings import EngineConfig
-from engine.supervisor import PROBE_PROMPT, EngineState, EngineSupervisor
+from engine.supervisor import EngineState, EngineSupervisor
 from tests.helpers import (
     Recorder,
     control_emulator,

@@ -10,6 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from engine.detect import START_TIME, parse_marks, restart_evidence
 from engine.process import group_alive
 from engine.supervisor import EngineState, EngineSupervisor
 from gateway.keys import SUPERVISOR
@@ -76,6 +77,7 @@ async def test_engine_killed_mid_stream_is_restarted(gateway_server: Any) -> Non
             async with asyncio.timeout(120):
                 while len(events) < 3:  # the stream is under way
                     events.append(await anext(stream))
+            before = await _marks(session, config.engine.url)
             os.killpg(group, signal.SIGKILL)
             async with asyncio.timeout(60):  # it ends; it does not hang
                 events.extend([event async for event in stream])
@@ -85,6 +87,7 @@ async def test_engine_killed_mid_stream_is_restarted(gateway_server: Any) -> Non
         assert events[-1] == "[DONE]"
 
         assert await wait_status(session, base + "/ready", 200, START_S)
+        after = await _marks(session, config.engine.url)
         async with session.post(
             base + "/v1/completions",
             json={"model": MODEL_NAME, "prompt": "Hello", "max_tokens": 8, "ignore_eos": True},
@@ -92,6 +95,19 @@ async def test_engine_killed_mid_stream_is_restarted(gateway_server: Any) -> Non
             assert resp.status == 200
             answer = await resp.json()
     assert answer["usage"]["completion_tokens"] == 8
+    # The sidecar shape's restart evidence holds for the real vLLM: its process start time
+    # changed, and (for vLLM with several API servers, which has none) a counter went back.
+    assert START_TIME in before
+    assert "changed" in (restart_evidence(before, after, refused=False) or "")
+    before.pop(START_TIME)
+    after.pop(START_TIME, None)
+    assert "went backwards" in (restart_evidence(before, after, refused=False) or "")
     assert "SIGKILL" in recorder.reasons(EngineState.FAILED)[0]
     assert supervisor.epoch == 2
     assert not group_alive(group)
+
+
+async def _marks(session: aiohttp.ClientSession, engine_url: str) -> dict[str, float]:
+    async with session.get(engine_url + "/metrics") as resp:
+        assert resp.status == 200
+        return parse_marks(await resp.text())

@@ -115,7 +115,7 @@ async def test_bulkhead_queue_then_429(clock: FakeClock) -> None:
 async def test_no_restart_coming_means_503_at_once() -> None:
     """An engine that is down with no restart coming (sidecar, or given up) is 503 at once,
     with the supervisor's Retry-After."""
-    gate = _gate(FakeSupervisor(ready=False), supervised=False)
+    gate = _gate(FakeSupervisor(ready=False, restart=False), supervised=False)
     with pytest.raises(EngineUnavailable) as info:
         await asyncio.wait_for(gate.enter("a", "m", "f", 4, _deadline()), 1)
     assert info.value.headers["Retry-After"] == "7"

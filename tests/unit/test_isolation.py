@@ -52,7 +52,15 @@ def test_public_entry_never_holds_the_prompt() -> None:
     """What the operator lists is fingerprint, model, times, reason: no body text."""
     q = Quarantine(ttl_s=10, max_entries=5)
     entry = q.add("fp", "tiny", "engine died", 2, now=100)
-    assert set(entry.public()) == {"fingerprint", "model", "since", "until", "reason", "failures"}
+    assert set(entry.public()) == {
+        "fingerprint",
+        "model",
+        "since",
+        "until",
+        "reason",
+        "failures",
+        "found_by",
+    }
     assert entry.public()["until"] == 110
 
 

@@ -60,6 +60,19 @@ def test_pin_fixed_keeps_listeners_and_names_them() -> None:
     assert later == ()
 
 
+def test_pin_fixed_keeps_the_shared_quarantine_connection() -> None:
+    """Turning the shared quarantine on (or pointing it at another Redis) waits for a gateway
+    restart, while the rest of `isolation` applies at once."""
+    running = _config()
+    new = _config(
+        isolation={"queue_max": 3, "shared": {"url": "redis://127.0.0.1:6379/0"}},
+    )
+    pinned, fixed, _ = pin_fixed(running, new)
+    assert pinned.isolation.shared is None
+    assert pinned.isolation.queue_max == 3
+    assert fixed == ("isolation.shared",)
+
+
 def test_engine_command_applies_at_next_restart_but_not_the_shape() -> None:
     """A changed command or environment is applied (used at the next engine start) and named;
     going from supervised to sidecar is the gateway's shape and is kept."""
