@@ -8,7 +8,7 @@ from aiohttp import web
 
 from gateway.config import KSERVE_PREFIX
 from gateway.errors import EngineFailed, EngineUnavailable, NotFound
-from gateway.keys import CONFIG, LIFECYCLE, RECORD, SUPERVISOR, UPSTREAM
+from gateway.keys import CONFIG, LIFECYCLE, MAIN_APP, RECORD, SUPERVISOR, UPSTREAM
 from gateway.pipeline import CHAT, COMPLETIONS, generate
 from gateway.proxy import (
     Answered,
@@ -18,6 +18,7 @@ from gateway.proxy import (
     forward_headers,
     relay_response,
 )
+from gateway.requestlog import request_id_from
 
 
 def canonical_path(path: str) -> str:
@@ -78,20 +79,39 @@ async def relay(request: web.Request) -> web.StreamResponse:
     path = canonical_path(request.path)
     if f"{request.method} {path}" not in request.app[CONFIG].current.server.relay_set:
         raise NotFound(f"{request.method} {request.path} is not served by this gateway.")
-    record = request[RECORD]
-    raw = await request.read()
-    retry_after_s = request.app[SUPERVISOR].retry_after_s
+    request[RECORD].endpoint = "relay"
+    return await _relay(request, request.app, path, await request.read())
+
+
+async def engine_metrics(request: web.Request) -> web.StreamResponse:
+    """GET /engine/metrics: the engine's own GET /metrics, relayed unchanged (the gateway's
+    own are at /metrics; the two never share a response). Served where /metrics is, so on
+    the admin listener too when `metrics.listener` is admin."""
+    main = request.app.get(MAIN_APP, request.app)
+    return await _relay(request, main, "/metrics", b"")
+
+
+async def _relay(
+    request: web.Request, app: web.Application, path: str, raw: bytes
+) -> web.StreamResponse:
+    record = request.get(RECORD)  # None on the admin listener
+    if record is not None:
+        request_id = record.request_id
+        record.mark_sent()
+    else:
+        request_id = request_id_from(request.headers.get("X-Request-Id"))
+    retry_after_s = app[SUPERVISOR].retry_after_s
     try:
-        upstream = await request.app[UPSTREAM].open(
-            request.method, path, raw or None, forward_headers(request.headers, record.request_id)
+        upstream = await app[UPSTREAM].open(
+            request.method, path, raw or None, forward_headers(request.headers, request_id)
         )
     except EngineFailed as err:
         raise EngineUnavailable(err.message, retry_after_s=retry_after_s()) from None
     outcome = await relay_response(
         request,
         upstream,
-        {"X-Request-Id": record.request_id},
-        lambda _chunk: record.mark_first_byte(),
+        {"X-Request-Id": request_id},
+        None if record is None else (lambda _chunk: record.mark_first_byte()),
     )
     if isinstance(outcome, Answered):
         return outcome.response

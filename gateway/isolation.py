@@ -60,6 +60,10 @@ class Quarantine:
         self.ttl_s = ttl_s
         self.max_entries = max_entries
         self._entries: OrderedDict[str, QuarantineEntry] = OrderedDict()
+        self.added = 0
+        """Entries added so far (read by the metrics)."""
+        self.expired = 0
+        """Entries dropped because they expired or the oldest went for a new one."""
 
     def add(
         self, fp: str, model: str | None, reason: str, failures: int, now: float
@@ -67,20 +71,24 @@ class Quarantine:
         entry = QuarantineEntry(fp, model, now, now + self.ttl_s, reason, failures)
         self._entries.pop(fp, None)
         self._entries[fp] = entry
+        self.added += 1
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
+            self.expired += 1
         return entry
 
     def get(self, fp: str, now: float) -> QuarantineEntry | None:
         entry = self._entries.get(fp)
         if entry is not None and entry.until <= now:
             del self._entries[fp]
+            self.expired += 1
             return None
         return entry
 
     def entries(self, now: float) -> list[QuarantineEntry]:
         for fp in [fp for fp, e in self._entries.items() if e.until <= now]:
             del self._entries[fp]
+            self.expired += 1
         return list(self._entries.values())
 
     def remove(self, fp: str) -> bool:

@@ -11,6 +11,7 @@ from gateway.config import ConfigHolder
 from gateway.engineview import EngineHistory
 from gateway.inflight import InflightLedger
 from gateway.lifecycle import Lifecycle
+from gateway.metrics import Metrics
 from gateway.proxy import Upstream
 from gateway.reload import Reloader
 from gateway.requestlog import RequestRecord
@@ -30,5 +31,6 @@ ADMIN_TOKEN = web.AppKey("admin_token", str)
 ENGINE_HISTORY = web.AppKey("engine_history", EngineHistory)
 RELOADER = web.AppKey("reloader", Reloader)
 CONFIG_PATH = web.AppKey("config_path", str)
+METRICS = web.AppKey("metrics", Metrics)
 
 RECORD = web.RequestKey("record", RequestRecord)

@@ -13,8 +13,9 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from gateway.errors import GuardError, error_body
-from gateway.keys import RECORD
+from gateway.errors import GuardError, Quarantined, error_body
+from gateway.keys import METRICS, RECORD
+from gateway.metrics import QUARANTINED
 from gateway.requestlog import Outcome, RequestRecord, request_id_from
 
 log = structlog.get_logger("gateway")
@@ -59,6 +60,7 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
     except GuardError as err:
         record.outcome = Outcome.REJECTED if err.status < 500 else Outcome.ENGINE_ERROR
         record.reason = record.reason or err.type
+        record.cause = QUARANTINED if isinstance(err, Quarantined) else err.cause
         resp = render_error(err, record.request_id)
     except web.HTTPException as exc:
         record.outcome = Outcome.REJECTED
@@ -68,6 +70,7 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
         record.outcome = Outcome.CLIENT_GONE
         record.status = 499  # nginx's "client closed request": no status reached anyone
         log.info("request_finished", **record.log_fields(None))
+        _count(request, record)
         raise
     except Exception:
         log.exception("gateway_bug", request_id=record.request_id)
@@ -97,4 +100,12 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
         nbytes = resp.body_length
     record.status = resp.status
     log.info("request_finished", **record.log_fields(nbytes))
+    _count(request, record)
     return resp
+
+
+def _count(request: web.Request, record: RequestRecord) -> None:
+    """The request's metrics, once, beside its log line (none when metrics are off)."""
+    metrics = request.app.get(METRICS)
+    if metrics is not None:
+        metrics.request_finished(record)

@@ -48,9 +48,10 @@ FIXED_KEYS: tuple[str, ...] = (
     "admin",
     "engine.url",
     "engine.connect_timeout_s",
+    "metrics",
 )
 """Read once when the gateway starts (its listeners, the body-size cap of its app, the
-session to the engine): a change waits for the next gateway start."""
+routes of its metrics, the session to the engine): a change waits for the next gateway start."""
 
 AT_ENGINE_RESTART: tuple[str, ...] = ("engine.command", "engine.env")
 """Applied to the snapshot, used when the engine is next (re)started."""
@@ -106,6 +107,8 @@ class ReloadState:
     loaded_at: float = field(default_factory=time.time)
     """When the serving snapshot was applied (wall clock)."""
     applied: int = 0
+    unchanged: int = 0
+    """Of `applied`, the reloads whose file changed nothing."""
     failures: int = 0
     last: ReloadResult | None = None
     pending_gateway_restart: tuple[str, ...] = ()
@@ -162,6 +165,7 @@ def pin_fixed(running: Config, new: Config) -> tuple[Config, tuple[str, ...], tu
         update={
             "server": server,
             "admin": running.admin,
+            "metrics": running.metrics,
             "engine": new.engine.model_copy(update=engine_keep),
         }
     )
@@ -236,6 +240,8 @@ class Reloader:
             self._apply(running, pinned, snapshot)
             state.generation += 1
             state.applied += 1
+            if not changed:
+                state.unchanged += 1
             state.loaded_at = self._wall_clock()
             state.pending_gateway_restart = fixed
             if later:
