@@ -8,7 +8,7 @@ import json
 import pytest
 
 from engine.supervisor import EngineState, StateChange
-from gateway.config import parse_config
+from gateway.config import ConfigError, parse_config
 from gateway.metrics import Metrics, action_label, failure_cause, usage_of
 from gateway.policy import Action
 from tests.helpers import ROOT
@@ -152,3 +152,10 @@ def test_start_duration_and_restarts_from_state_changes() -> None:
     assert metrics.engine_restarts._value.get() == 1
     assert metrics.engine_last_start._value.get() == 1.0
     assert metrics.engine_failures.labels("exit")._value.get() == 1
+
+
+def test_metrics_on_the_admin_listener_need_it() -> None:
+    """metrics.listener admin with the admin listener off is a config error naming the key."""
+    with pytest.raises(ConfigError, match=r"metrics\.listener is admin"):
+        parse_config({"admin": {"enabled": False}, "metrics": {"listener": "admin"}})
+    parse_config({"admin": {"enabled": False}, "metrics": {"enabled": False, "listener": "admin"}})
