@@ -160,6 +160,7 @@ class Metrics:
         self.state = _StateCollector(self)
         r.register(self.state)
         self._children: dict[tuple[str, str, str, int], _Children] = {}
+        self._kept: dict[tuple[Counter, tuple[str, ...]], Counter] = {}
         self._starting_at: float | None = None
         self._clock = time.monotonic
 
@@ -200,8 +201,8 @@ class Metrics:
         if record.usage is not None and 200 <= status < 300:
             usage = usage_of(record.usage)
             if usage is not None:
-                self.prompt_tokens.labels(model).inc(usage[0])
-                self.completion_tokens.labels(model).inc(usage[1])
+                self._child(self.prompt_tokens, model).inc(usage[0])
+                self._child(self.completion_tokens, model).inc(usage[1])
         if record.cause is not None:
             if record.cause == QUARANTINED:
                 self.quarantine_hits.inc()
@@ -213,9 +214,17 @@ class Metrics:
     def _policy(self, model: str, record: RequestRecord) -> None:
         action = record.policy_action
         assert action is not None
-        self.policy_actions.labels(model, action).inc()
+        self._child(self.policy_actions, model, action).inc()
         if record.policy_reason is not None:
-            self.policy_rejections.labels(model, record.policy_reason).inc()
+            self._child(self.policy_rejections, model, record.policy_reason).inc()
+
+    def _child(self, metric: Counter, *labels: str) -> Counter:
+        """`metric.labels(*labels)`, resolved once (every label here is bounded)."""
+        key = (metric, labels)
+        child = self._kept.get(key)
+        if child is None:
+            child = self._kept[key] = metric.labels(*labels)
+        return child
 
     def client_write_timeout(self, model: str | None) -> None:
         """A client was cut for not reading its answer (issue 10's relay calls this, or the
