@@ -64,6 +64,10 @@ def failure_cause(reason: str) -> str | None:
     return None
 
 
+_DECODER = json.JSONDecoder()
+"""Stateless (as json's own default decoder): made once rather than per answer."""
+
+
 def usage_of(raw: bytes) -> tuple[int, int] | None:
     """(prompt_tokens, completion_tokens) of the last `"usage": {...}` object in an answer (a
     JSON body, or the SSE events of a stream's end), None when there is none. Reads only from
@@ -74,7 +78,7 @@ def usage_of(raw: bytes) -> tuple[int, int] | None:
         colon = raw.find(b":", at)
         if brace > colon >= 0 and raw[colon + 1 : brace].strip() == b"":
             try:
-                usage, _ = json.JSONDecoder().raw_decode(raw[brace:].decode("utf-8", "replace"))
+                usage, _ = _DECODER.raw_decode(raw[brace:].decode("utf-8", "replace"))
             except ValueError:
                 return None
             prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
