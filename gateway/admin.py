@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import os
+from collections.abc import Iterable
 from typing import Any
 
 import structlog
@@ -241,9 +242,11 @@ async def not_found(request: web.Request) -> web.Response:
     raise NotFound(f"{request.method} {request.path} is not an admin route.")
 
 
-def create_admin_app(main: web.Application, config: AdminConfig) -> web.Application:
-    """The admin app over the main app's state. Raises ConfigError when it would listen off
-    loopback without a token."""
+def create_admin_app(
+    main: web.Application, config: AdminConfig, *, extra_routes: Iterable[web.RouteDef] = ()
+) -> web.Application:
+    """The admin app over the main app's state (and `extra_routes`: the metrics, when they
+    are served here). Raises ConfigError when it would listen off loopback without a token."""
     admin = web.Application(middlewares=[admin_middleware])
     admin[MAIN_APP] = main
     admin[ADMIN_TOKEN] = admin_token(config) or ""
@@ -256,5 +259,6 @@ def create_admin_app(main: web.Application, config: AdminConfig) -> web.Applicat
     admin.router.add_delete("/quarantine", clear_quarantine)
     admin.router.add_delete("/quarantine/{fingerprint}", remove_entry)
     admin.router.add_get("/suspects", list_suspects)
+    admin.router.add_routes(extra_routes)
     admin.router.add_route("*", "/{tail:.*}", not_found)
     return admin

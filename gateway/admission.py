@@ -28,7 +28,7 @@ from typing import Any, Protocol, TypeVar
 from engine.settings import EngineConfig
 from engine.supervisor import EngineState, StateChange
 from gateway.config import IsolationConfig
-from gateway.errors import EngineUnavailable, EngineUnreachable, Overloaded, Quarantined
+from gateway.errors import Cause, EngineUnavailable, EngineUnreachable, Overloaded, Quarantined
 from gateway.inflight import Inflight, InflightLedger
 from gateway.isolation import (
     InFlightRequest,
@@ -90,6 +90,11 @@ class Gate:
         self._suspects_waiting = 0
         self._waiting = 0
         self._left_ready_at = clock()  # not ready yet
+        self._waiting_by: Counter[str | None] = Counter()
+        # Read by the metrics at scrape time; only the gate changes them.
+        self.probation_runs = 0
+        self.verdicts: Counter[str] = Counter()
+        """Probation verdicts: culprit, innocent, timeout."""
         supervisor.subscribe(self._on_state_change)
 
     def reconfigure(self, config: IsolationConfig, engine: EngineConfig) -> None:
@@ -133,6 +138,8 @@ class Gate:
         )
         alone = {t.fingerprint for t in in_flight if t.solo}
         for culprit in verdict.quarantine:
+            if culprit.fingerprint in alone:
+                self.verdicts["culprit"] += 1
             # Proven: it ran alone on probation (the only kind other replicas are told of).
             self.quarantine.add(
                 culprit.fingerprint,
@@ -151,10 +158,11 @@ class Gate:
         if entry is not None:
             raise quarantined_error(entry)
 
-    async def wait_engine(self, deadline: float) -> None:
+    async def wait_engine(self, deadline: float, model: str | None = None) -> None:
         """Hold until the engine is ready (it must be, to know its models and context), or
-        answer 503: at once when no restart is coming, else past the queue's bounds."""
-        await self._wait(self.supervisor.is_ready, lambda: False, deadline)
+        answer 503: at once when no restart is coming, else past the queue's bounds. `model`
+        (the one asked for) is what the queue is counted under."""
+        await self._wait(self.supervisor.is_ready, lambda: False, deadline, model)
 
     async def enter(
         self,
@@ -175,10 +183,11 @@ class Gate:
                     f"This client already has {share.limit} requests of this model in "
                     "flight (max_in_flight_per_client); retry when one is answered.",
                     retry_after_s=1,
+                    cause=Cause.CLIENT_SHARE,
                 )
             self._by_client[key] += 1
         try:
-            await self._wait(lambda: self._try_take(entry), lambda: entry.suspect, deadline)
+            await self._wait(lambda: self._try_take(entry), lambda: entry.suspect, deadline, model)
         except BaseException:
             self._leave_share(key)
             raise
@@ -220,15 +229,20 @@ class Gate:
         return entry.max_in_flight if self.bulkhead is None else self.bulkhead(entry.model)
 
     async def _wait(
-        self, ready: Callable[[], bool], is_suspect: Callable[[], bool], deadline: float
+        self,
+        ready: Callable[[], bool],
+        is_suspect: Callable[[], bool],
+        deadline: float,
+        model: str | None,
     ) -> None:
         """Wait in the queue until `ready()` holds. A suspect may wait until its deadline;
         anything else for at most `queue_timeout_s`."""
         if ready():
             return
         if self._waiting >= self.config.queue_max:
-            raise self._full()
+            raise self._full(Cause.QUEUE_FULL)
         self._waiting += 1
+        self._waiting_by[model] += 1
         try:
             start = self._clock()
             while True:
@@ -242,15 +256,15 @@ class Gate:
                             else "no restart is coming."
                         ),
                         retry_after_s=self.supervisor.retry_after_s(),
+                        cause=self._down_cause(),
                     )
-                limit = (
-                    deadline if is_suspect() else min(deadline, start + self.config.queue_timeout_s)
-                )
+                timeout_at = start + self.config.queue_timeout_s
+                limit = deadline if is_suspect() else min(deadline, timeout_at)
                 if not self.supervisor.supervised and not self.supervisor.is_ready():
                     limit = min(limit, self._left_ready_at + self.sidecar_hold_s)
                 now = self._clock()
                 if now >= limit:
-                    raise self._full()
+                    raise self._full(None if limit < deadline else Cause.DEADLINE)
                 event = self._changed
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(event.wait(), timeout=min(limit - now, 1.0))
@@ -258,18 +272,33 @@ class Gate:
                     return
         finally:
             self._waiting -= 1
+            self._waiting_by[model] -= 1
+            if not self._waiting_by[model]:
+                del self._waiting_by[model]
 
-    def _full(self) -> Exception:
+    def _down_cause(self) -> Cause:
+        state = self.supervisor.state
+        if state is EngineState.STARTING:
+            return Cause.ENGINE_STARTING
+        if state in {EngineState.GIVEN_UP, EngineState.STOPPED}:
+            return Cause.GIVEN_UP
+        return Cause.ENGINE_DOWN
+
+    def _full(self, cause: Cause | None) -> Exception:
+        """The answer to a request the queue cannot hold or held too long (`cause` None:
+        timed out at `queue_timeout_s`)."""
         if not self.supervisor.is_ready():
             return EngineUnavailable(
                 f"The engine is restarting ({self.supervisor.state}); the request waited "
                 "as long as it may.",
                 retry_after_s=self.supervisor.retry_after_s(),
+                cause=cause or Cause.QUEUE_TIMEOUT,
             )
         return Overloaded(
             "The engine is at capacity and the gateway's queue is full or the request "
             "waited too long; retry later.",
             retry_after_s=2,
+            cause=cause or Cause.BULKHEAD,
         )
 
     def _take(self, request_id: str, model: str | None, fp: str, *, solo: bool) -> Inflight:
@@ -277,6 +306,7 @@ class Gate:
         self._by_model[model] += 1
         if solo:
             self._solo = ticket
+            self.probation_runs += 1
         return ticket
 
     def leave(self, ticket: Inflight, *, answered: bool) -> None:
@@ -287,8 +317,21 @@ class Gate:
         if self._solo is ticket:
             self._solo = None
             if answered and not ticket.engine_failed:
+                self.verdicts["innocent"] += 1
                 self.suspects.acquit(ticket.fingerprint)
         self._notify()
+
+    def probation_timed_out(self) -> None:
+        """A suspect alone on probation ran past `solo_limit()` and was answered 503."""
+        self.verdicts["timeout"] += 1
+
+    def in_flight_by_model(self) -> dict[str | None, int]:
+        """Requests in flight to the engine, by model (for the metrics)."""
+        return {model: n for model, n in self._by_model.items() if n}
+
+    def waiting_by_model(self) -> dict[str | None, int]:
+        """Requests waiting at the gate, by the model they asked for (for the metrics)."""
+        return dict(self._waiting_by)
 
     def holds_for_restart(self) -> bool:
         """Whether requests wait for an engine that is down: while the supervisor restarts it

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 import aiohttp
@@ -16,7 +16,7 @@ from gateway import handlers
 from gateway.admin import create_admin_app
 from gateway.admission import Gate
 from gateway.aliases import AliasReporter
-from gateway.config import KSERVE_PREFIX, Config, ConfigHolder
+from gateway.config import KSERVE_PREFIX, Config, ConfigHolder, MetricsListener
 from gateway.edge import api_key_hashes, engine_key
 from gateway.engineview import EngineHistory
 from gateway.fleet import Fleet
@@ -31,6 +31,7 @@ from gateway.keys import (
     GATE,
     INFLIGHT,
     LIFECYCLE,
+    METRICS,
     RELOADER,
     SESSION,
     SUPERVISOR,
@@ -40,6 +41,7 @@ from gateway.keys import (
 )
 from gateway.lifecycle import Lifecycle
 from gateway.logs import configure_logging
+from gateway.metrics import Metrics, metrics_handler
 from gateway.middlewares import expect_handler, guard_middleware
 from gateway.proxy import Upstream
 from gateway.reload import Reloader
@@ -65,8 +67,14 @@ def create_app(config: Config, *, config_path: str | Path | None = None) -> web.
     app[LIFECYCLE] = Lifecycle()
     if config_path is not None:
         app[CONFIG_PATH] = str(config_path)
+    metrics_routes = _metrics(app, config) if config.metrics.enabled else []
+    on_admin = config.metrics.listener is MetricsListener.ADMIN
     if config.admin.enabled:
-        app[ADMIN_APP] = create_admin_app(app, config.admin)
+        app[ADMIN_APP] = create_admin_app(
+            app, config.admin, extra_routes=metrics_routes if on_admin else ()
+        )
+    if not on_admin:
+        app.router.add_routes(metrics_routes)
     # Resources with a lifetime; torn down in reverse order (the engine stops before the
     # session that talks to it is closed; the watcher stops before the engine).
     app.cleanup_ctx.append(_upstream_ctx)
@@ -83,6 +91,23 @@ def create_app(config: Config, *, config_path: str | Path | None = None) -> web.
         app.router.add_post(KSERVE_PREFIX + path, handler, expect_handler=expect_handler)
     app.router.add_route("*", "/{tail:.*}", handlers.relay, expect_handler=expect_handler)
     return app
+
+
+def _metrics(app: web.Application, config: Config) -> list[web.RouteDef]:
+    """The app's registry; the routes of GET /metrics and GET /engine/metrics."""
+    holder = app[CONFIG]
+    nothing_served: Mapping[str, int] = {}
+
+    def models() -> tuple[Config, Mapping[str, int]]:
+        supervisor = app.get(SUPERVISOR)
+        return holder.current, (nothing_served if supervisor is None else supervisor.models)
+
+    metrics = Metrics(models)
+    app[METRICS] = metrics
+    return [
+        web.get("/metrics", metrics_handler(metrics)),
+        web.get("/engine/metrics", handlers.engine_metrics),
+    ]
 
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -117,6 +142,10 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     gate = Gate(config.isolation, supervisor, app[INFLIGHT], config.engine)
     gate.bulkhead = lambda model: holder.current.policy_for(model).max_in_flight
     app[GATE] = gate
+    if METRICS in app:
+        app[METRICS].state.gate = gate
+        app[METRICS].state.engine_state = lambda: supervisor.state
+        supervisor.subscribe(app[METRICS].engine_changed)
     tokens = TokenCounters(upstream)
     # The starting snapshot's counters are made ahead, off the event loop, like a reload's;
     # a file it names that cannot be read stops the start (ConfigError) before any listener.
@@ -164,6 +193,8 @@ async def _reload_ctx(app: web.Application) -> AsyncIterator[None]:
 
     reloader = Reloader(path, app[CONFIG], prepare, apply)
     app[RELOADER] = reloader
+    if METRICS in app:
+        app[METRICS].state.reloads = reloader.state
 
     def on_engine(change: StateChange) -> None:
         # A (re)spawned engine runs the command of the snapshot serving then.
@@ -186,6 +217,8 @@ async def _fleet_ctx(app: web.Application) -> AsyncIterator[None]:
         isolation.shared, isolation, gate.quarantine, gate.suspects, wall_clock=gate.wall_clock
     )
     app[FLEET] = fleet
+    if METRICS in app:
+        app[METRICS].watch_shared_store(lambda: fleet.connected)
     await fleet.start()
     yield
     await fleet.stop()

@@ -106,6 +106,20 @@ class AdminConfig(_Frozen):
     it is bound to anything but loopback (127.0.0.0/8, ::1); it refuses to start without."""
 
 
+class MetricsListener(StrEnum):
+    CLIENT = "client"
+    ADMIN = "admin"
+
+
+class MetricsConfig(_Frozen):
+    """GET /metrics (the gateway's own, Prometheus text) and GET /engine/metrics (the engine's,
+    relayed), on the client port by default; fixed at start."""
+
+    enabled: bool = True
+    listener: MetricsListener = MetricsListener.CLIENT
+    """client (as vLLM serves its own) or admin (needs the admin listener enabled)."""
+
+
 class OnExceed(StrEnum):
     CLAMP = "clamp"
     REJECT = "reject"
@@ -405,8 +419,16 @@ class Config(_Frozen):
     models: Mapping[str, PolicyOverride] = Field(default_factory=dict)
     isolation: IsolationConfig = Field(default_factory=IsolationConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
     _policies: dict[str | None, Policy] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _metrics_listener(self) -> Self:
+        metrics = self.metrics
+        if metrics.enabled and metrics.listener is MetricsListener.ADMIN and not self.admin.enabled:
+            raise ValueError("metrics.listener is admin but admin.enabled is false")
+        return self
 
     def model_post_init(self, context: Any, /) -> None:
         # Merged once per snapshot: the hot path only looks a policy up.

@@ -8,7 +8,32 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from enum import StrEnum
 from typing import ClassVar
+
+
+class Cause(StrEnum):
+    """Why the gateway turned a request away (429/503): the `cause` label of
+    `vllm_guard_shed_total`. Closed and bounded."""
+
+    BULKHEAD = "bulkhead"
+    """429: waited for a slot of its model's bulkhead past `queue_timeout_s`."""
+    QUEUE_FULL = "queue_full"
+    """429 or 503: the gate's queue held `queue_max` requests already."""
+    QUEUE_TIMEOUT = "queue_timeout"
+    """503: held for an engine restart past `queue_timeout_s`."""
+    CLIENT_SHARE = "client_share"
+    """429: the client holds its `max_in_flight_per_client` share (issue 10)."""
+    ENGINE_DOWN = "engine_down"
+    """503: the engine is failed or restarting and requests are not held for it."""
+    ENGINE_STARTING = "engine_starting"
+    """503: the engine is starting (not held), or its context length is not known yet."""
+    GIVEN_UP = "given_up"
+    """503: the supervisor gave up on the engine."""
+    DRAINING = "draining"
+    """503: the gateway is shutting down."""
+    DEADLINE = "deadline"
+    """429 or 503: the request's own deadline (`deadline_s`) passed while it waited."""
 
 
 class GuardError(Exception):
@@ -22,10 +47,13 @@ class GuardError(Exception):
         param: str | None = None,
         retry_after_s: float | None = None,
         headers: Mapping[str, str] | None = None,
+        cause: Cause | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        self.cause = cause
+        """Why a 429/503 turned the request away (a metric label); None for other errors."""
         merged = dict(headers or {})
         if retry_after_s is not None:
             merged["Retry-After"] = str(max(1, round(retry_after_s)))

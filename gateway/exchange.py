@@ -15,8 +15,10 @@ in one `Exchange`.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import Any
 
 import aiohttp
@@ -86,6 +88,8 @@ class Exchange:
     """The bytes the client received, kept when the stream could be resumed."""
     write_timeout_s: float
     """How long a write may wait for a client that does not read (`ClientTooSlow` past it)."""
+    usage: Usage
+    """Where the engine's usage is to be read, for the token metrics."""
     share: ClientShare | None = None
     """The client's share of the bulkhead, when the policy gives one."""
     attempts: int = 0
@@ -127,20 +131,26 @@ class Exchange:
             client_headers,
             StreamLog() if resumable(body, chat) else None,
             app[CONFIG].current.server.client_write_timeout_s,
+            _usage_in(body),
             share,
         )
 
     async def enter(self) -> Inflight:
         """One more attempt: wait at the gate until it may go to the engine."""
         self.attempts += 1
-        return await self.gate.enter(
-            self.record.request_id,
+        record = self.record
+        entered = time.perf_counter()
+        ticket = await self.gate.enter(
+            record.request_id,
             self.model,
             self.fingerprint,
             self.max_in_flight,
             self.deadline,
             self.share,
         )
+        if record.sent is None:  # held before the engine first had it: not the gateway's cost
+            record.held += time.perf_counter() - entered
+        return ticket
 
     def answered(self) -> None:
         self.record.fields["attempts"] = self.attempts
@@ -148,6 +158,26 @@ class Exchange:
     def engine_failed(self) -> None:
         fields = self.record.fields
         fields["engine_failures"] = fields.get("engine_failures", 0) + 1
+
+
+class Usage(IntEnum):
+    """Where an answer's token usage is read (gateway.metrics.usage_of)."""
+
+    NONE = 0
+    """A stream the client did not ask usage for: not counted."""
+    WHOLE = 1
+    """A JSON answer: its body's `usage`."""
+    STREAM = 2
+    """A stream with `stream_options.include_usage`: its last usage event."""
+
+
+def _usage_in(body: dict[str, Any]) -> Usage:
+    if body.get("stream") is not True:
+        return Usage.WHOLE
+    options = body.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage") is True:
+        return Usage.STREAM
+    return Usage.NONE
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +233,7 @@ async def first_answer(ex: Exchange) -> web.StreamResponse | Resumable:
             # it is now a suspect; the next round waits for the engine and probation.
             ex.engine_failed()
         except TimeoutError:
+            ex.gate.probation_timed_out()
             raise EngineUnavailable(
                 PROBATION_TIMEOUT, retry_after_s=ex.supervisor.retry_after_s()
             ) from None
@@ -242,6 +273,7 @@ async def resume(ex: Exchange, cut: Resumable) -> web.StreamResponse:
             elif not await _ask_again(ex, ticket, stream, outcome):
                 return stream
         except TimeoutError:
+            ex.gate.probation_timed_out()
             await end_stream_with_error(stream, PROBATION_TIMEOUT)
             return stream
         finally:
@@ -251,15 +283,25 @@ async def resume(ex: Exchange, cut: Resumable) -> web.StreamResponse:
 async def _send(ex: Exchange, ticket: Inflight, payload: bytes, relay: Relay) -> RelayOutcome:
     """One attempt: open the request at the engine and relay its answer. A suspect alone on
     probation gets `Gate.solo_limit()` for it (TimeoutError past it)."""
-    record, ledger, log = ex.record, ex.gate.ledger, ex.log
+    record, ledger, log, usage = ex.record, ex.gate.ledger, ex.log, ex.usage
+    split = False  # the stream's usage event may end in the next chunk
 
     def on_progress(chunk: bytes) -> None:
+        nonlocal split
         record.mark_first_byte()
         ledger.progress(ticket, len(chunk))
         if log is not None:
             log.append(chunk)
+        if usage is Usage.WHOLE:
+            record.usage = chunk
+        elif usage is Usage.STREAM:
+            if b'"usage"' in chunk:
+                record.usage, split = chunk, True
+            elif split and record.usage is not None:
+                record.usage, split = record.usage + chunk, False
 
     async with asyncio.timeout(ex.gate.solo_limit() if ticket.solo else None):
+        record.mark_sent()
         try:
             upstream = await ex.upstream.open("POST", ex.path, payload, ex.engine_headers)
         except EngineFailed as err:

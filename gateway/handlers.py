@@ -12,7 +12,16 @@ from gateway.body import read_body
 from gateway.config import KSERVE_PREFIX
 from gateway.errors import EngineFailed, EngineUnavailable, NotFound
 from gateway.hardening import limit_relay
-from gateway.keys import CONFIG, FLEET, LIFECYCLE, RECORD, SUPERVISOR, UPSTREAM, VOCABULARIES
+from gateway.keys import (
+    CONFIG,
+    FLEET,
+    LIFECYCLE,
+    MAIN_APP,
+    RECORD,
+    SUPERVISOR,
+    UPSTREAM,
+    VOCABULARIES,
+)
 from gateway.pipeline import CHAT, COMPLETIONS, generate
 from gateway.proxy import (
     Answered,
@@ -22,6 +31,7 @@ from gateway.proxy import (
     forward_headers,
     relay_response,
 )
+from gateway.requestlog import request_id_from
 
 
 def canonical_path(path: str) -> str:
@@ -87,23 +97,48 @@ async def relay(request: web.Request) -> web.StreamResponse:
     if f"{request.method} {path}" not in request.app[CONFIG].current.server.relay_set:
         raise NotFound(f"{request.method} {request.path} is not served by this gateway.")
     record = request[RECORD]
+    record.endpoint = "relay"
     raw = await read_body(request)
     raw, extra = await limit_relay(
         request.app[VOCABULARIES], request.app[CONFIG].current, path, raw, record.fields
     )
-    retry_after_s = request.app[SUPERVISOR].retry_after_s
+    return await _relay(request, request.app, path, raw, extra)
+
+
+async def engine_metrics(request: web.Request) -> web.StreamResponse:
+    """GET /engine/metrics: the engine's own GET /metrics, relayed unchanged (the gateway's
+    own are at /metrics; the two never share a response). Served where /metrics is, so on
+    the admin listener too when `metrics.listener` is admin."""
+    main = request.app.get(MAIN_APP, request.app)
+    return await _relay(request, main, "/metrics", b"", {})
+
+
+async def _relay(
+    request: web.Request,
+    app: web.Application,
+    path: str,
+    raw: bytes,
+    extra: dict[str, str],
+) -> web.StreamResponse:
+    record = request.get(RECORD)  # None on the admin listener
+    if record is not None:
+        request_id = record.request_id
+        record.mark_sent()
+    else:
+        request_id = request_id_from(request.headers.get("X-Request-Id"))
+    retry_after_s = app[SUPERVISOR].retry_after_s
     try:
-        upstream = await request.app[UPSTREAM].open(
-            request.method, path, raw or None, forward_headers(request.headers, record.request_id)
+        upstream = await app[UPSTREAM].open(
+            request.method, path, raw or None, forward_headers(request.headers, request_id)
         )
     except EngineFailed as err:
         raise EngineUnavailable(err.message, retry_after_s=retry_after_s()) from None
     outcome = await relay_response(
         request,
         upstream,
-        {**extra, "X-Request-Id": record.request_id},
-        lambda _chunk: record.mark_first_byte(),
-        write_timeout_s=request.app[CONFIG].current.server.client_write_timeout_s,
+        {**extra, "X-Request-Id": request_id},
+        None if record is None else (lambda _chunk: record.mark_first_byte()),
+        write_timeout_s=app[CONFIG].current.server.client_write_timeout_s,
     )
     if isinstance(outcome, Answered):
         return outcome.response

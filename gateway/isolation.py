@@ -132,6 +132,10 @@ class Quarantine:
         self.ttl_s = ttl_s
         self.max_entries = max_entries
         self._entries: OrderedDict[str, QuarantineEntry] = OrderedDict()
+        self.added = 0
+        """Entries added so far (read by the metrics)."""
+        self.expired = 0
+        """Entries dropped because they expired or the oldest went for a new one."""
         self._listener: QuarantineListener | None = None
         self._replica: str | None = None
 
@@ -154,6 +158,7 @@ class Quarantine:
             fp, model, now, now + self.ttl_s, reason, failures, proven, self._replica
         )
         self.load(entry)
+        self.added += 1
         if self._listener is not None:
             self._listener.quarantined(entry)
         return entry
@@ -164,17 +169,20 @@ class Quarantine:
         self._entries[entry.fingerprint] = entry
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
+            self.expired += 1
 
     def get(self, fp: str, now: float) -> QuarantineEntry | None:
         entry = self._entries.get(fp)
         if entry is not None and entry.until <= now:
             del self._entries[fp]
+            self.expired += 1
             return None
         return entry
 
     def entries(self, now: float) -> list[QuarantineEntry]:
         for fp in [fp for fp, e in self._entries.items() if e.until <= now]:
             del self._entries[fp]
+            self.expired += 1
         return list(self._entries.values())
 
     def remove(self, fp: str) -> bool:

@@ -12,6 +12,7 @@ from gateway.engineview import EngineHistory
 from gateway.fleet import Fleet
 from gateway.inflight import InflightLedger
 from gateway.lifecycle import Lifecycle
+from gateway.metrics import Metrics
 from gateway.proxy import Upstream
 from gateway.reload import Reloader
 from gateway.requestlog import RequestRecord
@@ -37,5 +38,6 @@ RELOADER = web.AppKey("reloader", Reloader)
 CONFIG_PATH = web.AppKey("config_path", str)
 API_KEYS = web.AppKey("api_keys", tuple[bytes, ...])
 """SHA-256 digests of the engine's API keys the gateway checks (gateway.edge); empty: none."""
+METRICS = web.AppKey("metrics", Metrics)
 
 RECORD = web.RequestKey("record", RequestRecord)

@@ -21,8 +21,9 @@ from gateway.edge import (
     expect_refusal,
     key_required,
 )
-from gateway.errors import GuardError, error_body
-from gateway.keys import API_KEYS, CONFIG, RECORD
+from gateway.errors import GuardError, Quarantined, error_body
+from gateway.keys import API_KEYS, CONFIG, METRICS, RECORD
+from gateway.metrics import QUARANTINED
 from gateway.proxy import ClientTooSlow
 from gateway.requestlog import Outcome, RequestRecord, request_id_from
 
@@ -68,6 +69,7 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
     except GuardError as err:
         record.outcome = Outcome.REJECTED if err.status < 500 else Outcome.ENGINE_ERROR
         record.reason = record.reason or err.type
+        record.cause = QUARANTINED if isinstance(err, Quarantined) else err.cause
         resp = render_error(err, record.request_id)
         # A refusal is often held by a frame it was raised from (a `Reject` names its
         # error), a cycle through the traceback that only the cyclic GC frees, with the
@@ -87,6 +89,7 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
         record.outcome = Outcome.CLIENT_GONE
         record.status = 499  # nginx's "client closed request": no status reached anyone
         log.info("request_finished", **record.log_fields(None))
+        _count(request, record)
         raise
     except Exception:
         log.exception("gateway_bug", request_id=record.request_id)
@@ -120,7 +123,15 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
         # closes after the answer.
         resp.force_close()
     log.info("request_finished", **record.log_fields(nbytes))
+    _count(request, record)
     return resp
+
+
+def _count(request: web.Request, record: RequestRecord) -> None:
+    """The request's metrics, once, beside its log line (none when metrics are off)."""
+    metrics = request.app.get(METRICS)
+    if metrics is not None:
+        metrics.request_finished(record)
 
 
 def _refused_at_the_edge(request: web.Request, record: RequestRecord) -> web.Response | None:
@@ -161,6 +172,7 @@ async def expect_handler(request: web.Request) -> web.Response | None:
     resp = render_error(refusal, record.request_id)
     resp.force_close()
     log.info("request_finished", **record.log_fields(None))
+    _count(request, record)
     return resp
 
 

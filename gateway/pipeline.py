@@ -27,12 +27,14 @@ from gateway.aliases import policy_name
 from gateway.body import read_json_object
 from gateway.config import Config, Policy
 from gateway.edge import client_key
-from gateway.errors import BadRequest, EngineUnavailable, NotFound
+from gateway.errors import BadRequest, Cause, EngineUnavailable, NotFound
 from gateway.exchange import Exchange, answer
 from gateway.hardening import limit_output, limit_request
 from gateway.isolation import fingerprint
 from gateway.keys import CONFIG, GATE, LIFECYCLE, RECORD, SUPERVISOR, TOKENS, VOCABULARIES
+from gateway.metrics import action_label
 from gateway.policy import (
+    Admit,
     Reject,
     context_length_for,
     decide,
@@ -53,10 +55,12 @@ class Endpoint:
     path: str
     chat: bool
     parse: Callable[[dict[str, Any]], View]
+    name: str
+    """Its `endpoint` metric label."""
 
 
-CHAT = Endpoint("/v1/chat/completions", True, parse_chat)
-COMPLETIONS = Endpoint("/v1/completions", False, parse_completion)
+CHAT = Endpoint("/v1/chat/completions", True, parse_chat, "chat")
+COMPLETIONS = Endpoint("/v1/completions", False, parse_completion, "completions")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,12 +83,15 @@ async def admit(request: web.Request, endpoint: Endpoint) -> Exchange:
     """Every admission step, in order; the admitted request, ready for the engine."""
     app = request.app
     record = request[RECORD]
+    record.endpoint = endpoint.name
     config = app[CONFIG].current
     _, body = await read_json_object(request)
     view = endpoint.parse(body)
     record.model = view.model[:MODEL_NAME_LOGGED] if view.model else view.model
     if app[LIFECYCLE].draining:
-        raise EngineUnavailable("The gateway is shutting down.", retry_after_s=5)
+        raise EngineUnavailable(
+            "The gateway is shutting down.", retry_after_s=5, cause=Cause.DRAINING
+        )
     fp = fingerprint(body, config.isolation.fingerprint_ignore_set)
     record.fields["fingerprint"] = fp
     app[GATE].check_quarantine(fp)
@@ -94,7 +101,11 @@ async def admit(request: web.Request, endpoint: Endpoint) -> Exchange:
     refusal = precheck(view, policy)
     if refusal is not None:
         _reject(record, refusal)
-    await app[GATE].wait_engine(deadline)
+    gate = app[GATE]
+    if not gate.supervisor.is_ready():
+        held = time.perf_counter()
+        await gate.wait_engine(deadline, view.model)
+        record.held += time.perf_counter() - held
     supervisor = app[SUPERVISOR]
     record.model = model = _served_model(view.model, supervisor.models)
     target = _target(config, supervisor, model, policy if model == view.model else None)
@@ -111,6 +122,7 @@ async def admit(request: web.Request, endpoint: Endpoint) -> Exchange:
     if isinstance(decision, Reject):
         _reject(record, decision)
     decision = limit_output(decision, limited, view, target.policy, record.fields)
+    _count_admit(record, decision)
     record.fields.update(decision.log_fields)
     record.fields["prompt_tokens"] = max(prompt_tokens)
     return Exchange.of(
@@ -150,6 +162,7 @@ def _target(
         raise EngineUnavailable(
             "The engine's context length is not known yet.",
             retry_after_s=supervisor.retry_after_s(),
+            cause=Cause.ENGINE_STARTING,
         )
     return Target(model, policy, max_model_len, context_length)
 
@@ -176,7 +189,17 @@ def _brings_a_template(body: Mapping[str, Any]) -> bool:
 def _reject(record: RequestRecord, refusal: Reject) -> NoReturn:
     """Answer a refusal; its fields go to the log line."""
     record.fields.update(refusal.log_fields)
+    record.policy_action, record.policy_reason = "rejected", refusal.reason.value
     raise refusal.error
+
+
+def _count_admit(record: RequestRecord, admit: Admit) -> None:
+    """What the policy did, for the metrics (report mode: a would-be refusal wins)."""
+    if admit.would_reject is not None:
+        record.policy_action = "would_reject"
+        record.policy_reason = admit.would_reject.reason.value
+    else:
+        record.policy_action = action_label(admit.action.value)
 
 
 MODEL_NAME_LOGGED = 256

@@ -52,10 +52,11 @@ FIXED_KEYS: tuple[str, ...] = (
     "engine.url",
     "engine.connect_timeout_s",
     "isolation.shared",
+    "metrics",
 )
 """Read once when the gateway starts (its listeners and their connection timeouts, the
-body-size cap of its app, the engine's API keys, the session to the engine, the shared
-quarantine's Redis connection): a change waits for the next gateway start."""
+body-size cap of its app, the engine's API keys, the routes of its metrics, the session to the
+engine, the shared quarantine's Redis connection): a change waits for the next gateway start."""
 
 AT_ENGINE_RESTART: tuple[str, ...] = ("engine.command", "engine.env")
 """Applied to the snapshot, used when the engine is next (re)started."""
@@ -111,6 +112,8 @@ class ReloadState:
     loaded_at: float = field(default_factory=time.time)
     """When the serving snapshot was applied (wall clock)."""
     applied: int = 0
+    unchanged: int = 0
+    """Of `applied`, the reloads whose file changed nothing."""
     failures: int = 0
     last: ReloadResult | None = None
     pending_gateway_restart: tuple[str, ...] = ()
@@ -170,6 +173,7 @@ def pin_fixed(running: Config, new: Config) -> tuple[Config, tuple[str, ...], tu
         update={
             "server": server,
             "admin": running.admin,
+            "metrics": running.metrics,
             "engine": new.engine.model_copy(update=engine_keep),
             "isolation": new.isolation.model_copy(update={"shared": running.isolation.shared}),
         }
@@ -245,6 +249,8 @@ class Reloader:
             self._apply(running, pinned, snapshot)
             state.generation += 1
             state.applied += 1
+            if not changed:
+                state.unchanged += 1
             state.loaded_at = self._wall_clock()
             state.pending_gateway_restart = fixed
             if later:

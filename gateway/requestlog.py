@@ -49,10 +49,33 @@ class RequestRecord:
     reason: str | None = None
     first_byte: float | None = None
     fields: dict[str, Any] = field(default_factory=dict)
+    # What the metrics read (gateway.metrics), set along the way; none of it is logged.
+    endpoint: str = "other"
+    """chat, completions, relay (an allow-listed engine path) or other."""
+    policy_action: str | None = None
+    """The policy's action as a metric label (kept, ..., rejected, would_reject)."""
+    policy_reason: str | None = None
+    """The policy `Reason` of a refusal or (report mode) would-be refusal."""
+    cause: str | None = None
+    """Why the gateway turned the request away (`errors.Cause`), from the error answered."""
+    sent: float | None = None
+    """perf_counter when the first attempt was handed to the engine."""
+    held: float = 0.0
+    """Seconds held at the gate before that (queue, restart, probation)."""
+    last_byte: float | None = None
+    """perf_counter when the last bytes of the answer came from the engine."""
+    usage: bytes | None = None
+    """Where the engine's usage is: the whole answer, or the stream's last usage event."""
 
     def mark_first_byte(self) -> None:
+        now = time.perf_counter()
+        self.last_byte = now
         if self.first_byte is None:
-            self.first_byte = time.perf_counter()
+            self.first_byte = now
+
+    def mark_sent(self) -> None:
+        if self.sent is None:
+            self.sent = time.perf_counter()
 
     def log_fields(self, nbytes: int | None) -> dict[str, Any]:
         now = time.perf_counter()
