@@ -13,15 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
-
-FINGERPRINT_VERSION = 1
-"""Bumped whenever `fingerprint()` would hash the same request differently. Shared quarantine
-keys carry it (gateway.fleet), so replicas never match one version's fingerprints against
-another's."""
 
 FINGERPRINT_VERSION = 2
 """The rule `fingerprint` follows by default. Raised whenever the rule changes, so that a
@@ -76,10 +72,25 @@ def _plain(text: str) -> bool:
     )
 
 
+_RUNS = re.compile(r"\s{2,}|[^\S ]")
+r"""What version 2 reads as one space: a run of whitespace, or one whitespace that is not a
+space (`\s` is exactly `str.isspace`, the set `str.split` splits on)."""
+_SPLIT_BELOW = 65536
+"""Shorter strings are normalised by split and join (fastest); longer ones by one regex pass,
+which never holds a list of every word of a multi-megabyte prompt in memory."""
+
+
+def _spaced(text: str) -> str:
+    """`text` with its whitespace trimmed at both ends and each inner run read as one space."""
+    if len(text) < _SPLIT_BELOW:
+        return " ".join(text.split())
+    return _RUNS.sub(" ", text).strip()
+
+
 def _normalised(value: object) -> object:
     """Version 2's reading of a JSON value (bodies nest at most 128 levels: checked before)."""
     if isinstance(value, str):
-        return value if _plain(value) else " ".join(value.split())
+        return value if _plain(value) else _spaced(value)
     if isinstance(value, dict):
         return {k: _normalised(v) for k, v in value.items() if v is not None}
     if isinstance(value, list):
