@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
+
+import orjson
 
 FINGERPRINT_VERSION = 2
 """The rule `fingerprint` follows by default. Raised whenever the rule changes, so that a
@@ -44,32 +47,59 @@ def fingerprint(
     entries written by replicas that still run it)."""
     kept = {k: v for k, v in body.items() if k not in ignore}
     if version == 1:
-        return _digest(b"", kept)
+        return _digest(b"", _canonical_std(kept))
     if version == 2:
-        return _digest(b"v2\n", _normalised(kept))
+        try:
+            normalised = _normalised(kept)
+            canonical = orjson.dumps(normalised, option=orjson.OPT_SORT_KEYS)
+        except (_OrjsonWritesOtherwise, orjson.JSONEncodeError):
+            canonical = _canonical_std(_normalised(kept, strict=False))
+        return _digest(b"v2\n", canonical)
     raise ValueError(f"unknown fingerprint version {version}")
 
 
-def _digest(prefix: bytes, value: object) -> str:
-    canonical = json.dumps(
+def _digest(prefix: bytes, canonical: bytes) -> str:
+    return hashlib.sha256(prefix + canonical).hexdigest()[:32]
+
+
+def _canonical_std(value: object) -> bytes:
+    """The canonical JSON every version hashes: keys sorted, no spaces, text as UTF-8."""
+    return json.dumps(
         value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=True
-    )
-    return hashlib.sha256(prefix + canonical.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    ).encode("utf-8", "surrogatepass")
+
+
+class _OrjsonWritesOtherwise(Exception):
+    """A value orjson writes differently from `_canonical_std` (a float below 1e-4 in
+    magnitude: `1e-05` against `0.00001`; NaN and the infinities, which orjson writes as
+    null): that body is written by the standard library."""
+
+
+_SMALL_FLOAT = 1e-4
+"""Below this magnitude Python's repr writes a float with an exponent and orjson does not;
+above it (and for integers up to 64 bits, strings, lists, objects) their canonical bytes are
+equal (tests/unit/test_fingerprint.py checks it on random values). orjson refuses what it
+cannot write the same way (integers past 64 bits, lone surrogates): those take the standard
+library too."""
 
 
 _OTHER_ASCII_SPACE = ("\t", "\n", "\x0b", "\x0c", "\r", "\x1c", "\x1d", "\x1e", "\x1f")
+_OTHER_SPACE = (
+    *_OTHER_ASCII_SPACE,
+    *("\x85", "\xa0", "\u1680", "\u2028", "\u2029", "\u202f", "\u205f", "\u3000"),
+    *(chr(c) for c in range(0x2000, 0x200B)),
+)
+"""Every character `str.isspace` accepts but the space (tests/unit/test_fingerprint.py checks
+the list against Python's own)."""
 
 
 def _plain(text: str) -> bool:
-    """Whether `text` is already in version 2's form (ASCII, single spaces only, none at the
-    ends): a few C-speed scans instead of splitting a long prompt into words."""
-    return (
-        text.isascii()
-        and text[:1] != " "
-        and text[-1:] != " "
-        and "  " not in text
-        and not any(c in text for c in _OTHER_ASCII_SPACE)
-    )
+    """Whether `text` is already in version 2's form (single spaces only, none at the ends): a
+    few C-speed scans instead of splitting a long prompt into words."""
+    if text[:1] == " " or text[-1:] == " " or "  " in text:
+        return False
+    others = _OTHER_ASCII_SPACE if text.isascii() else _OTHER_SPACE
+    return not any(c in text for c in others)
 
 
 _RUNS = re.compile(r"\s{2,}|[^\S ]")
@@ -87,16 +117,45 @@ def _spaced(text: str) -> str:
     return _RUNS.sub(" ", text).strip()
 
 
-def _normalised(value: object) -> object:
-    """Version 2's reading of a JSON value (bodies nest at most 128 levels: checked before)."""
+def _normalised(value: object, *, strict: bool = True) -> object:
+    """Version 2's reading of a JSON value (bodies nest at most 128 levels: checked before).
+    `strict`: raise `_OrjsonWritesOtherwise` at a float orjson would write otherwise."""
+    kind = type(value)
+    if kind is str:
+        return value if _plain(value) else _spaced(value)  # type: ignore[arg-type]
+    if kind is dict:
+        return {
+            k: _normalised(v, strict=strict)
+            for k, v in value.items()  # type: ignore[attr-defined]
+            if v is not None
+        }
+    if kind is list:
+        return [_normalised(v, strict=strict) for v in value]  # type: ignore[attr-defined]
+    if kind is float:
+        if value.is_integer():  # type: ignore[attr-defined]
+            return int(value)  # type: ignore[call-overload]
+        if strict and not _SMALL_FLOAT <= abs(value) < math.inf:  # type: ignore[arg-type]
+            raise _OrjsonWritesOtherwise  # also NaN and infinities (orjson writes null)
+        return value
+    if kind is int or kind is bool or value is None:
+        return value
+    return _normalised_other(value, strict)
+
+
+def _normalised_other(value: object, strict: bool) -> object:
+    """Subclasses of the JSON types (never in a parsed body; a caller may pass them)."""
     if isinstance(value, str):
         return value if _plain(value) else _spaced(value)
-    if isinstance(value, dict):
-        return {k: _normalised(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_normalised(v) for v in value]
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
+    if isinstance(value, Mapping):
+        return {k: _normalised(v, strict=strict) for k, v in value.items() if v is not None}
+    if isinstance(value, list | tuple):
+        return [_normalised(v, strict=strict) for v in value]
+    if isinstance(value, float) and not isinstance(value, bool):
+        if strict:
+            raise _OrjsonWritesOtherwise
+        return int(value) if value.is_integer() else value
+    if strict and not isinstance(value, int):
+        raise _OrjsonWritesOtherwise
     return value
 
 

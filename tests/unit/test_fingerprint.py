@@ -5,11 +5,15 @@ versioned."""
 from __future__ import annotations
 
 import copy
+import random
+import struct
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 import pytest
 
+from gateway import isolation
 from gateway.isolation import FINGERPRINT_VERSION, fingerprint
 
 IGNORE = frozenset({"user", "stream", "stream_options", "request_id", "metadata"})
@@ -153,3 +157,137 @@ def test_long_and_short_strings_normalise_alike(text: str) -> None:
     body = {"model": "m", "prompt": text}
     short = {"model": "m", "prompt": " ".join(text.split())}
     assert fingerprint(body, frozenset()) == fingerprint(short, frozenset())
+
+
+# Bodies whose version 2 fingerprints were computed by the standard-library writer alone
+# (before orjson wrote the canonical form): a changed value here breaks every quarantine
+# shared with replicas that run the earlier code.
+V2_KNOWN = [
+    (
+        {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "please POISON now"}],
+            "max_tokens": 20,
+            "user": "u",
+        },
+        "a0ab56e843537480f9e75e7f274658a2",
+    ),
+    (
+        {
+            "model": "tiny",
+            "messages": [
+                {"role": "system", "content": " Be\tterse.\n"},
+                {"role": "user", "content": [{"type": "text", "text": "a  b"}]},
+            ],
+            "temperature": 0.7,
+            "top_p": 1.0,
+            "logit_bias": {"12": -1.5e-7},
+            "seed": 2**70,
+            "stop": ["\u2028", '\x00"\\'],
+            "presence_penalty": None,
+        },
+        "56760ab743dceba9ee46e25ade0d3179",
+    ),
+    (
+        {
+            "model": "m",
+            "prompt": ["one", "two \U0001f600 \ud800"],
+            "max_tokens": 1e16,
+            "min_p": 1.234e-05,
+        },
+        "31fad0ae69f84c7f2858fcb679dc752a",
+    ),
+    (
+        {
+            "model": "tiny",
+            "prompt": "caf\u00e9 x",
+            "temperature": 0.7,
+            "min_p": 1.5e-07,
+            "top_p": 0.95,
+            "n": 1.0,
+        },
+        "561b2f53c9a3f2b5f531fc31886ad976",
+    ),
+]
+
+
+@pytest.mark.parametrize(("body", "expected"), V2_KNOWN)
+def test_version_2_values_are_unchanged(body: dict[str, Any], expected: str) -> None:
+    """Version 2 gives the same value as when the standard library wrote every canonical form
+    (small floats, integers past 64 bits, lone surrogates and control characters included)."""
+    assert fingerprint(body, frozenset({"user"})) == expected
+
+
+def _random_value(rng: random.Random, depth: int = 0) -> Any:
+    kind = rng.randrange(9 if depth < 3 else 6)
+    if kind == 0:
+        return rng.choice([0, 1, -1, 2**63 - 1, -(2**63), 2**64 - 1, rng.randrange(-1000, 1000)])
+    if kind == 1:
+        return struct.unpack("d", rng.randbytes(8))[0]
+    if kind == 2:
+        return rng.choice([0.5, 1e-4, 9.99e-5, 1e-7, 1e16, 1e22, -0.0, 123.456, 1.0, 2.0**60])
+    if kind == 3:
+        return "".join(chr(rng.choice(_CODEPOINTS)) for _ in range(rng.randrange(12)))
+    if kind == 4:
+        return rng.choice([True, False, None])
+    if kind == 5:
+        return rng.choice(["", " ", "a b", "\u00e9t\u00e9", "\U0001f642 x", "\t\n"])
+    if kind in (6, 7):
+        return {
+            "".join(chr(rng.choice(_CODEPOINTS)) for _ in range(rng.randrange(1, 5))): (
+                _random_value(rng, depth + 1)
+            )
+            for _ in range(rng.randrange(5))
+        }
+    return [_random_value(rng, depth + 1) for _ in range(rng.randrange(5))]
+
+
+_CODEPOINTS = [
+    *range(0x80),
+    0x85,
+    0xA0,
+    0xE9,
+    0x2003,
+    0x2028,
+    0x2029,
+    0x3000,
+    0xFEFF,
+    0x1F642,
+]
+
+
+def test_orjson_and_the_standard_library_write_the_same_canonical_bytes() -> None:
+    """On random JSON values (floats of every magnitude, 64-bit integers, control and Unicode
+    space characters, nested objects), the fast canonical form (orjson) is byte for byte the
+    standard library's, or the fast path declines the value: version 2 never depends on which
+    writer ran."""
+    rng = random.Random(1234)
+    fast_taken = 0
+    for _ in range(3000):
+        value = {"v": _random_value(rng)}
+        try:
+            fast = orjson.dumps(isolation._normalised(value), option=orjson.OPT_SORT_KEYS)
+        except (isolation._OrjsonWritesOtherwise, orjson.JSONEncodeError):
+            continue
+        fast_taken += 1
+        assert fast == isolation._canonical_std(isolation._normalised(value, strict=False))
+    assert fast_taken > 1500  # the fast path is the common one
+
+
+def test_the_space_table_is_pythons() -> None:
+    """The characters version 2 reads as spaces are exactly those `str.isspace` accepts."""
+    expected = {chr(c) for c in range(0x110000) if chr(c).isspace()} - {" "}
+    assert set(isolation._OTHER_SPACE) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["caf\u00e9 au lait", "caf\u00e9\u00a0au lait", "caf\u00e9 au lait\u3000", "\U0001f642  x"],
+)
+def test_non_ascii_text_is_read_like_split_and_join(text: str) -> None:
+    """Non-ASCII text already in version 2's form skips the split; text that is not is
+    normalised: either way the fingerprint is that of split and join."""
+    body = {"model": "m", "prompt": text}
+    assert fingerprint(body, frozenset()) == fingerprint(
+        {"model": "m", "prompt": " ".join(text.split())}, frozenset()
+    )
