@@ -175,6 +175,8 @@ def _non_finite_at(value: object) -> tuple[str, str] | None:
 async def read_body(request: web.Request) -> bytes:
     """The whole body, sent within `server.body_timeout_s` (408 past it, and the connection
     closes); the size bound is the app's client_max_size (413)."""
+    if request.content.is_eof():  # all of it arrived with the head: nothing to wait for
+        return await request.read()
     timeout = request.app[CONFIG].current.server.body_timeout_s
     try:
         async with asyncio.timeout(timeout):

@@ -19,7 +19,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -421,8 +420,6 @@ class Config(_Frozen):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
-    _policies: dict[str | None, Policy] = PrivateAttr(default_factory=dict)
-
     @model_validator(mode="after")
     def _metrics_listener(self) -> Self:
         metrics = self.metrics
@@ -431,10 +428,18 @@ class Config(_Frozen):
         return self
 
     def model_post_init(self, context: Any, /) -> None:
-        # Merged once per snapshot: the hot path only looks a policy up.
-        self._policies[None] = _merge(self.defaults)
+        # Merged once per snapshot (and now, so that a policy that does not validate stops
+        # the load): the hot path only looks a policy up.
+        _ = self.resolved_policies
+
+    @cached_property
+    def resolved_policies(self) -> dict[str | None, Policy]:
+        """Each `models:` entry merged over the defaults; None: the defaults alone. (A
+        cached property, not a private attribute: pydantic's lookup of those is slow.)"""
+        policies: dict[str | None, Policy] = {None: _merge(self.defaults)}
         for name, override in self.models.items():
-            self._policies[name] = _merge(self.defaults, override)
+            policies[name] = _merge(self.defaults, override)
+        return policies
 
     @model_validator(mode="after")
     def _check_ports(self) -> Self:
@@ -453,8 +458,9 @@ class Config(_Frozen):
 
     def policy_for(self, model: str | None) -> Policy:
         """The resolved policy of a model: its entry merged over the defaults, or the defaults."""
-        policy = self._policies.get(model)
-        return policy if policy is not None else self._policies[None]
+        policies = self.resolved_policies
+        policy = policies.get(model)
+        return policy if policy is not None else policies[None]
 
 
 def _merge(*layers: PolicyOverride) -> Policy:

@@ -357,7 +357,11 @@ class TokenCounter:
         """The count made here, or why the engine must make it."""
         if self.tokenizer is None:
             return "the engine counts this model"
-        size = sum(_text_size(body.get(key), self._inline_chars) for key in _RENDERED_FIELDS)
+        size = sum(
+            _text_size(value, self._inline_chars)
+            for key in _RENDERED_FIELDS
+            if (value := body.get(key)) is not None
+        )
         own = self.tokenizer.chat_template
         if chat.chat_template is not None and not (
             isinstance(own, dict) and chat.chat_template in own
