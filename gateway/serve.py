@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 import time
 from dataclasses import dataclass
@@ -22,6 +23,23 @@ log = structlog.get_logger("gateway")
 
 SHUTDOWN_TIMEOUT_S = 1.0
 """After the drain (or at a test's end), how long aiohttp waits for handlers still running."""
+
+GC_YOUNG_THRESHOLD = 10_000
+"""Allocations of container objects, net of those freed, between two collections of the
+youngest generation (Python's default: 700). A request's own objects (its parsed body, its
+record, aiohttp's request and response) are freed by reference counting when it ends; with
+64 requests in flight the default let them reach the collector anyway, which then spent about
+33 µs of CPU per request walking objects that were about to be freed (gen-2 passes of ~37 ms
+over the whole heap among them; measured with `gc.callbacks` under wrk at c=64). At 10,000,
+garbage in reference cycles is still collected, only in larger, rarer batches: the memory it
+may hold meanwhile is bounded by the threshold."""
+
+
+def tune_collector() -> None:
+    """The cyclic garbage collector set for a server (`GC_YOUNG_THRESHOLD`); the older
+    generations keep Python's thresholds."""
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
 @dataclass(frozen=True)
@@ -93,6 +111,7 @@ async def serve(app: web.Application, config: Config) -> None:
     """Listen at once (probes must find the port open while the engine loads), run until
     SIGTERM or SIGINT, then drain: in-flight requests finish up to `shutdown_grace_s`,
     then the app's cleanup stops the engine."""
+    tune_collector()
     listening = await listen(app, config)
     log.info(
         "gateway_listening",
