@@ -168,6 +168,9 @@ class PromptTokenizer:
         """Why encodings may differ from transformers' (a model-specific tokenizer class that
         rebuilds parts of tokenizer.json in code), or None."""
         self._compiled: dict[str, CompiledTemplate] = {}
+        self._plain_setups: dict[tuple[bool, bool], _ChatSetup] = {}
+        """The setup of a chat with no tools, documents, template or template arguments of its
+        own, by (add_generation_prompt, continue_final_message): the same for every one."""
         post = tokenizer.post_processor
         self._special_margin = int(post.num_special_tokens_to_add(False)) if post else 0
         self._bound_factor, self._bound_normalize = self._bound_shape(tokenizer)
@@ -425,6 +428,64 @@ class PromptTokenizer:
             raise InvalidChat(
                 f"reasoning_effort must be one of {sorted(_REASONING_EFFORTS)}", "reasoning_effort"
             )
+        plain = (
+            tools is None
+            and documents is None
+            and chat_template is None
+            and not chat_template_kwargs
+            and reasoning_effort is None
+        )
+        setup = self._plain_setups.get((add_generation_prompt, continue_final_message))
+        if not plain or setup is None:
+            setup = self._setup(
+                add_generation_prompt,
+                continue_final_message,
+                tools,
+                chat_template,
+                chat_template_kwargs,
+                documents,
+                reasoning_effort,
+            )
+            if plain:  # the same for every such request of this tokenizer: made once
+                self._plain_setups[(add_generation_prompt, continue_final_message)] = setup
+        source, compiled = setup.source, setup.compiled
+        conversation = normalize_messages(messages, setup.content_format)
+        if (
+            any(m["role"] == "developer" for m in conversation)
+            and '"developer"' not in source
+            and "'developer'" not in source
+        ):
+            conversation = developer_to_system(conversation)
+        if compiled.template is None:  # vLLM fails outside its 400 handling here
+            raise UnsupportedLocally(f"the chat template does not parse: {compiled.error}")
+        if not conversation:
+            raise InvalidChat(
+                "Cannot apply chat template to an empty conversation. Provide at least one message."
+            )
+        return PreparedChat(
+            compiled,
+            source,
+            setup.content_format,
+            conversation,
+            setup.tools,
+            setup.documents,
+            setup.add_generation_prompt,
+            setup.continue_final_message,
+            dict(setup.variables),  # the template may write into its variables
+        )
+
+    def _setup(
+        self,
+        add_generation_prompt: bool,
+        continue_final_message: bool,
+        tools: object,
+        chat_template: str | None,
+        chat_template_kwargs: Mapping[str, object] | None,
+        documents: object,
+        reasoning_effort: str | None,
+    ) -> _ChatSetup:
+        """What a chat request's parameters make of the template and its variables (all but
+        the messages)."""
         check_documents(documents, strict=True)
         tool_dicts = normalize_tools(tools) if tools is not None else None
         user_kwargs = check_chat_template_kwargs(chat_template_kwargs)
@@ -450,20 +511,6 @@ class PromptTokenizer:
         content_format: ContentFormat = (
             compiled.content_format if self._content_format == "auto" else self._content_format
         )
-        conversation = normalize_messages(messages, content_format)
-        if (
-            any(m["role"] == "developer" for m in conversation)
-            and '"developer"' not in source
-            and "'developer'" not in source
-        ):
-            conversation = developer_to_system(conversation)
-        if compiled.template is None:  # vLLM fails outside its 400 handling here
-            raise UnsupportedLocally(f"the chat template does not parse: {compiled.error}")
-        if not conversation:
-            raise InvalidChat(
-                "Cannot apply chat template to an empty conversation. Provide at least one message."
-            )
-
         # resolve_chat_template_kwargs keeps the template's variables and transformers'
         # parameters; apply_chat_template consumes its parameters and passes the rest, over the
         # special tokens, to the template.
@@ -475,11 +522,10 @@ class PromptTokenizer:
                 if k in compiled.variables and k not in _HF_CHAT_PARAMS
             },
         }
-        return PreparedChat(
+        return _ChatSetup(
             compiled,
             source,
             content_format,
-            conversation,
             final_tools,
             kwargs.get("documents"),
             bool(kwargs.get("add_generation_prompt", False)),
@@ -520,6 +566,20 @@ class PromptTokenizer:
             reasoning_effort=reasoning_effort,
         )
         return self.encode_completion(text, add_special_tokens=add_special_tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class _ChatSetup:
+    """What `PromptTokenizer._setup` makes of a chat request's parameters."""
+
+    compiled: CompiledTemplate
+    source: str
+    content_format: ContentFormat
+    tools: object
+    documents: object
+    add_generation_prompt: bool
+    continue_final_message: bool
+    variables: dict[str, object]
 
 
 @dataclass(frozen=True, slots=True)

@@ -126,3 +126,37 @@ def test_unparsable_template_is_left_to_the_engine(tok: PromptTokenizer) -> None
     template error handling)."""
     with pytest.raises(UnsupportedLocally):
         tok.render_chat([{"role": "user", "content": "x"}], chat_template="{% for %}")
+
+
+GREETING_TEMPLATE = (
+    "{{ greeting | default('none') }}|{% for m in messages %}{{ m['role'] }}:{{ m['content'] }}"
+    "{% endfor %}{% if add_generation_prompt %}|assistant:{% endif %}"
+)
+
+
+def test_a_plain_chats_setup_is_made_once_and_never_leaks() -> None:
+    """Chats without tools, documents or template arguments of their own share one setup per
+    flag combination, yet every chat renders as on a fresh tokenizer: arguments of one
+    request (a greeting, add_generation_prompt off) never reach the next plain one."""
+    shared = PromptTokenizer.from_dir(MODEL_DIR, chat_template=GREETING_TEMPLATE)
+    hello = [{"role": "user", "content": "hello"}]
+    calls: list[dict[str, object]] = [
+        {},
+        {"chat_template_kwargs": {"greeting": "hi"}},
+        {},
+        {"add_generation_prompt": False},
+        {},
+        {"chat_template_kwargs": {}},
+        {"add_generation_prompt": False},
+    ]
+    rendered = []
+    for kwargs in calls:
+        fresh = PromptTokenizer.from_dir(MODEL_DIR, chat_template=GREETING_TEMPLATE)
+        expected = fresh.prepare_chat(hello, **kwargs).render()  # type: ignore[arg-type]
+        assert shared.prepare_chat(hello, **kwargs).render() == expected  # type: ignore[arg-type]
+        rendered.append(expected)
+    assert rendered[0] == "none|user:hello|assistant:"
+    assert rendered[1] == "hi|user:hello|assistant:"
+    assert rendered[3] == "none|user:hello"
+    assert rendered[2] == rendered[5] == rendered[0]
+    assert rendered[6] == rendered[3]
