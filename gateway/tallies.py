@@ -21,11 +21,19 @@ import time
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Sequence
 
+from prometheus_client import metrics as prometheus_metrics
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 Labels = tuple[str, ...]
+
+
+def _use_created() -> bool:
+    """Whether prometheus_client exports `_created` series now (its own metrics' switch:
+    PROMETHEUS_DISABLE_CREATED_SERIES, or `disable_created_metrics()`), so the tallies do as
+    the gateway's other counters do."""
+    return bool(getattr(prometheus_metrics, "_use_created", True))
 
 
 class CounterTally:
@@ -44,19 +52,16 @@ class CounterTally:
         """The cell of one label set (made at 0 the first time): callers keep it and add to
         `cell[0]`."""
         cell = self.values.get(labels)
-        if cell is None:
-            cell = self.values[labels] = [0]
+        if cell is None:  # its time first: a scrape that sees the cell sees its time
             self.created[labels] = time.time()
+            cell = self.values[labels] = [0]
         return cell
-
-    def inc(self, *labels: str, amount: float = 1) -> None:
-        self.cell(*labels)[0] += amount
 
     def family(self) -> CounterMetricFamily:
         family = CounterMetricFamily(self.name, self.doc, labels=self.label_names)
-        created = self.created
+        created = self.created if _use_created() else None
         for labels, cell in self.values.copy().items():  # (one C call: whole if read off the loop)
-            family.add_metric(labels, cell[0], created=created[labels])
+            family.add_metric(labels, cell[0], created=None if created is None else created[labels])
         return family
 
 
@@ -106,6 +111,7 @@ class HistogramTally:
 
     def family(self) -> HistogramMetricFamily:
         family = HistogramMetricFamily(self.name, self.doc, labels=self.label_names)
+        use_created = _use_created()
         for labels, cell in self.values.copy().items():  # (one C call: whole if read off the loop)
             counts, total = cell.counts[:], cell.sum  # one copy: count is its +Inf bucket
             cumulative, acc = [], 0.0
@@ -113,11 +119,12 @@ class HistogramTally:
                 acc += count
                 cumulative.append((le, acc))
             family.add_metric(labels, cumulative, total)
-            family.add_sample(
-                self.name + "_created",
-                dict(zip(self.label_names, labels, strict=True)),
-                cell.created,
-            )
+            if use_created:
+                family.add_sample(
+                    self.name + "_created",
+                    dict(zip(self.label_names, labels, strict=True)),
+                    cell.created,
+                )
         return family
 
 
