@@ -81,7 +81,8 @@ def usage_of(raw: bytes) -> tuple[int, int] | None:
                 return None
             prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
             if isinstance(prompt, int) and isinstance(completion, int):
-                return prompt, completion
+                # A negative count is none: the token counters only go up.
+                return (prompt, completion) if prompt >= 0 and completion >= 0 else None
             return None
         at = raw.rfind(b'"usage"', 0, at)  # "usage": null in a later chunk
     return None

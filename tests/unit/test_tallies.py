@@ -339,3 +339,18 @@ def test_a_tally_counts_as_prometheus_client_spells_it() -> None:
     ]
     with pytest.raises(ValueError, match="sorted"):
         HistogramTally("h", "H.", [], [1.0, 0.1])
+
+
+def test_a_negative_usage_is_not_counted() -> None:
+    """An answer whose usage has a negative count adds no tokens (prometheus_client refused
+    a negative increment with an error in the middleware; the counters still only go up)."""
+    config = parse_config({"models": {"tiny": {}}})
+    metrics = Metrics(lambda: (config, {}))
+    for usage in (_usage(-5, 3), _usage(4, 2)):
+        record = RequestRecord("id", "POST", "/v1/chat/completions")
+        record.model, record.endpoint, record.status = "tiny", "chat", 200
+        record.usage = json.dumps({"usage": usage}).encode()
+        metrics.request_finished(record)
+    text = metrics.exposition().decode()
+    assert 'vllm_guard_prompt_tokens_total{model="tiny"} 4.0' in text
+    assert 'vllm_guard_completion_tokens_total{model="tiny"} 2.0' in text
