@@ -4,33 +4,34 @@ The catalogue (names, types, label values) is docs/metrics.md. Two kinds of reco
 
 - On the hot path, once per request, where the canonical `request_finished` line is written
   (`Metrics.request_finished`, from the middleware): requests, statuses, policy actions,
-  tokens, the time the gateway added, time to first byte, shed requests, quarantine hits. Label
-  children are resolved once per label set and kept.
-- At scrape time, read from the objects that hold the state (`_StateCollector`): in flight and
-  queued by model (the gate), engine state, quarantine and suspects, probation, reloads.
+  tokens, the time the gateway added, time to first byte, shed requests, quarantine hits,
+  client write timeouts. These are plain tallies (gateway.tallies), updated on the event loop
+  without a lock and turned into metric families at each scrape; the cells one kind of request
+  adds to are found once and kept.
+- At scrape time, read from the objects that hold the state (gateway.scrape_state): in flight
+  and queued by model (the gate), engine state, quarantine and suspects, probation, reloads.
 
 Engine restarts, failures and start durations come from the supervisor's state changes
-(`Metrics.engine_changed`, a subscriber). A `model` label is a name from config or from the
-engine's served list, else "unknown": never a client's string.
+(`Metrics.engine_changed`, a subscriber), on prometheus_client's own (locked) metrics. A
+`model` label is a name from config or from the engine's served list, else "unknown": never a
+client's string.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from engine.supervisor import EngineState, StateChange
-from gateway.admission import Gate
 from gateway.config import Config
-from gateway.reload import ReloadState
 from gateway.requestlog import RequestRecord
+from gateway.scrape_state import StateCollector
+from gateway.tallies import CounterTally, HistogramTally, TallyCollector
 
 UNKNOWN = "unknown"
 """The `model` label of a request whose model is neither configured nor served."""
@@ -40,9 +41,6 @@ BUCKETS = (
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 )  # fmt: skip
 """Seconds, from 50 µs: the gateway's own cost is sub-millisecond; TTFB may be minutes."""
-
-ENGINE_STATES = tuple(s.value for s in EngineState if s is not EngineState.STOPPED)
-"""States with a `vllm_guard_engine_state` sample (stopped is before start and after stop)."""
 
 FAILURE_CAUSES: tuple[tuple[str, str], ...] = (
     ("engine exited", "exit"),
@@ -83,7 +81,8 @@ def usage_of(raw: bytes) -> tuple[int, int] | None:
                 return None
             prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
             if isinstance(prompt, int) and isinstance(completion, int):
-                return prompt, completion
+                # A negative count is none: the token counters only go up.
+                return (prompt, completion) if prompt >= 0 and completion >= 0 else None
             return None
         at = raw.rfind(b'"usage"', 0, at)  # "usage": null in a later chunk
     return None
@@ -95,7 +94,11 @@ def action_label(action: str) -> str:
 
 
 class Metrics:
-    """Every metric of one app, in its own registry."""
+    """Every metric of one app, in its own registry. The per-request ones are tallies
+    (gateway.tallies): plain counts updated without a lock, so `request_finished` and
+    `client_write_timeout` must be called on the app's event loop (they are: from the
+    middleware and the relay). The engine's, updated by the supervisor's subscriber, are
+    prometheus_client metrics."""
 
     def __init__(self, models: Callable[[], tuple[Config, Mapping[str, int]]]) -> None:
         """`models()`: the current config and the engine's served models, which bound the
@@ -105,47 +108,57 @@ class Metrics:
         self._models = models
         self._seen: tuple[object, object] | None = None
         self._known: frozenset[str] = frozenset()
-        self.requests = Counter(
-            "vllm_guard_requests",
-            "Requests finished.",
-            ["model", "endpoint", "outcome"],
-            registry=r,
+        self.requests = CounterTally(
+            "vllm_guard_requests", "Requests finished.", ["model", "endpoint", "outcome"]
         )
-        self.responses = Counter(
-            "vllm_guard_responses", "Responses by HTTP status code.", ["status"], registry=r
+        self.responses = CounterTally(
+            "vllm_guard_responses", "Responses by HTTP status code.", ["status"]
         )
-        self.policy_actions = Counter(
-            "vllm_guard_policy_actions", "What the token policy did.", ["model", "action"],
-            registry=r,
-        )  # fmt: skip
-        self.policy_rejections = Counter(
+        self.policy_actions = CounterTally(
+            "vllm_guard_policy_actions", "What the token policy did.", ["model", "action"]
+        )
+        self.policy_rejections = CounterTally(
             "vllm_guard_policy_rejections", "Policy refusals (and would-refusals) by reason.",
-            ["model", "reason"], registry=r,
+            ["model", "reason"],
         )  # fmt: skip
-        self.prompt_tokens = Counter(
-            "vllm_guard_prompt_tokens", "Prompt tokens, from the engine's usage.", ["model"],
-            registry=r,
-        )  # fmt: skip
-        self.completion_tokens = Counter(
+        self.prompt_tokens = CounterTally(
+            "vllm_guard_prompt_tokens", "Prompt tokens, from the engine's usage.", ["model"]
+        )
+        self.completion_tokens = CounterTally(
             "vllm_guard_completion_tokens", "Completion tokens, from the engine's usage.",
-            ["model"], registry=r,
+            ["model"],
         )  # fmt: skip
-        self.added = Histogram(
+        self.added = HistogramTally(
             "vllm_guard_added_seconds",
             "Time the gateway adds: arrival until the engine has the request (time held at "
             "the gate excluded), plus from the engine's last bytes until the answer is done.",
-            ["model", "endpoint"], buckets=BUCKETS, registry=r,
+            ["model", "endpoint"], BUCKETS,
         )  # fmt: skip
-        self.ttfb = Histogram(
+        self.ttfb = HistogramTally(
             "vllm_guard_time_to_first_byte_seconds", "Arrival until the first byte to the client.",
-            ["model", "endpoint"], buckets=BUCKETS, registry=r,
+            ["model", "endpoint"], BUCKETS,
         )  # fmt: skip
-        self.shed = Counter(
-            "vllm_guard_shed", "Requests turned away (429, 503) by cause.", ["status", "cause"],
-            registry=r,
-        )  # fmt: skip
-        self.quarantine_hits = Counter(
-            "vllm_guard_quarantine_hits", "Requests refused 422 by the quarantine.", registry=r
+        self.shed = CounterTally(
+            "vllm_guard_shed", "Requests turned away (429, 503) by cause.", ["status", "cause"]
+        )
+        self.quarantine_hits = CounterTally(
+            "vllm_guard_quarantine_hits", "Requests refused 422 by the quarantine."
+        )
+        r.register(
+            TallyCollector(
+                (
+                    self.requests,
+                    self.responses,
+                    self.policy_actions,
+                    self.policy_rejections,
+                    self.prompt_tokens,
+                    self.completion_tokens,
+                    self.added,
+                    self.ttfb,
+                    self.shed,
+                    self.quarantine_hits,
+                )
+            )
         )
         self.engine_restarts = Counter(
             "vllm_guard_engine_restarts", "Engine restarts (started, or seen back).", registry=r
@@ -157,16 +170,17 @@ class Metrics:
             "vllm_guard_engine_last_start_seconds", "Duration of the last engine start.",
             registry=r,
         )  # fmt: skip
-        self.client_write_timeouts = Counter(
+        self.client_write_timeouts = CounterTally(
             "vllm_guard_client_write_timeouts", "Clients cut for not reading their answer.",
-            ["model"], registry=r,
+            ["model"],
         )  # fmt: skip
-        self.state = _StateCollector(self)
+        r.register(TallyCollector((self.client_write_timeouts,)))  # (where it was exported)
+        self.state = StateCollector(self.model_label, self.known_models)
         r.register(self.state)
-        self._children: dict[tuple[str, str, str, int], _Children] = {}
-        self._kept: dict[tuple[Counter, tuple[str, ...]], Counter] = {}
+        self._rows: dict[tuple[object, ...], _Row] = {}
         self._starting_at: float | None = None
         self._clock = time.monotonic
+        self._now = time.perf_counter  # when the answer is done (a test may set both)
 
     # -- the model label ---------------------------------------------------------------------
 
@@ -185,55 +199,47 @@ class Metrics:
     # -- per request -------------------------------------------------------------------------
 
     def request_finished(self, record: RequestRecord) -> None:
-        """Count one finished request (called once, where its log line is written)."""
-        now = time.perf_counter()
+        """Count one finished request (called once, where its log line is written, on the
+        loop). Every cell a request adds to is found by one lookup of its labels' row."""
         status = record.status or 0
         model = self.model_label(record.model)
-        key = (model, record.endpoint, record.outcome.value, status)
-        children = self._children.get(key)
-        if children is None:
-            children = self._children[key] = _Children(self, *key)
-        children.requests.inc()
-        children.responses.inc()
+        key = (
+            model,
+            record.endpoint,
+            record.outcome,
+            status,
+            record.policy_action,
+            record.policy_reason,
+            record.cause,
+            record.reason == CLIENT_WRITE_TIMEOUT,
+        )
+        row = self._rows.get(key)
+        if row is None:
+            row = self._rows[key] = _Row(self, record, model, status)
+        for cell in row.ones:
+            cell[0] += 1
         if record.first_byte is not None:
-            children.ttfb.observe(record.first_byte - record.started)
+            row.ttfb.observe(record.first_byte - record.started)
         if record.sent is not None:
-            tail = 0.0 if record.last_byte is None else now - record.last_byte
-            children.added.observe(record.sent - record.started - record.held + tail)
-        if record.policy_action is not None:
-            self._policy(model, record)
-        if record.usage is not None and 200 <= status < 300:
-            usage = usage_of(record.usage)
-            if usage is not None:
-                self._child(self.prompt_tokens, model).inc(usage[0])
-                self._child(self.completion_tokens, model).inc(usage[1])
-        if record.cause is not None:
-            if record.cause == QUARANTINED:
-                self.quarantine_hits.inc()
-            else:
-                self.shed.labels(str(status), record.cause).inc()
-        if record.reason == CLIENT_WRITE_TIMEOUT:
-            self.client_write_timeout(record.model)
+            last = record.last_byte
+            tail = 0.0 if last is None else self._now() - last
+            row.added.observe(record.sent - record.started - record.held + tail)
+        if record.usage is not None and row.counts_tokens:
+            self._tokens(row, model, record.usage)
 
-    def _policy(self, model: str, record: RequestRecord) -> None:
-        action = record.policy_action
-        assert action is not None
-        self._child(self.policy_actions, model, action).inc()
-        if record.policy_reason is not None:
-            self._child(self.policy_rejections, model, record.policy_reason).inc()
-
-    def _child(self, metric: Counter, *labels: str) -> Counter:
-        """`metric.labels(*labels)`, resolved once (every label here is bounded)."""
-        key = (metric, labels)
-        child = self._kept.get(key)
-        if child is None:
-            child = self._kept[key] = metric.labels(*labels)
-        return child
+    def _tokens(self, row: _Row, model: str, raw: bytes) -> None:
+        usage = usage_of(raw)
+        if usage is not None:
+            if row.tokens is None:  # made at the first usage read, not before
+                row.tokens = (self.prompt_tokens.cell(model), self.completion_tokens.cell(model))
+            prompt, completion = row.tokens
+            prompt[0] += usage[0]
+            completion[0] += usage[1]
 
     def client_write_timeout(self, model: str | None) -> None:
         """A client was cut for not reading its answer (issue 10's relay calls this, or the
         middleware's record says `reason=client_write_timeout`)."""
-        self.client_write_timeouts.labels(self.model_label(model)).inc()
+        self.client_write_timeouts.cell(self.model_label(model))[0] += 1
 
     # -- the engine --------------------------------------------------------------------------
 
@@ -276,116 +282,35 @@ CLIENT_WRITE_TIMEOUT = "client_write_timeout"
 """`RequestRecord.reason` of a client cut for not reading (issue 10)."""
 
 
-class _Children:
-    """The label children of one (model, endpoint, outcome, status), resolved once."""
+class _Row:
+    """The cells one kind of request adds to (its labels and what it carries), found once:
+    `ones` gain 1 per request (requests, responses, and as it applies the policy's action and
+    refusal reason, the shed cause or quarantine hit, the client write timeout)."""
 
-    __slots__ = ("added", "requests", "responses", "ttfb")
+    __slots__ = ("added", "counts_tokens", "ones", "tokens", "ttfb")
 
-    def __init__(self, m: Metrics, model: str, endpoint: str, outcome: str, status: int) -> None:
-        self.requests = m.requests.labels(model, endpoint, outcome)
-        self.responses = m.responses.labels(str(status))
-        self.ttfb = m.ttfb.labels(model, endpoint)
-        self.added = m.added.labels(model, endpoint)
-
-
-class _StateCollector(Collector):
-    """What is read at scrape time from the objects that hold it."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self.metrics = metrics
-        self.gate: Gate | None = None
-        self.engine_state: Callable[[], EngineState] | None = None
-        self.reloads: ReloadState | None = None
-
-    def collect(self) -> Iterator[Metric]:
-        yield from self._requests_now()
-        state = GaugeMetricFamily(
-            "vllm_guard_engine_state", "1 for the engine's current state.", labels=["state"]
-        )
-        current = None if self.engine_state is None else self.engine_state().value
-        for name in ENGINE_STATES:
-            state.add_metric([name], 1.0 if name == current else 0.0)
-        yield state
-        yield from self._isolation()
-        yield from self._reload()
-
-    def _requests_now(self) -> Iterator[Metric]:
-        in_flight = GaugeMetricFamily(
-            "vllm_guard_in_flight", "Requests in flight to the engine.", labels=["model"]
-        )
-        queued = GaugeMetricFamily(
-            "vllm_guard_queued", "Requests waiting at the gate.", labels=["model"]
-        )
-        label = self.metrics.model_label
-        for family, counts in (
-            (in_flight, {} if self.gate is None else self.gate.in_flight_by_model()),
-            (queued, {} if self.gate is None else self.gate.waiting_by_model()),
-        ):
-            by_label = dict.fromkeys(self.metrics.known_models(), 0)
-            for model, count in counts.items():
-                by_label[label(model)] = by_label.get(label(model), 0) + count
-            for model, count in sorted(by_label.items()):
-                family.add_metric([model], float(count))
-            yield family
-
-    def _isolation(self) -> Iterator[Metric]:
-        gate = self.gate
-        now = time.time() if gate is None else gate.wall_clock()
-        entries = 0 if gate is None else len(gate.quarantine.entries(now))
-        suspects = 0 if gate is None else len(gate.suspects.entries(now))
-        yield _gauge("vllm_guard_quarantine_entries", "Fingerprints quarantined now.", entries)
-        yield _counter(
-            "vllm_guard_quarantine_added",
-            "Fingerprints quarantined.",
-            0 if gate is None else gate.quarantine.added,
-        )
-        yield _counter(
-            "vllm_guard_quarantine_expired",
-            "Quarantine entries that expired or were evicted.",
-            0 if gate is None else gate.quarantine.expired,
-        )
-        yield _gauge("vllm_guard_suspects", "Fingerprints under suspicion now.", suspects)
-        yield _counter(
-            "vllm_guard_probation_runs",
-            "Solo runs of suspects.",
-            0 if gate is None else gate.probation_runs,
-        )
-        verdicts = CounterMetricFamily(
-            "vllm_guard_probation_verdicts", "Probation outcomes.", labels=["verdict"]
-        )
-        for verdict in ("culprit", "innocent", "timeout"):
-            verdicts.add_metric([verdict], 0 if gate is None else gate.verdicts[verdict])
-        yield verdicts
-
-    def _reload(self) -> Iterator[Metric]:
-        state = self.reloads
-        yield _gauge(
-            "vllm_guard_config_generation",
-            "The running config snapshot's generation.",
-            1 if state is None else state.generation,
-        )
-        last = None if state is None else state.last
-        yield _gauge(
-            "vllm_guard_config_last_reload_timestamp_seconds",
-            "Unix time of the last reload attempt (0 before the first).",
-            0.0 if last is None else last.at,
-        )
-        reloads = CounterMetricFamily(
-            "vllm_guard_config_reloads", "Reload attempts by result.", labels=["result"]
-        )
-        applied = 0 if state is None else state.applied - state.unchanged
-        reloads.add_metric(["applied"], applied)
-        reloads.add_metric(["invalid"], 0 if state is None else state.failures)
-        reloads.add_metric(["unchanged"], 0 if state is None else state.unchanged)
-        yield reloads
-
-
-def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-    return GaugeMetricFamily(name, doc, value=value)
-
-
-def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-    return CounterMetricFamily(name, doc, value=value)
+    def __init__(self, m: Metrics, record: RequestRecord, model: str, status: int) -> None:
+        endpoint = record.endpoint
+        ones = [
+            m.requests.cell(model, endpoint, record.outcome.value),
+            m.responses.cell(str(status)),
+        ]
+        self.ttfb = m.ttfb.cell(model, endpoint)
+        self.added = m.added.cell(model, endpoint)
+        action, reason = record.policy_action, record.policy_reason
+        if action is not None:
+            ones.append(m.policy_actions.cell(model, action))
+            if reason is not None:
+                ones.append(m.policy_rejections.cell(model, reason))
+        if record.cause == QUARANTINED:
+            ones.append(m.quarantine_hits.cell())
+        elif record.cause is not None:
+            ones.append(m.shed.cell(str(status), record.cause))
+        if record.reason == CLIENT_WRITE_TIMEOUT:
+            ones.append(m.client_write_timeouts.cell(model))
+        self.ones = tuple(ones)
+        self.counts_tokens = 200 <= status < 300  # an error answer's usage is not counted
+        self.tokens: tuple[list[float], list[float]] | None = None
 
 
 # -- the routes --------------------------------------------------------------------------------
