@@ -79,6 +79,7 @@ class WireConnection(asyncio.Protocol):
         self._buffered = 0
         self._complete = False
         self._keep_alive = False
+        self._keep_alive_ok = True  # False once a body was left half-sent (answered early)
         self._error: WireError | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._reading_paused = False
@@ -146,6 +147,7 @@ class WireConnection(asyncio.Protocol):
         head = self._head
         if head is not None and not head.done():
             head.set_result(None)
+            self._wake_writer()  # a body still being written stops: the engine answered
 
     def on_body(self, body: bytes) -> None:
         if self._head_only:
@@ -182,6 +184,7 @@ class WireConnection(asyncio.Protocol):
         self._busy, self._head_only = True, head_only
         self._raw, self._status, self._interim, self._got_bytes = [], 0, False, False
         self._complete, self._keep_alive, self._error = False, False, None
+        self._keep_alive_ok = True
         waiter = self._head = asyncio.get_running_loop().create_future()
         try:
             if body is None or len(body) <= _ONE_WRITE:
@@ -203,6 +206,7 @@ class WireConnection(asyncio.Protocol):
         view = memoryview(body)
         for start in range(0, len(view), _BODY_SLICE):
             if self.closed or self._head.done():  # lost, or answered early (413)
+                self._keep_alive_ok = False  # the rest of the body would read as a request
                 return
             self._transport.write(view[start : start + _BODY_SLICE])
             if self._writing_paused and not self.closed:
@@ -246,6 +250,7 @@ class WireConnection(asyncio.Protocol):
         return (
             self._complete
             and self._keep_alive
+            and self._keep_alive_ok
             and self._error is None
             and not self._chunks
             and not self.closed
@@ -266,6 +271,7 @@ class WireConnection(asyncio.Protocol):
         head = self._head
         if head is not None and not head.done():
             head.set_exception(ClosedBeforeAnswer(reason, nothing_received=False))
+            self._wake_writer()
         elif self._error is None and not self._complete:
             self._error = EngineCut(reason)
             self._wake()

@@ -310,3 +310,24 @@ async def test_a_large_request_body_arrives_whole(
     resp = await _post(wire, body)
     assert await resp.read() == b"%d %d" % (len(body), sum(body[::4096]))
     resp.release()
+
+
+async def test_an_answer_before_the_whole_body_is_relayed_and_its_connection_dropped(
+    raw_engine: StartRawEngine, wires: list[EngineWire]
+) -> None:
+    """An engine that answers (413) without reading a large body gets its answer to the caller
+    while the body is still being written, and that connection is not pooled (the body's rest
+    would read as the next request)."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 2\r\n\r\n{}")
+        await writer.drain()
+        await reader.read()
+
+    engine = await raw_engine(handler)
+    wire = _wire(wires, engine.url)
+    resp = await asyncio.wait_for(_post(wire, b"x" * (64 << 20)), BOUND_S)
+    assert (resp.status, await resp.read()) == (413, b"{}")
+    resp.release()
+    assert wire.idle == 0
