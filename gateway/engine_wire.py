@@ -3,8 +3,9 @@
 aiohttp's client costs more per request than the whole rest of the relay (its request and
 response machinery, timeouts, connector bookkeeping); talking to one co-located engine needs
 far less. `EngineWire` keeps a pool of keep-alive connections to the engine's host and port
-(no size limit; an idle one is dropped after `keepalive_timeout_s`, or as soon as the engine
-closed it) and writes each request head itself. Each connection is an asyncio `Protocol`
+(no size limit; an idle one is dropped after `keepalive_timeout_s`, 4 s by default, or as
+soon as the engine closed it) and writes each request head itself. Each connection
+(gateway.wire_connection) is an asyncio `Protocol`
 feeding `httptools.HttpResponseParser` (llhttp, in C): the response's head, its body with the
 chunked framing decoded, and whether the engine keeps the connection alive. What the relay
 gets is a `WireResponse`: status, headers, `read()` for a whole body, `chunks()` for a
@@ -12,9 +13,11 @@ stream's bytes as they arrive (exactly the bytes of the body), then `release()` 
 pool when the body was read to its end and the engine keeps the connection) or `close()`
 (the connection dropped at once: how vLLM learns that the client went away).
 
-Flow control: a connection stops reading from the engine once `HIGH_WATER` bytes wait for a
-slow consumer and reads again when the consumer took them, so a stream is never buffered
-whole. A large request body is written in slices, waiting when the transport asks to.
+Flow control: a connection stops reading from the engine once `HIGH_WATER` (64 KiB) bytes
+wait for a slow consumer and reads again when the consumer took them, so a stream is never
+buffered whole. A large request body is written in slices, waiting when the transport asks
+to; an answer that comes before the body's end stops the write and the connection is not
+reused.
 
 Errors, each its own exception: `ConnectFailed` (refused, no route), `ConnectTimeout`,
 `ClosedBeforeAnswer` (EOF, reset or a malformed head before the response head), `EngineCut`
@@ -138,7 +141,6 @@ class EngineWire:
             return
         loop = asyncio.get_running_loop()
         conn.idle_since = loop.time()
-        conn.reused = True
         self._idle.append(conn)
         if self._sweep is None:
             self._sweep = loop.call_later(self._keepalive_timeout_s, self._drop_expired)

@@ -66,7 +66,6 @@ class WireConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
-        self.reused = False
         self._busy = False
         self._head: asyncio.Future[None] | None = None
         self._raw: list[tuple[bytes, bytes]] = []
