@@ -15,6 +15,7 @@ import pytest
 from engine.tokenization import PromptTokenizer
 from gateway.app import create_app
 from gateway.config import Config
+from gateway.engine_wire import EngineWire
 from gateway.keys import SUPERVISOR
 from gateway.serve import listen
 from tests.helpers import (
@@ -87,6 +88,15 @@ async def raw_engine() -> AsyncIterator[StartRawEngine]:
     yield start
     for engine in started:
         await engine.close()
+
+
+@pytest.fixture
+async def engine_wires() -> AsyncIterator[list[EngineWire]]:
+    """The EngineWires a test appends here are closed after it."""
+    made: list[EngineWire] = []
+    yield made
+    for wire in made:
+        await wire.close()
 
 
 @pytest.fixture

@@ -6,7 +6,8 @@ engine, and reading paused for a slow consumer."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+import socket
 
 import aiohttp
 import pytest
@@ -18,22 +19,13 @@ from gateway.engine_wire import (
     EngineWire,
     WireResponse,
 )
-from gateway.errors import EngineFailed
+from gateway.errors import EngineFailed, EngineTimeout
 from gateway.proxy import Upstream, response_headers
 from gateway.wire_connection import HIGH_WATER
 from tests.helpers import StartRawEngine, chunked, free_port, read_request, until
 
 BOUND_S = 10.0
 OK_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-
-
-@pytest.fixture
-async def wires() -> AsyncIterator[list[EngineWire]]:
-    """EngineWires a test makes, closed after it."""
-    made: list[EngineWire] = []
-    yield made
-    for wire in made:
-        await wire.close()
 
 
 def _wire(made: list[EngineWire], url: str, **kwargs: object) -> EngineWire:
@@ -47,7 +39,7 @@ async def _post(wire: EngineWire, body: bytes = b"{}") -> WireResponse:
 
 
 async def test_content_length_and_chunked_bodies_on_one_kept_alive_connection(
-    raw_engine: StartRawEngine, wires: list[EngineWire]
+    raw_engine: StartRawEngine, engine_wires: list[EngineWire]
 ) -> None:
     """A Content-Length body and then a chunked one are read whole, exactly, over the same
     connection (the first went back to the pool); headers read case-insensitively."""
@@ -62,7 +54,7 @@ async def test_content_length_and_chunked_bodies_on_one_kept_alive_connection(
         await reader.read()
 
     engine = await raw_engine(handler)
-    wire = _wire(wires, engine.url)
+    wire = _wire(engine_wires, engine.url)
     first = await _post(wire)
     assert (first.status, first.content_type, first.headers["x-engine"]) == (
         200,
@@ -80,7 +72,7 @@ async def test_content_length_and_chunked_bodies_on_one_kept_alive_connection(
 
 
 async def test_request_head_carries_host_length_forwarded_and_default_headers(
-    raw_engine: StartRawEngine, wires: list[EngineWire]
+    raw_engine: StartRawEngine, engine_wires: list[EngineWire]
 ) -> None:
     """The head names the host, the body's length and the forwarded headers; the default
     Authorization goes only when the request has none of its own; hop-by-hop ones never go."""
@@ -93,7 +85,7 @@ async def test_request_head_carries_host_length_forwarded_and_default_headers(
             writer.write(OK_HEAD + b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
 
     engine = await raw_engine(handler)
-    wire = _wire(wires, engine.url, headers={"Authorization": "Bearer engine-key"})
+    wire = _wire(engine_wires, engine.url, headers={"Authorization": "Bearer engine-key"})
     for headers in ({"X-A": "1"}, {"authorization": "Bearer client", "Connection": "close"}):
         resp = await wire.request("POST", "/v1/completions", b"abc", headers)
         assert await resp.read() == b"abc"
@@ -113,7 +105,7 @@ async def test_request_head_carries_host_length_forwarded_and_default_headers(
 
 
 async def test_a_connection_the_engine_asks_to_close_is_not_reused(
-    raw_engine: StartRawEngine, wires: list[EngineWire]
+    raw_engine: StartRawEngine, engine_wires: list[EngineWire]
 ) -> None:
     """An answer with `Connection: close` ends its connection: the next request opens another."""
 
@@ -123,7 +115,7 @@ async def test_a_connection_the_engine_asks_to_close_is_not_reused(
         await writer.drain()
 
     engine = await raw_engine(handler)
-    wire = _wire(wires, engine.url)
+    wire = _wire(engine_wires, engine.url)
     for _ in range(2):
         resp = await _post(wire)
         assert await resp.read() == b"{}"
@@ -132,7 +124,7 @@ async def test_a_connection_the_engine_asks_to_close_is_not_reused(
 
 
 async def test_a_pooled_connection_the_engine_closed_unanswered_is_retried_once(
-    raw_engine: StartRawEngine, wires: list[EngineWire]
+    raw_engine: StartRawEngine, engine_wires: list[EngineWire]
 ) -> None:
     """The keep-alive race: the engine closes a reused connection without a byte of answer;
     the request goes once more on a fresh connection and is answered there."""
@@ -143,7 +135,7 @@ async def test_a_pooled_connection_the_engine_closed_unanswered_is_retried_once(
         await read_request(reader)  # the second request on this connection: dropped unanswered
 
     engine = await raw_engine(handler)
-    wire = _wire(wires, engine.url)
+    wire = _wire(engine_wires, engine.url)
     first = await _post(wire)
     await first.read()
     first.release()
@@ -153,7 +145,7 @@ async def test_a_pooled_connection_the_engine_closed_unanswered_is_retried_once(
 
 
 async def test_a_fresh_connection_closed_unanswered_is_not_retried(
-    raw_engine: StartRawEngine, wires: list[EngineWire]
+    raw_engine: StartRawEngine, engine_wires: list[EngineWire]
 ) -> None:
     """An engine that drops a fresh connection after reading the request fails it at once:
     no second attempt (the gate settles whether the engine failed)."""
@@ -162,14 +154,14 @@ async def test_a_fresh_connection_closed_unanswered_is_not_retried(
         await read_request(reader)
 
     engine = await raw_engine(handler)
-    wire = _wire(wires, engine.url)
+    wire = _wire(engine_wires, engine.url)
     with pytest.raises(ClosedBeforeAnswer):
         await _post(wire)
     assert engine.accepted == 1
 
 
 async def test_upstream_maps_a_reset_before_the_head_and_a_refused_connection(
-    raw_engine: StartRawEngine, wires: list[EngineWire], session: aiohttp.ClientSession
+    raw_engine: StartRawEngine, engine_wires: list[EngineWire], session: aiohttp.ClientSession
 ) -> None:
     """Through Upstream.open: a connection dropped before the head is "closed the connection
     before answering"; a refused one is "not reachable", without the engine's address."""
@@ -179,21 +171,21 @@ async def test_upstream_maps_a_reset_before_the_head_and_a_refused_connection(
         writer.transport.abort()
 
     engine = await raw_engine(handler)
-    upstream = Upstream(session, _wire(wires, engine.url), engine.url, lambda: 1.0)
+    upstream = Upstream(session, _wire(engine_wires, engine.url), engine.url, lambda: 1.0)
     with pytest.raises(EngineFailed, match="closed the connection before answering"):
         await upstream.open("POST", "/v1/completions", b"{}", {})
     port = free_port()
     refused_url = f"http://127.0.0.1:{port}"
-    refused = Upstream(session, _wire(wires, refused_url), refused_url, lambda: 1.0)
+    refused = Upstream(session, _wire(engine_wires, refused_url), refused_url, lambda: 1.0)
     with pytest.raises(EngineFailed, match="not reachable") as caught:
         await refused.open("POST", "/v1/completions", b"{}", {})
     assert str(port) not in caught.value.message
     with pytest.raises(ConnectFailed):
-        await _post(_wire(wires, refused_url))
+        await _post(_wire(engine_wires, refused_url))
 
 
 async def test_eof_mid_body_is_a_cut_after_the_bytes_that_came(
-    raw_engine: StartRawEngine, wires: list[EngineWire]
+    raw_engine: StartRawEngine, engine_wires: list[EngineWire]
 ) -> None:
     """A chunked stream the engine ends mid-body gives the bytes it sent, then `EngineCut`;
     a Content-Length body cut short makes `read()` raise `EngineCut`."""
@@ -210,7 +202,7 @@ async def test_eof_mid_body_is_a_cut_after_the_bytes_that_came(
         await writer.drain()
 
     engine = await raw_engine(handler)
-    wire = _wire(wires, engine.url)
+    wire = _wire(engine_wires, engine.url)
     stream = await wire.request("POST", "/stream", b"{}", {})
     assert stream.content_type == "text/event-stream"
     chunks = stream.chunks()
@@ -226,7 +218,7 @@ async def test_eof_mid_body_is_a_cut_after_the_bytes_that_came(
 
 
 async def test_close_drops_the_connection_for_the_engine_to_see(
-    raw_engine: StartRawEngine, wires: list[EngineWire]
+    raw_engine: StartRawEngine, engine_wires: list[EngineWire]
 ) -> None:
     """`close()` mid-stream ends the connection at once: the engine reads EOF or a reset (how
     vLLM learns the client went away and aborts the generation)."""
@@ -245,7 +237,7 @@ async def test_close_drops_the_connection_for_the_engine_to_see(
             dropped.set()
 
     engine = await raw_engine(handler)
-    wire = _wire(wires, engine.url)
+    wire = _wire(engine_wires, engine.url)
     stream = await wire.request("POST", "/v1/completions", b"{}", {})
     assert await anext(stream.chunks()) == b"data:1"
     assert not dropped.is_set()
@@ -254,7 +246,7 @@ async def test_close_drops_the_connection_for_the_engine_to_see(
 
 
 async def test_a_slow_consumer_pauses_reading_and_gets_every_byte(
-    raw_engine: StartRawEngine, wires: list[EngineWire]
+    raw_engine: StartRawEngine, engine_wires: list[EngineWire]
 ) -> None:
     """While the consumer takes nothing, the connection stops reading: the engine's writes
     block and what waits in the client stays near the high-water mark, not the whole body;
@@ -279,7 +271,7 @@ async def test_a_slow_consumer_pauses_reading_and_gets_every_byte(
         await reader.read()
 
     engine = await raw_engine(handler)
-    wire = _wire(wires, engine.url)
+    wire = _wire(engine_wires, engine.url)
     stream = await wire.request("POST", "/v1/completions", b"{}", {})
     assert await until(lambda: stream.buffered > HIGH_WATER, BOUND_S)
     await asyncio.sleep(0.5)  # the engine keeps writing until the buffers between are full
@@ -294,7 +286,7 @@ async def test_a_slow_consumer_pauses_reading_and_gets_every_byte(
 
 
 async def test_a_large_request_body_arrives_whole(
-    raw_engine: StartRawEngine, wires: list[EngineWire]
+    raw_engine: StartRawEngine, engine_wires: list[EngineWire]
 ) -> None:
     """A body of tens of MB is written in slices and reaches the engine byte for byte."""
 
@@ -305,7 +297,7 @@ async def test_a_large_request_body_arrives_whole(
         await reader.read()
 
     engine = await raw_engine(handler)
-    wire = _wire(wires, engine.url)
+    wire = _wire(engine_wires, engine.url)
     body = bytes(range(251)) * (24 * 4177)  # about 25 MB
     resp = await _post(wire, body)
     assert await resp.read() == b"%d %d" % (len(body), sum(body[::4096]))
@@ -313,7 +305,7 @@ async def test_a_large_request_body_arrives_whole(
 
 
 async def test_an_answer_before_the_whole_body_is_relayed_and_its_connection_dropped(
-    raw_engine: StartRawEngine, wires: list[EngineWire]
+    raw_engine: StartRawEngine, engine_wires: list[EngineWire]
 ) -> None:
     """An engine that answers (413) without reading a large body gets its answer to the caller
     while the body is still being written, and that connection is not pooled (the body's rest
@@ -326,8 +318,31 @@ async def test_an_answer_before_the_whole_body_is_relayed_and_its_connection_dro
         await reader.read()
 
     engine = await raw_engine(handler)
-    wire = _wire(wires, engine.url)
+    wire = _wire(engine_wires, engine.url)
     resp = await asyncio.wait_for(_post(wire, b"x" * (64 << 20)), BOUND_S)
     assert (resp.status, await resp.read()) == (413, b"{}")
     resp.release()
     assert wire.idle == 0
+
+
+async def test_a_connect_that_hangs_is_an_engine_timeout(
+    engine_wires: list[EngineWire], session: aiohttp.ClientSession
+) -> None:
+    """A listener whose accept queue is full leaves the connect hanging: past
+    `connect_timeout_s` Upstream.open raises `EngineTimeout` (504), not a hang."""
+    with contextlib.ExitStack() as stack:
+        listener = stack.enter_context(socket.socket())
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        for _ in range(3):  # fill the accept queue: further SYNs are dropped
+            filler = stack.enter_context(socket.socket())
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", port))
+        url = f"http://127.0.0.1:{port}"
+        wire = EngineWire(url, connect_timeout_s=0.5)
+        engine_wires.append(wire)
+        upstream = Upstream(session, wire, url, lambda: 1.0)
+        with pytest.raises(EngineTimeout):
+            await asyncio.wait_for(upstream.open("POST", "/v1/completions", b"{}", {}), BOUND_S)
