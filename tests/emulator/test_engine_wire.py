@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from collections.abc import Mapping
 
 import aiohttp
 import pytest
@@ -28,8 +29,8 @@ BOUND_S = 10.0
 OK_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
 
 
-def _wire(made: list[EngineWire], url: str, **kwargs: object) -> EngineWire:
-    wire = EngineWire(url, connect_timeout_s=2.0, **kwargs)  # type: ignore[arg-type]
+def _wire(made: list[EngineWire], url: str, headers: Mapping[str, str] | None = None) -> EngineWire:
+    wire = EngineWire(url, connect_timeout_s=2.0, headers=headers)
     made.append(wire)
     return wire
 
