@@ -4,6 +4,8 @@ realistic policy, all in front of the same fast fake OpenAI upstream.
 
     .venv/bin/python bench/relay_matrix.py          # quick: a few minutes (make bench)
     .venv/bin/python bench/relay_matrix.py --full   # the whole matrix (make bench BENCH=full)
+    .venv/bin/python bench/relay_matrix.py --cells plain-64-100,stream-64-100 --out /tmp/x
+                                                    # only these cells (a targeted before/after)
 
 For each cell (streamed or not, concurrency, prompt size), each relay gets `--repeats` runs of
 `--seconds` of Debian's `wrk` (one thread, a Lua script that POSTs the cell's body), relays taken
@@ -76,6 +78,20 @@ class Cell:
     @property
     def label(self) -> str:
         return f"{'stream' if self.stream else 'plain'} c={self.concurrency} {self.tokens:,} tok"
+
+
+def parse_cells(text: str) -> tuple[Cell, ...]:
+    """`--cells`: comma-separated labels `plain|stream-CONCURRENCY-TOKENS`, e.g.
+    `plain-64-100,stream-64-100`."""
+    cells = []
+    for label in text.split(","):
+        match = re.fullmatch(r"(plain|stream)-(\d+)-(\d+)", label.strip())
+        if match is None:
+            raise argparse.ArgumentTypeError(
+                f"not a cell: {label!r} (expected plain|stream-CONCURRENCY-TOKENS)"
+            )
+        cells.append(Cell(match[1] == "stream", int(match[2]), int(match[3])))
+    return tuple(cells)
 
 
 QUICK = (
@@ -486,6 +502,13 @@ def plot(results: list[Result], path: Path, title: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--full", action="store_true", help="every cell (about 20 minutes)")
+    parser.add_argument(
+        "--cells",
+        type=parse_cells,
+        default=None,
+        help="only these cells, comma-separated plain|stream-CONCURRENCY-TOKENS labels "
+        "(e.g. plain-64-100,stream-64-100); written as relay-cells.*",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=None, help="per run (4 quick, 5 full)")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -494,18 +517,19 @@ def main() -> None:
         sys.exit("wrk is not installed: run `make system` (scripts/install-system.sh)")
     if not (MODEL_DIR / "tokenizer.json").is_file():
         sys.exit("models/tiny is missing: run `make model` first")
-    name = "full" if args.full else "quick"
+    name = "cells" if args.cells else "full" if args.full else "quick"
     seconds = args.seconds or (5.0 if args.full else 4.0)
     started = datetime.datetime.now(datetime.UTC)
     about = machine()
-    defaults = args.repeats == 3 and args.seconds is None and args.out == RESULTS
+    defaults = args.repeats == 3 and args.seconds is None and args.out == RESULTS and not args.cells
     command = (
         ("make bench BENCH=full" if args.full else "make bench")
         if defaults
         else " ".join(["python bench/relay_matrix.py", *sys.argv[1:]])
     )
     print(f"relay matrix ({name}): {about}", flush=True)
-    results = run_matrix(FULL if args.full else QUICK, args.repeats, seconds)
+    cells = args.cells or (FULL if args.full else QUICK)
+    results = run_matrix(cells, args.repeats, seconds)
     args.out.mkdir(parents=True, exist_ok=True)
     header = (
         f"Relay cost, {name} run of `{command}` (bench/relay_matrix.py), "

@@ -18,6 +18,7 @@ from gateway.admission import Gate
 from gateway.aliases import AliasReporter
 from gateway.config import KSERVE_PREFIX, Config, ConfigHolder, MetricsListener
 from gateway.edge import api_key_hashes, engine_key
+from gateway.engine_wire import EngineWire
 from gateway.engineview import EngineHistory
 from gateway.fleet import Fleet
 from gateway.inflight import InflightLedger
@@ -38,6 +39,7 @@ from gateway.keys import (
     TOKENS,
     UPSTREAM,
     VOCABULARIES,
+    WIRE,
 )
 from gateway.lifecycle import Lifecycle
 from gateway.logs import configure_logging
@@ -114,10 +116,14 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG].current
     engine = config.engine
     key = engine_key(config.server.api_key_env, os.environ)
+    # The gateway's own requests carry the engine's key; a client's own Authorization,
+    # forwarded, takes its place on relayed ones.
+    auth = None if key is None else {"Authorization": f"Bearer {key}"}
+    # Generation and the relayed routes: the gateway's own HTTP/1.1 client (no read timeout
+    # either; the engine's bytes relayed as they come, never decoded).
+    app[WIRE] = EngineWire(engine.url, connect_timeout_s=engine.connect_timeout_s, headers=auth)
     session = aiohttp.ClientSession(
-        # The gateway's own requests carry the engine's key; a client's own Authorization,
-        # forwarded, takes its place on relayed ones.
-        headers=None if key is None else {"Authorization": f"Bearer {key}"},
+        headers=auth,
         connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
         # No total or read timeout: a healthy long generation can be silent for minutes;
         # a stuck engine is the supervisor's to notice. Connecting is bounded.
@@ -128,6 +134,7 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     app[SESSION] = session
     yield
+    await app[WIRE].close()
     await session.close()
 
 
@@ -135,7 +142,7 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     holder = app[CONFIG]
     config = holder.current
     supervisor = EngineSupervisor(config.engine, app[SESSION], progress=app[INFLIGHT])
-    upstream = Upstream(app[SESSION], config.engine.url, supervisor.retry_after_s)
+    upstream = Upstream(app[SESSION], app[WIRE], config.engine.url, supervisor.retry_after_s)
     app[SUPERVISOR] = supervisor
     AliasReporter(app[CONFIG], supervisor)
     app[UPSTREAM] = upstream

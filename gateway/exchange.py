@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
 from engine.supervisor import EngineSupervisor
 from gateway.admission import ClientShare, Gate
 from gateway.body import encode_body
+from gateway.engine_wire import WireResponse
 from gateway.errors import EngineFailed, EngineUnavailable, GuardError
 from gateway.inflight import Inflight
 from gateway.keys import CONFIG, GATE, RECORD, SUPERVISOR, UPSTREAM
@@ -54,7 +54,7 @@ from gateway.resume import (
     resumable,
 )
 
-Relay = Callable[[aiohttp.ClientResponse, ProgressCallback], Awaitable[RelayOutcome]]
+Relay = Callable[[WireResponse, ProgressCallback], Awaitable[RelayOutcome]]
 """Relays the engine's response to the client and reports the outcome."""
 
 PROBATION_TIMEOUT = (
@@ -203,9 +203,7 @@ async def first_answer(ex: Exchange) -> web.StreamResponse | Resumable:
     can be, else ended with the error event."""
     payload = _encode(ex.body)
 
-    def relay(
-        upstream: aiohttp.ClientResponse, on_progress: ProgressCallback
-    ) -> Awaitable[RelayOutcome]:
+    def relay(upstream: WireResponse, on_progress: ProgressCallback) -> Awaitable[RelayOutcome]:
         return relay_response(
             ex.request,
             upstream,
@@ -314,9 +312,7 @@ def _continue(
 ) -> Relay:
     rewriter = EventRewriter(partial, chat)
 
-    def relay(
-        upstream: aiohttp.ClientResponse, on_progress: ProgressCallback
-    ) -> Awaitable[RelayOutcome]:
+    def relay(upstream: WireResponse, on_progress: ProgressCallback) -> Awaitable[RelayOutcome]:
         return continue_stream(
             stream, upstream, rewriter.feed, on_progress, write_timeout_s=write_timeout_s
         )

@@ -8,6 +8,7 @@ from aiohttp import web
 from engine.supervisor import EngineSupervisor
 from gateway.admission import Gate
 from gateway.config import ConfigHolder
+from gateway.engine_wire import EngineWire
 from gateway.engineview import EngineHistory
 from gateway.fleet import Fleet
 from gateway.inflight import InflightLedger
@@ -21,6 +22,9 @@ from gateway.vocab import Vocabularies
 
 CONFIG = web.AppKey("config", ConfigHolder)
 SESSION = web.AppKey("upstream_session", aiohttp.ClientSession)
+"""Probes and small JSON exchanges with the engine."""
+WIRE = web.AppKey("engine_wire", EngineWire)
+"""Generation and the relayed routes (gateway.engine_wire)."""
 UPSTREAM = web.AppKey("upstream", Upstream)
 SUPERVISOR = web.AppKey("supervisor", EngineSupervisor)
 INFLIGHT = web.AppKey("inflight", InflightLedger)

@@ -1,4 +1,8 @@
-"""The relay to the engine: one pooled client session, bytes passed through as they come.
+"""The relay to the engine: pooled keep-alive connections, bytes passed through as they come.
+
+Generation and the relayed routes go through the gateway's own HTTP/1.1 client
+(gateway.engine_wire); the small JSON exchanges (probes, /tokenize, /v1/models) through the
+aiohttp session.
 
 Non-streamed answers are JSON of bounded size and are read whole; an SSE stream is written to
 the client chunk by chunk as the engine emits it and is never buffered. When the client goes
@@ -24,6 +28,14 @@ import structlog
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway.engine_wire import (
+    ClosedBeforeAnswer,
+    ConnectFailed,
+    ConnectTimeout,
+    EngineCut,
+    EngineWire,
+    WireResponse,
+)
 from gateway.errors import (
     BadGateway,
     EngineFailed,
@@ -72,9 +84,10 @@ def forward_headers(headers: CIMultiDictProxy[str], request_id: str) -> CIMultiD
     return out
 
 
-def response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
+def response_headers(upstream: WireResponse) -> CIMultiDict[str]:
+    """The engine's response headers minus hop-by-hop ones and those the gateway sets."""
     out: CIMultiDict[str] = CIMultiDict()
-    for name, value in upstream.headers.items():
+    for name, value in upstream.header_items():
         if name.lower() not in _RESPONSE_DROP:
             out.add(name, value)
     return out
@@ -108,37 +121,36 @@ class Upstream:
     """Where the engine answers, and how the gateway talks to it."""
 
     def __init__(
-        self, session: aiohttp.ClientSession, base_url: str, retry_after_s: Callable[[], float]
+        self,
+        session: aiohttp.ClientSession,
+        wire: EngineWire,
+        base_url: str,
+        retry_after_s: Callable[[], float],
     ) -> None:
         self._session = session
+        self._wire = wire
         self.base_url = base_url.rstrip("/")
         self._retry_after_s = retry_after_s
 
     async def open(
         self, method: str, path: str, body: bytes | None, headers: Mapping[str, str]
-    ) -> aiohttp.ClientResponse:
-        """Send the request and return the engine's response once its headers arrived."""
+    ) -> WireResponse:
+        """Send the request and return the engine's response once its head arrived."""
         try:
-            return await self._session.request(
-                method,
-                self.base_url + path,
-                data=_body_data(body),
-                headers=headers,
-                allow_redirects=False,
-            )
-        except aiohttp.ClientConnectorError as err:
+            return await self._wire.request(method, path, body, headers)
+        except ConnectFailed as err:
             # The client is told what happened, never where the engine listens: the
             # address and the OS error stay in the log.
-            log.warning("engine_unreachable", path=path, error=str(err))
+            log.warning("engine_unreachable", path=path, error=err.reason)
             raise EngineFailed(
                 "The engine is not reachable; it may be starting or restarting."
             ) from None
-        except (TimeoutError, aiohttp.ServerTimeoutError):
+        except ConnectTimeout:
             raise EngineTimeout("The engine did not answer in time.") from None
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as err:
-            log.warning("engine_disconnected", path=path, error=str(err))
+        except ClosedBeforeAnswer as err:
+            log.warning("engine_disconnected", path=path, error=err.reason)
             raise EngineFailed(
-                f"The engine closed the connection before answering ({type(err).__name__})."
+                f"The engine closed the connection before answering ({err.reason})."
             ) from None
 
     async def json(
@@ -222,7 +234,7 @@ RelayOutcome = Answered | FailedBeforeBytes | CutAfterBytes
 
 async def relay_response(
     request: web.Request,
-    upstream: aiohttp.ClientResponse,
+    upstream: WireResponse,
     extra_headers: Mapping[str, str],
     on_progress: ProgressCallback | None = None,
     *,
@@ -245,7 +257,7 @@ async def relay_response(
         _done_with(upstream, outcome)
 
 
-def _done_with(upstream: aiohttp.ClientResponse, outcome: RelayOutcome | None) -> None:
+def _done_with(upstream: WireResponse, outcome: RelayOutcome | None) -> None:
     if isinstance(outcome, Answered):
         upstream.release()
     else:
@@ -254,18 +266,18 @@ def _done_with(upstream: aiohttp.ClientResponse, outcome: RelayOutcome | None) -
         upstream.close()
 
 
-_ENGINE_CUT = (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
+_ENGINE_CUT = (EngineCut,)
 
 
 async def _relay_whole(
-    upstream: aiohttp.ClientResponse,
+    upstream: WireResponse,
     headers: CIMultiDict[str],
     on_progress: ProgressCallback | None,
 ) -> RelayOutcome:
     try:
         body = await upstream.read()
     except _ENGINE_CUT as err:
-        return FailedBeforeBytes(f"The engine failed while answering ({type(err).__name__}).")
+        return FailedBeforeBytes(f"The engine failed while answering ({err.reason}).")
     if on_progress is not None:
         on_progress(body)
     failure: BadGateway | None = None
@@ -287,14 +299,14 @@ async def _relay_whole(
 
 async def _relay_stream(
     request: web.Request,
-    upstream: aiohttp.ClientResponse,
+    upstream: WireResponse,
     headers: CIMultiDict[str],
     on_progress: ProgressCallback | None,
     write_timeout_s: float | None,
 ) -> RelayOutcome:
     # Nothing goes to the client before the engine's first chunk: a stream the engine cuts
     # before that can still be retried as if it never started.
-    chunks = upstream.content.iter_any()
+    chunks = upstream.chunks()
     first = await _first_chunk(chunks)
     if isinstance(first, FailedBeforeBytes):
         return first
@@ -308,7 +320,7 @@ async def _relay_stream(
 
 async def continue_stream(
     resp: web.StreamResponse,
-    upstream: aiohttp.ClientResponse,
+    upstream: WireResponse,
     transform: Transform,
     on_progress: ProgressCallback | None,
     *,
@@ -318,7 +330,7 @@ async def continue_stream(
     Reports like `relay_response`; always releases or closes the upstream connection."""
     outcome: RelayOutcome | None = None
     try:
-        chunks = upstream.content.iter_any()
+        chunks = upstream.chunks()
         first = await _first_chunk(chunks)
         if isinstance(first, FailedBeforeBytes):
             outcome = first
@@ -336,9 +348,7 @@ async def _first_chunk(chunks: AsyncIterator[bytes]) -> bytes | FailedBeforeByte
     try:
         first = await anext(chunks, b"")
     except _ENGINE_CUT as err:
-        return FailedBeforeBytes(
-            f"The engine failed before the stream began ({type(err).__name__})."
-        )
+        return FailedBeforeBytes(f"The engine failed before the stream began ({err.reason}).")
     if not first:
         return FailedBeforeBytes("The engine ended the stream before sending anything.")
     return first

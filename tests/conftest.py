@@ -15,9 +15,17 @@ import pytest
 from engine.tokenization import PromptTokenizer
 from gateway.app import create_app
 from gateway.config import Config
+from gateway.engine_wire import EngineWire
 from gateway.keys import SUPERVISOR
 from gateway.serve import listen
-from tests.helpers import MODEL_DIR, Gateway, StartGateway
+from tests.helpers import (
+    MODEL_DIR,
+    Gateway,
+    RawEngine,
+    RawHandler,
+    StartGateway,
+    StartRawEngine,
+)
 from tests.real_engine import ENGINE_PYTHON, RealEngine, start_engine, stop_process_group
 
 ENGINE_TESTS = Path(__file__).resolve().parent / "engine"
@@ -64,6 +72,31 @@ async def gateway_server() -> AsyncIterator[StartGateway]:
     yield start
     for gateway in reversed(started):
         await gateway.close()
+
+
+@pytest.fixture
+async def raw_engine() -> AsyncIterator[StartRawEngine]:
+    """Start raw HTTP/1.1 engines (tests.helpers.RawEngine) on free ports, closed after the
+    test."""
+    started: list[RawEngine] = []
+
+    async def start(handler: RawHandler) -> RawEngine:
+        engine = await RawEngine(handler).start()
+        started.append(engine)
+        return engine
+
+    yield start
+    for engine in started:
+        await engine.close()
+
+
+@pytest.fixture
+async def engine_wires() -> AsyncIterator[list[EngineWire]]:
+    """The EngineWires a test appends here are closed after it."""
+    made: list[EngineWire] = []
+    yield made
+    for wire in made:
+        await wire.close()
 
 
 @pytest.fixture

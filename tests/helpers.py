@@ -216,6 +216,67 @@ StartGateway = Callable[..., Awaitable[Gateway]]
 """The `gateway_server` fixture: `await gateway_server(config, wait_ready=True, timeout=120)`."""
 
 
+# A raw HTTP/1.1 engine whose every byte the test writes (for the engine wire's shapes).
+
+RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class RawEngine:
+    """An asyncio server on a free loopback port: each accepted connection goes to
+    `handler(reader, writer)`, which reads requests (`read_request`) and writes answers as
+    bytes. Counts the connections it accepted."""
+
+    def __init__(self, handler: RawHandler) -> None:
+        self._handler = handler
+        self.accepted = 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> RawEngine:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        try:
+            await self._handler(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+StartRawEngine = Callable[[RawHandler], Awaitable[RawEngine]]
+"""The `raw_engine` fixture: start a RawEngine with its handler."""
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[list[str], bytes]:
+    """One request off a raw connection: its head's lines (request line first) and its body
+    (by Content-Length). Raises IncompleteReadError at EOF."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")[:-2]
+    length = 0
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "content-length":
+            length = int(value)
+    return lines, await reader.readexactly(length)
+
+
+def chunked(*pieces: bytes) -> bytes:
+    """`pieces` in HTTP/1.1 chunked framing, with the last (empty) chunk."""
+    return b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces) + b"0\r\n\r\n"
+
+
 # Requests and answers.
 
 
