@@ -298,13 +298,21 @@ async def _send(ex: Exchange, ticket: Inflight, payload: bytes, relay: Relay) ->
             elif split and record.usage is not None:
                 record.usage, split = record.usage + chunk, False
 
-    async with asyncio.timeout(ex.gate.solo_limit() if ticket.solo else None):
-        record.mark_sent()
-        try:
-            upstream = await ex.upstream.open("POST", ex.path, payload, ex.engine_headers)
-        except EngineFailed as err:
-            return FailedBeforeBytes(err.message)
-        return await relay(upstream, on_progress)
+    if not ticket.solo:  # no time limit: no timeout to arm
+        return await _attempt(ex, payload, relay, on_progress)
+    async with asyncio.timeout(ex.gate.solo_limit()):
+        return await _attempt(ex, payload, relay, on_progress)
+
+
+async def _attempt(
+    ex: Exchange, payload: bytes, relay: Relay, on_progress: ProgressCallback
+) -> RelayOutcome:
+    ex.record.mark_sent()
+    try:
+        upstream = await ex.upstream.open("POST", ex.path, payload, ex.engine_headers)
+    except EngineFailed as err:
+        return FailedBeforeBytes(err.message)
+    return await relay(upstream, on_progress)
 
 
 def _continue(
