@@ -66,20 +66,22 @@ _STREAM_BODY_BYTES: Final = 1 << 20  # aiohttp's TOO_LARGE_BYTES_BODY
 _RESPONSE_DROP: Final = HOP_BY_HOP | {"date", "server", "x-request-id"}
 
 
+_NOT_FORWARDED: Final = HOP_BY_HOP | {"x-request-id"}
+
+
 def forward_headers(headers: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
     """The client's headers minus hop-by-hop ones (and those its Connection header names);
     Authorization passes (vLLM's --api-key); X-Request-Id is the gateway's sanitised one."""
-    named = {
-        token.strip().lower()
-        for value in headers.getall("Connection", [])
-        for token in value.split(",")
-    }
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        lower = name.lower()
-        if lower in HOP_BY_HOP or lower in named or lower == "x-request-id":
-            continue
-        out.add(name, value)
+    skip: frozenset[str] | set[str] = _NOT_FORWARDED
+    if "Connection" in headers:
+        skip = _NOT_FORWARDED | {
+            token.strip().lower()
+            for value in headers.getall("Connection")
+            for token in value.split(",")
+        }
+    out: CIMultiDict[str] = CIMultiDict(
+        [(name, value) for name, value in headers.items() if name.lower() not in skip]
+    )
     out["X-Request-Id"] = request_id
     return out
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
-import uuid
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -14,10 +14,11 @@ _SAFE_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 def request_id_from(header: str | None) -> str:
     """The client's X-Request-Id when it is short and made of safe characters, else a new
-    one: it is echoed into logs and headers, so it must not carry anything else."""
+    one (128 random bits in hex): it is echoed into logs and headers, so it must not carry
+    anything else."""
     if header is not None and _SAFE_ID.fullmatch(header):
         return header
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()
 
 
 class Outcome(StrEnum):
