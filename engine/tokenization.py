@@ -435,8 +435,9 @@ class PromptTokenizer:
             and not chat_template_kwargs
             and reasoning_effort is None
         )
-        setup = self._plain_setups.get((add_generation_prompt, continue_final_message))
-        if not plain or setup is None:
+        flags = (add_generation_prompt, continue_final_message)
+        setup = self._plain_setups.get(flags) if plain else None
+        if setup is None:
             setup = self._setup(
                 add_generation_prompt,
                 continue_final_message,
@@ -447,7 +448,7 @@ class PromptTokenizer:
                 reasoning_effort,
             )
             if plain:  # the same for every such request of this tokenizer: made once
-                self._plain_setups[(add_generation_prompt, continue_final_message)] = setup
+                self._plain_setups[flags] = setup
         source, compiled = setup.source, setup.compiled
         conversation = normalize_messages(messages, setup.content_format)
         if (

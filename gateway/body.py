@@ -141,15 +141,13 @@ def _has_nonfinite(value: object) -> bool:
         kind = type(item)
         if kind is str or kind is int:  # most of a body: decided by one type check
             continue
-        if kind is float:
-            if not math.isfinite(item):  # type: ignore[arg-type]
+        if isinstance(item, float):
+            if not math.isfinite(item):
                 return True
         elif isinstance(item, dict):
             stack.extend(item.values())
         elif isinstance(item, (list, tuple)):  # the tuple form: faster than a union
             stack.extend(item)
-        elif isinstance(item, float) and not math.isfinite(item):
-            return True
     return False
 
 

@@ -119,43 +119,19 @@ def _spaced(text: str) -> str:
 
 def _normalised(value: object, *, strict: bool = True) -> object:
     """Version 2's reading of a JSON value (bodies nest at most 128 levels: checked before).
-    `strict`: raise `_OrjsonWritesOtherwise` at a float orjson would write otherwise."""
-    kind = type(value)
-    if kind is str:
-        return value if _plain(value) else _spaced(value)  # type: ignore[arg-type]
-    if kind is dict:
-        return {
-            k: _normalised(v, strict=strict)
-            for k, v in value.items()  # type: ignore[attr-defined]
-            if v is not None
-        }
-    if kind is list:
-        return [_normalised(v, strict=strict) for v in value]  # type: ignore[attr-defined]
-    if kind is float:
-        if value.is_integer():  # type: ignore[attr-defined]
-            return int(value)  # type: ignore[call-overload]
-        if strict and not _SMALL_FLOAT <= abs(value) < math.inf:  # type: ignore[arg-type]
-            raise _OrjsonWritesOtherwise  # also NaN and infinities (orjson writes null)
-        return value
-    if kind is int or kind is bool or value is None:
-        return value
-    return _normalised_other(value, strict)
-
-
-def _normalised_other(value: object, strict: bool) -> object:
-    """Subclasses of the JSON types (never in a parsed body; a caller may pass them)."""
+    `strict`: raise `_OrjsonWritesOtherwise` at a float orjson would write otherwise (what
+    orjson cannot write at all, it refuses itself)."""
     if isinstance(value, str):
         return value if _plain(value) else _spaced(value)
-    if isinstance(value, Mapping):
+    if isinstance(value, dict):
         return {k: _normalised(v, strict=strict) for k, v in value.items() if v is not None}
-    if isinstance(value, list | tuple):
+    if isinstance(value, list):
         return [_normalised(v, strict=strict) for v in value]
-    if isinstance(value, float) and not isinstance(value, bool):
-        if strict:
-            raise _OrjsonWritesOtherwise
-        return int(value) if value.is_integer() else value
-    if strict and not isinstance(value, int):
-        raise _OrjsonWritesOtherwise
+    if isinstance(value, float):
+        if value.is_integer():
+            return int(value)
+        if strict and not _SMALL_FLOAT <= abs(value) < math.inf:
+            raise _OrjsonWritesOtherwise  # also NaN and infinities (orjson writes null)
     return value
 
 

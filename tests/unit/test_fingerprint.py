@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import random
 import struct
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -291,3 +292,28 @@ def test_non_ascii_text_is_read_like_split_and_join(text: str) -> None:
     assert fingerprint(body, frozenset()) == fingerprint(
         {"model": "m", "prompt": " ".join(text.split())}, frozenset()
     )
+
+
+class _Text(str):
+    __slots__ = ()
+
+
+class _Number(float):
+    __slots__ = ()
+
+
+def test_subclasses_of_json_types_read_like_the_types() -> None:
+    """A body built from subclasses (an OrderedDict, a str and a float subclass: what a caller
+    other than the body parser may pass) has the fingerprint of the same plain body, whichever
+    writer the canonical form takes."""
+    plain = {"model": "m", "prompt": "a b", "temperature": 0.5, "min_p": 1e-05}
+    odd = OrderedDict(
+        [
+            ("min_p", _Number(1e-05)),
+            ("temperature", _Number(0.5)),
+            ("prompt", _Text(" a\tb ")),
+            ("model", _Text("m")),
+        ]
+    )
+    assert fingerprint(odd, frozenset()) == fingerprint(plain, frozenset())
+    assert fingerprint({**odd, "min_p": 1e-05}, frozenset()) == fingerprint(plain, frozenset())
