@@ -215,6 +215,26 @@ def _tool_call(call: object, where: str) -> dict[str, object]:
     return out
 
 
+def plain_messages(messages: object) -> bool:
+    """Whether `normalize_messages` keeps each message's role and text as they are and adds
+    nothing: a non-empty list of messages that are each only a string `role` (not a
+    developer's, which `developer_to_system` rewrites) and a string `content` (not a system
+    one that starts with the billing header, which is cut). Such a conversation is, as the
+    template sees it, the messages themselves in "string" content format and each content as
+    one text part in "openai" format."""
+    if type(messages) is not list or not messages:
+        return False
+    for msg in messages:
+        if type(msg) is not dict or len(msg) != 2:
+            return False
+        role, content = msg.get("role"), msg.get("content")
+        if type(role) is not str or type(content) is not str or role == "developer":
+            return False
+        if role == "system" and content.startswith(_BILLING_HEADER):
+            return False
+    return True
+
+
 def normalize_messages(messages: object, content_format: ContentFormat) -> list[dict[str, Any]]:
     """The conversation vLLM hands to the chat template (`parse_chat_messages`)."""
     if not isinstance(messages, list):

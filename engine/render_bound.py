@@ -80,29 +80,52 @@ class LengthBound:
     def of(self, conversation: Sequence[Mapping[str, Any]], variables: Mapping[str, object]) -> int:
         """Bytes the rendered text certainly does not exceed, for a conversation that
         `applies`. Raises TypeError when a named token is not a string."""
+        total, const, roles, texts, per_element = self._sums(variables)
+        for message in conversation:
+            content = message["content"]
+            if isinstance(content, str):
+                text = _utf8_len(content)
+            else:
+                text = sum(_utf8_len(str(part["text"])) for part in content)
+            total += const + roles * _utf8_len(message["role"]) + texts * text
+            total += per_element * len(content)
+        return total
+
+    def of_plain(
+        self, messages: Sequence[Mapping[str, str]], variables: Mapping[str, object], *, parts: bool
+    ) -> int:
+        """`of` the conversation vLLM makes of plain messages (`chat_messages.plain_messages`)
+        without making it: each message's role and string content as they are, the content
+        seen as one text part when `parts` (the "openai" content format), except a tool
+        message's (vLLM joins a tool result's parts back into a string)."""
+        total, const, roles, texts, per_element = self._sums(variables)
+        for message in messages:
+            role, content = message["role"], message["content"]
+            total += const + roles * _utf8_len(role) + texts * _utf8_len(content)
+            total += per_element * (1 if parts and role != "tool" else len(content))
+        return total
+
+    def _sums(self, variables: Mapping[str, object]) -> tuple[int, int, int, int, int]:
+        """(bytes written once, and per message: constant bytes, role outputs, text outputs,
+        literal bytes per content element), summed over the template's message loops."""
         named = 0
         for name in self.names:
             named += _bytes_of(variables.get(name))
         per_message_named = 0
         for name in self.loop_names:
             per_message_named += _bytes_of(variables.get(name))
-        const = sum(loop.const for loop in self.loops) + per_message_named
-        roles = sum(loop.roles for loop in self.loops)
-        texts = sum(loop.texts for loop in self.loops)
-        per_element = sum(loop.per_element for loop in self.loops)
-        total = self.const + named
-        for message in conversation:
-            role = message["role"]
-            content = message["content"]
-            if isinstance(content, str):
-                text = len(content.encode("utf-8"))
-                elements = len(content)
-            else:
-                text = sum(len(str(part["text"]).encode("utf-8")) for part in content)
-                elements = len(content)
-            total += const + roles * len(role.encode("utf-8")) + texts * text
-            total += per_element * elements
-        return total
+        loops = self.loops
+        return (
+            self.const + named,
+            sum(loop.const for loop in loops) + per_message_named,
+            sum(loop.roles for loop in loops),
+            sum(loop.texts for loop in loops),
+            sum(loop.per_element for loop in loops),
+        )
+
+
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
 
 
 def applies(

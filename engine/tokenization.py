@@ -54,6 +54,7 @@ from engine.chat_messages import (
     merge_kwargs,
     normalize_messages,
     normalize_tools,
+    plain_messages,
 )
 from engine.chat_template import CompiledTemplate, compile_template, render_template
 
@@ -474,6 +475,28 @@ class PromptTokenizer:
             setup.continue_final_message,
             dict(setup.variables),  # the template may write into its variables
         )
+
+    def plain_chat_bound(self, messages: object, add_generation_prompt: bool) -> int | None:
+        """`prepare_chat(messages, add_generation_prompt=...).length_bound()` of a plain chat
+        (no tools, documents, template, template arguments or reasoning effort of its own, the
+        final message not continued) whose messages are `chat_messages.plain_messages`: the
+        same number, without making vLLM's conversation; prepare_chat's checks all pass for
+        such a chat. None for any other chat, and until a plain chat with these flags made
+        the setup: the caller then prepares it."""
+        setup = self._plain_setups.get((add_generation_prompt, False))
+        if setup is None or setup.tools is not None or setup.documents is not None:
+            return None
+        bound = setup.compiled.length_bounds.get(setup.content_format)
+        if bound is None or setup.compiled.template is None or not plain_messages(messages):
+            return None
+        try:
+            return bound.of_plain(
+                messages,  # type: ignore[arg-type]  # plain_messages checked their shape
+                setup.variables,
+                parts=setup.content_format == "openai",
+            )
+        except TypeError:  # a named token that is not a string
+            return None
 
     def _setup(
         self,

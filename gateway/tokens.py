@@ -119,6 +119,19 @@ class _Chat:
             max_output=max_output or 0,
         )
 
+    @property
+    def plain(self) -> bool:
+        """No tools, documents, template, template arguments or reasoning effort of its own,
+        and the final message not continued (`PromptTokenizer.plain_chat_bound` may apply)."""
+        return (
+            self.tools is None
+            and self.documents is None
+            and self.chat_template is None
+            and not self.chat_template_kwargs
+            and self.reasoning_effort is None
+            and not self.continue_final_message
+        )
+
     def prepare(self, tok: PromptTokenizer) -> PreparedChat:
         return tok.prepare_chat(
             self.messages,
@@ -461,13 +474,21 @@ def _local_chat(tok: PromptTokenizer, chat: _Chat, keep: int | None, limit: _Lim
     """A bound without rendering when the template's length bound (engine.render_bound)
     settles the decision; else render once: the lower bound when it alone refuses, the upper
     bound of the text when it settles it, else encode. The request's checks run either way
-    (`prepare_chat`)."""
-    prepared = chat.prepare(tok)
+    (`prepare_chat`; a plain chat's bound, `plain_chat_bound`, is made without it, its checks
+    being certain to pass)."""
+    prepared = None
     if limit.exact_above is not None:
-        nbytes = prepared.length_bound()
+        nbytes = (
+            tok.plain_chat_bound(chat.messages, chat.add_generation_prompt) if chat.plain else None
+        )
+        if nbytes is None:
+            prepared = chat.prepare(tok)
+            nbytes = prepared.length_bound()
         bound = None if nbytes is None else tok.tokens_bound(nbytes)
         if bound is not None and _within(bound, keep, limit.exact_above):
             return PromptCount(bound, False, "local")
+    if prepared is None:
+        prepared = chat.prepare(tok)
     text = prepared.render()
     low = _refused_by_lower_bound(tok, text, keep, limit.refuse_at)
     if low is not None:

@@ -158,3 +158,87 @@ def test_random_conversations(
     """Random conversations (any text, special-token strings, content parts, any role) under
     every template: the bound, where there is one, holds."""
     _check(tok, {"messages": convo, "add_generation_prompt": generation}, TEMPLATES[name])
+
+
+@pytest.fixture(scope="module")
+def server_toks() -> dict[tuple[str, str], PromptTokenizer]:
+    """The tiny tokenizer under each template (the small family's too) as the server's own
+    (`--chat-template`), in each content format: a chat without a template of its own is then
+    a plain chat."""
+    return {
+        (name, fmt): PromptTokenizer.from_dir(MODEL_DIR, chat_template=source, content_format=fmt)
+        for name, source in PLAIN_TEMPLATES.items()
+        for fmt in ("string", "openai")
+    }
+
+
+PLAIN_TEMPLATES = TEMPLATES | {f"in_family_{i}": source for i, source in enumerate(IN_FAMILY)}
+
+
+plain_texts = texts | st.sampled_from(
+    ["x-anthropic-billing-header: a\nb", "x-anthropic-billing-header"]
+)
+maybe_plain = st.lists(
+    st.fixed_dictionaries(
+        {
+            "role": st.sampled_from(["system", "user", "assistant", "tool", "developer", "x"]),
+            "content": plain_texts
+            | st.none()
+            | st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": texts}), max_size=2),
+        },
+        optional={"name": st.just("n")},
+    ),
+    max_size=4,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(maybe_plain, st.booleans(), st.sampled_from(sorted(PLAIN_TEMPLATES)), st.booleans())
+def test_a_plain_chats_bound_is_the_prepared_ones(
+    server_toks: dict[tuple[str, str], PromptTokenizer],
+    convo: list[dict[str, Any]],
+    generation: bool,
+    name: str,
+    openai: bool,
+) -> None:
+    """plain_chat_bound, made without vLLM's conversation, is the bound prepare_chat's
+    conversation gives, for every conversation it answers; it answers None for any other
+    (developer and billing-header system messages, content parts, a null content, extra keys,
+    no message), and nothing until a plain chat made the setup."""
+    tok = server_toks[(name, "openai" if openai else "string")]
+    try:
+        prepared = tok.prepare_chat(convo, add_generation_prompt=generation)
+    except (InvalidChat, UnsupportedLocally):
+        prepared = None
+    fast = tok.plain_chat_bound(convo, generation)
+    plain = bool(convo) and all(
+        set(m) == {"role", "content"}
+        and isinstance(m["content"], str)
+        and m["role"] != "developer"
+        and not (m["role"] == "system" and m["content"].startswith("x-anthropic-billing-header"))
+        for m in convo
+    )
+    if not plain:
+        assert fast is None
+        return
+    assert prepared is not None  # a plain chat passes every check
+    assert fast == prepared.length_bound()
+
+
+@pytest.mark.parametrize("fmt", ["string", "openai"])
+def test_a_plain_chat_is_bounded_without_preparing(fmt: str) -> None:
+    """Under the tiny model's own template, in either content format, a plain chat gets its
+    bound from plain_chat_bound once the first plain chat made the setup (not before), and it
+    is the prepared conversation's bound."""
+    tok = PromptTokenizer.from_dir(MODEL_DIR, content_format=fmt)  # type: ignore[arg-type]
+    convo = [
+        {"role": "system", "content": "Be brief. é"},
+        {"role": "user", "content": "Hello there 😀"},
+        {"role": "assistant", "content": ""},
+        {"role": "user", "content": "And again"},
+    ]
+    assert tok.plain_chat_bound(convo, True) is None  # no setup yet
+    expected = tok.prepare_chat(convo).length_bound()
+    assert expected is not None
+    assert tok.plain_chat_bound(convo, True) == expected
+    assert tok.plain_chat_bound(convo, False) is None  # that setup is not made yet
