@@ -69,11 +69,14 @@ class GuardedProtocol(RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         parsed_before = self._request_count
-        if self._header_timer is None and not self._messages and not self._request_in_progress:
-            self._arm_header_timer()  # the first bytes of a next request on a kept-alive one
+        idle = self._header_timer is None and not self._messages and not self._request_in_progress
         super().data_received(data)
         if self._request_count > parsed_before:
             self._disarm_header_timer()
+        elif idle:
+            # The first bytes of a next request on a kept-alive connection, its head not yet
+            # whole (a head that arrives whole, the usual case, never needs the timer).
+            self._arm_header_timer()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm_header_timer()

@@ -86,6 +86,30 @@ async def test_header_slowloris_is_cut(gateway_server: StartGateway, emulator: T
         writer.close()
 
 
+async def test_a_kept_alive_connections_next_head_is_timed(
+    gateway_server: StartGateway, emulator: TestServer
+) -> None:
+    """On a kept-alive connection, a next request whose head arrives whole is answered however
+    long the connection idled before it (past `header_timeout_s`: no timer ran while idle);
+    a next head left unfinished is cut after `header_timeout_s`."""
+    _, port = await _gateway(gateway_server, emulator, header_timeout_s=1, keepalive_timeout_s=60)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for _ in range(2):
+            writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), BOUND_S)
+            assert head.startswith(b"HTTP/1.1 200")
+            length = int(_answer(head)[1]["content-length"])
+            await asyncio.wait_for(reader.readexactly(length), BOUND_S)
+            await asyncio.sleep(1.5)  # idle past header_timeout_s, within the keep-alive
+        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # never finished
+        assert await _closed_within(reader, BOUND_S) == b"", (
+            "an unfinished head kept its connection"
+        )
+    finally:
+        writer.close()
+
+
 async def test_silent_connection_is_cut(gateway_server: StartGateway, emulator: TestServer) -> None:
     """A connection that never sends a byte is closed after `header_timeout_s`."""
     _, port = await _gateway(gateway_server, emulator, header_timeout_s=1, keepalive_timeout_s=60)
