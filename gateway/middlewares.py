@@ -23,7 +23,7 @@ from gateway.edge import (
 )
 from gateway.errors import GuardError, Quarantined, error_body
 from gateway.keys import API_KEYS, CONFIG, METRICS, RECORD
-from gateway.logs import request_log
+from gateway.logs import log_request
 from gateway.metrics import QUARANTINED
 from gateway.proxy import ClientTooSlow
 from gateway.requestlog import Outcome, RequestRecord, request_id_from
@@ -89,7 +89,7 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
                 request.transport.abort()
         record.outcome = Outcome.CLIENT_GONE
         record.status = 499  # nginx's "client closed request": no status reached anyone
-        request_log().info("request_finished", **record.log_fields(None))
+        log_request(record.log_fields(None))
         _count(request, record)
         raise
     except Exception:
@@ -123,7 +123,7 @@ async def guard_middleware(request: web.Request, handler: Handler) -> web.Stream
         # A refused body is not read on (aiohttp would linger reading it): the connection
         # closes after the answer.
         resp.force_close()
-    request_log().info("request_finished", **record.log_fields(nbytes))
+    log_request(record.log_fields(nbytes))
     _count(request, record)
     return resp
 
@@ -172,7 +172,7 @@ async def expect_handler(request: web.Request) -> web.Response | None:
     record.outcome, record.reason, record.status = Outcome.REJECTED, refusal.type, refusal.status
     resp = render_error(refusal, record.request_id)
     resp.force_close()
-    request_log().info("request_finished", **record.log_fields(None))
+    log_request(record.log_fields(None))
     _count(request, record)
     return resp
 

@@ -1,5 +1,6 @@
-"""The log setup (gateway.logs): the timestamp's format, and the request line's logger, bound
-once per configuration yet following every reconfiguration (a reload's, `capture_logs`)."""
+"""The log setup (gateway.logs): the timestamp's format, and the request line, written as
+structlog's own logger writes it, its setup kept per configuration yet following every
+reconfiguration (a reload's, `capture_logs`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 import structlog
 
 from gateway.config import LoggingConfig
-from gateway.logs import UtcTimestamp, configure_logging, request_log
+from gateway.logs import UtcTimestamp, configure_logging, log_request
 
 
 def test_timestamp_is_iso_utc_to_the_microsecond() -> None:
@@ -32,6 +33,46 @@ def test_timestamp_is_iso_utc_to_the_microsecond() -> None:
             tzinfo=datetime.UTC
         )
         assert abs(read.timestamp() - expected) < 2e-6
+
+
+FIELDS: dict[str, object] = {
+    "request_id": "5f1c",
+    "method": "POST",
+    "path": "/v1/chat/completions",
+    "model": "tiny",
+    "status": 200,
+    "outcome": "ok",
+    "bytes": 612,
+    "ttfb_ms": None,
+    "duration_ms": 5.43,
+    "fingerprint": "ab" * 16,
+    "prompt_tokens": 432,
+    "text": 'é 😀 \n"quoted"',
+    "big": 2**70,
+}
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_the_request_line_is_structlogs_own(monkeypatch: pytest.MonkeyPatch, fmt: str) -> None:
+    """log_request writes, for the same fields, the very line structlog's logger writes (keys,
+    order, values, an integer past 64 bits included), timestamps aside, in both formats."""
+    raw = io.BytesIO()
+    text = io.TextIOWrapper(raw, write_through=True)
+    monkeypatch.setattr(sys, "stderr", text)
+    monkeypatch.setattr(UtcTimestamp, "__call__", lambda _s, _l, _n, e: {**e, "timestamp": "t"})
+    try:
+        configure_logging(LoggingConfig(format=fmt, level="info"))
+        structlog.get_logger("gateway").info("request_finished", **FIELDS)
+        log_request(dict(FIELDS))
+    finally:
+        structlog.reset_defaults()
+        text.detach()
+    ours, theirs = raw.getvalue().splitlines()[1], raw.getvalue().splitlines()[0]
+    assert ours == theirs
+    if fmt == "json":
+        line = json.loads(ours)
+        assert list(line) == [*FIELDS, "event", "level", "timestamp"]
+        assert line["big"] == 2**70
 
 
 def test_request_logger_follows_every_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -55,10 +96,10 @@ def test_request_logger_follows_every_configuration(monkeypatch: pytest.MonkeyPa
 
 def _log_through_reconfigurations() -> None:
     configure_logging(LoggingConfig(format="json", level="info"))
-    request_log().info("request_finished", request_id="one")
+    log_request({"request_id": "one"})
     with structlog.testing.capture_logs() as captured:
-        request_log().info("request_finished", request_id="two")
-    request_log().info("request_finished", request_id="three")
+        log_request({"request_id": "two"})
+    log_request({"request_id": "three"})
     configure_logging(LoggingConfig(format="json", level="warning"))
-    request_log().info("request_finished", request_id="four")
+    log_request({"request_id": "four"})
     assert [e["request_id"] for e in captured] == ["two"]
