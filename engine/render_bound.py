@@ -80,7 +80,7 @@ class LengthBound:
     def of(self, conversation: Sequence[Mapping[str, Any]], variables: Mapping[str, object]) -> int:
         """Bytes the rendered text certainly does not exceed, for a conversation that
         `applies`. Raises TypeError when a named token is not a string."""
-        total, const, roles, texts, per_element = self._sums(variables)
+        total, const, roles, texts, per_element = self.sums(variables)
         for message in conversation:
             content = message["content"]
             if isinstance(content, str):
@@ -92,22 +92,29 @@ class LengthBound:
         return total
 
     def of_plain(
-        self, messages: Sequence[Mapping[str, str]], variables: Mapping[str, object], *, parts: bool
+        self,
+        messages: Sequence[Mapping[str, str]],
+        sums: tuple[int, int, int, int, int],
+        *,
+        parts: bool,
     ) -> int:
         """`of` the conversation vLLM makes of plain messages (`chat_messages.plain_messages`)
-        without making it: each message's role and string content as they are, the content
-        seen as one text part when `parts` (the "openai" content format), except a tool
-        message's (vLLM joins a tool result's parts back into a string)."""
-        total, const, roles, texts, per_element = self._sums(variables)
+        without making it, with the template's `sums` for the request's variables: each
+        message's role and string content as they are, the content seen as one text part
+        when `parts` (the "openai" content format), except a tool message's (vLLM joins a
+        tool result's parts back into a string)."""
+        total, const, roles, texts, per_element = sums
         for message in messages:
             role, content = message["role"], message["content"]
             total += const + roles * _utf8_len(role) + texts * _utf8_len(content)
             total += per_element * (1 if parts and role != "tool" else len(content))
         return total
 
-    def _sums(self, variables: Mapping[str, object]) -> tuple[int, int, int, int, int]:
+    def sums(self, variables: Mapping[str, object]) -> tuple[int, int, int, int, int]:
         """(bytes written once, and per message: constant bytes, role outputs, text outputs,
-        literal bytes per content element), summed over the template's message loops."""
+        literal bytes per content element), summed over the template's message loops; the
+        same for every request with these variables. Raises TypeError when a named token is
+        not a string."""
         named = 0
         for name in self.names:
             named += _bytes_of(variables.get(name))

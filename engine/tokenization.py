@@ -37,7 +37,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 from tokenizers import AddedToken, Tokenizer
 
@@ -172,6 +172,9 @@ class PromptTokenizer:
         self._plain_setups: dict[tuple[bool, bool], _ChatSetup] = {}
         """The setup of a chat with no tools, documents, template or template arguments of its
         own, by (add_generation_prompt, continue_final_message): the same for every one."""
+        self._plain_bounds: dict[tuple[bool, bool], _PlainBound | Literal[False]] = {}
+        """What `plain_chat_bound` reads of each plain setup, made at its first use: False
+        when such a chat has no bound without its conversation."""
         post = tokenizer.post_processor
         self._special_margin = int(post.num_special_tokens_to_add(False)) if post else 0
         self._bound_factor, self._bound_normalize = self._bound_shape(tokenizer)
@@ -483,20 +486,21 @@ class PromptTokenizer:
         same number, without making vLLM's conversation; prepare_chat's checks all pass for
         such a chat. None for any other chat, and until a plain chat with these flags made
         the setup: the caller then prepares it."""
-        setup = self._plain_setups.get((add_generation_prompt, False))
-        if setup is None or setup.tools is not None or setup.documents is not None:
+        flags = (add_generation_prompt, False)
+        plain = self._plain_bounds.get(flags)
+        if plain is None:
+            setup = self._plain_setups.get(flags)
+            if setup is None:
+                return None
+            plain = self._plain_bounds[flags] = _plain_bound(setup)
+        if plain is False or not plain_messages(messages):
             return None
-        bound = setup.compiled.length_bounds.get(setup.content_format)
-        if bound is None or setup.compiled.template is None or not plain_messages(messages):
-            return None
-        try:
-            return bound.of_plain(
-                messages,  # type: ignore[arg-type]  # plain_messages checked their shape
-                setup.variables,
-                parts=setup.content_format == "openai",
-            )
-        except TypeError:  # a named token that is not a string
-            return None
+        bound, sums, parts = plain
+        return bound.of_plain(
+            messages,  # type: ignore[arg-type]  # plain_messages checked their shape
+            sums,
+            parts=parts,
+        )
 
     def _setup(
         self,
@@ -590,6 +594,30 @@ class PromptTokenizer:
             reasoning_effort=reasoning_effort,
         )
         return self.encode_completion(text, add_special_tokens=add_special_tokens)
+
+
+_PlainBound = tuple[render_bound.LengthBound, tuple[int, int, int, int, int], bool]
+"""A plain setup's length bound, its sums for the setup's variables, and whether contents are
+seen as text parts."""
+
+
+def _plain_bound(setup: _ChatSetup) -> _PlainBound | Literal[False]:
+    """What bounds a plain chat of this setup from its messages alone, or False when nothing
+    does (tools or documents by default, no bound for the template, a template that does not
+    parse, a named token that is not a string)."""
+    bound = setup.compiled.length_bounds.get(setup.content_format)
+    if (
+        bound is None
+        or setup.tools is not None
+        or setup.documents is not None
+        or setup.compiled.template is None
+    ):
+        return False
+    try:
+        sums = bound.sums(setup.variables)
+    except TypeError:
+        return False
+    return bound, sums, setup.content_format == "openai"
 
 
 @dataclass(frozen=True, slots=True)
