@@ -28,7 +28,14 @@ from typing import Any, Protocol, TypeVar
 from engine.settings import EngineConfig
 from engine.supervisor import EngineState, StateChange
 from gateway.config import IsolationConfig
-from gateway.errors import Cause, EngineUnavailable, EngineUnreachable, Overloaded, Quarantined
+from gateway.errors import (
+    Cause,
+    EngineErrored,
+    EngineUnavailable,
+    EngineUnreachable,
+    Overloaded,
+    Quarantined,
+)
 from gateway.inflight import Inflight, InflightLedger
 from gateway.isolation import (
     InFlightRequest,
@@ -354,14 +361,15 @@ class Gate:
     async def exchange(self, call: Callable[[], Awaitable[T]], deadline: float) -> T:
         """Run one of admission's own exchanges with the engine (`call`: a /tokenize count, or
         whatever later asks the engine before the generation). A refused or reset connection
-        there is settled like a generation call's: reported to the supervisor; if the engine
-        failed, the request waits for it (within `deadline` and the queue's bounds) and the
-        exchange runs again; if the engine is fine, the error stands."""
+        there, or a 5xx answer, is settled like a generation call's: reported to the
+        supervisor; if the engine failed, the request waits for it (within `deadline` and the
+        queue's bounds) and the exchange runs again; if the engine is fine, the error stands
+        (a 503 with Retry-After)."""
         while True:
             epoch = self.supervisor.epoch
             try:
                 return await call()
-            except EngineUnreachable:
+            except (EngineUnreachable, EngineErrored):
                 failed = await self._verdict(self._failed_since(epoch), "an admission exchange")
                 if not failed:
                     raise

@@ -149,6 +149,13 @@ class EngineUnreachable(EngineUnavailable):
     connection was refused, reset or cut. Settled like a generation call (`Gate.exchange`)."""
 
 
+class EngineErrored(EngineUnavailable):
+    """One of admission's own exchanges with the engine (/tokenize, ...) was answered with a
+    5xx: perhaps the engine died (vLLM answers a 500 after EngineDeadError). Settled like
+    `EngineUnreachable` (`Gate.exchange`); when the engine turns out fine, it stands: a 503
+    with Retry-After."""
+
+
 class EngineTimeout(GuardError):
     status = 504
     type = "GatewayTimeoutError"

@@ -38,6 +38,7 @@ from gateway.engine_wire import (
 )
 from gateway.errors import (
     BadGateway,
+    EngineErrored,
     EngineFailed,
     EngineTimeout,
     EngineUnavailable,
@@ -158,7 +159,9 @@ class Upstream:
     async def json(
         self, method: str, path: str, payload: object | None = None, *, timeout: float
     ) -> tuple[int, object]:
-        """A small JSON exchange with the engine (probes, /tokenize, /v1/models)."""
+        """A small JSON exchange with the engine (/tokenize, /version): its status and JSON
+        answer. A 5xx is raised as `EngineErrored` whatever its body, to be settled as an
+        engine failure."""
         body = None if payload is None else json.dumps(payload).encode()
         headers = {"Content-Type": "application/json"} if body is not None else {}
         try:
@@ -190,6 +193,15 @@ class Upstream:
                 f"The engine failed to answer ({type(err).__name__}).",
                 retry_after_s=self._retry_after_s(),
             ) from None
+        if resp.status >= 500:
+            # Perhaps the engine died (vLLM answers a 500 after EngineDeadError, with or
+            # without a body): the caller settles that, as it does the relay's
+            # FailedBeforeBytes.
+            log.warning("engine_answered_error", path=path, status=resp.status)
+            raise EngineErrored(
+                f"The engine answered HTTP {resp.status} to {method} {path}.",
+                retry_after_s=self._retry_after_s(),
+            )
         try:
             return resp.status, json.loads(raw)
         except ValueError:

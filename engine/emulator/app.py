@@ -232,6 +232,9 @@ def _encode_chat(tokenizer: Tokenizer, req: ChatRequest | TokenizeRequest) -> li
 
 
 async def _tokenize(request: web.Request) -> web.Response:
+    failing = request.app[CONTROLS].tokenize
+    if failing != 200:
+        return web.Response(status=failing)  # `--control`'s failure on demand, bare
     emulator = request.app[EMULATOR]
     req = parse_as(TokenizeRequest, parse_json(await request.read()))
     resolve_model(req.model, emulator.settings.model_names)

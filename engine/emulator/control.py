@@ -4,7 +4,7 @@ Not part of vLLM's API: served only with `--control` (`EmulatorSettings.control`
 `/_emulator/`, so the emulator answers nothing vLLM would not unless asked to.
 
     POST /_emulator/control  {"health": 503, "hang": true, "busy": true, "metrics": false,
-                              "exit": 0}   (any of them; answers {"ok": true})
+                              "tokenize": 500, "exit": 0}   (any of them; answers {"ok": true})
     GET  /_emulator/info     {"pid": ..., "child_pid": ... or null}
 
 - `health`: the status /health answers from now on (a dead engine loop still answers 503);
@@ -12,6 +12,8 @@ Not part of vLLM's API: served only with `--control` (`EmulatorSettings.control`
 - `busy`: the generation-token counter moves on its own, as it does while the engine works on
   long generations that have sent nothing yet (a stall that is not a wedge);
 - `metrics`: false makes /metrics a 404 (an engine whose metrics cannot be read);
+- `tokenize`: the status /tokenize answers from now on, with an empty body (500: the bare 500
+  of an API server whose engine died); 200 answers it normally again;
 - `exit`: the process ends with that status just after answering (os._exit: nothing in flight
   is finished, the child, if any, is left behind as a crashed vLLM leaves its EngineCore).
 """
@@ -37,10 +39,11 @@ EXIT_DELAY_S: Final = 0.05
 
 @dataclass
 class Controls:
-    """What the control endpoint has changed; read by /health and /metrics."""
+    """What the control endpoint has changed; read by /health, /metrics and /tokenize."""
 
     health: int = 200
     metrics: bool = True
+    tokenize: int = 200
     busy: bool = False
     child_pid: int | None = None
     """The child process the CLI started (`--child`), as vLLM starts its EngineCore."""
@@ -57,6 +60,7 @@ class ControlRequest(BaseModel):
     hang: bool | None = None
     busy: bool | None = None
     metrics: bool | None = None
+    tokenize: int | None = Field(None, ge=200, le=599)
     exit: int | None = Field(None, ge=0, le=255)
 
 
@@ -78,6 +82,8 @@ async def _control(request: web.Request) -> web.Response:
         controls.health = changes.health
     if changes.metrics is not None:
         controls.metrics = changes.metrics
+    if changes.tokenize is not None:
+        controls.tokenize = changes.tokenize
     if changes.busy is not None:
         controls.busy = changes.busy
     if changes.hang is True:

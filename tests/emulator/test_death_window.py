@@ -1,7 +1,8 @@
 """The death window: admission's own exchange with the engine (POST /tokenize, for a prompt
-the gateway counts through the engine) failing with a refused or reset connection is settled
-like a generation call: the request waits for the restart within its deadline and is answered
-in full. Deterministic: the emulator holds a marked /tokenize open until its process dies."""
+the gateway counts through the engine) failing with a refused or reset connection, or answered
+with a 5xx, is settled like a generation call: the request waits for the restart within its
+deadline and is answered in full. Deterministic: the emulator holds a marked /tokenize open
+until its process dies, or answers /tokenize a bare 500 on demand (`--control`)."""
 
 from __future__ import annotations
 
@@ -22,8 +23,10 @@ from tests.helpers import (
     Recorder,
     base_url,
     chat,
+    control_emulator,
     emulator_argv,
     emulator_section,
+    error_envelope,
     free_port,
     gateway_config,
     port_open,
@@ -163,6 +166,68 @@ async def test_a_refused_tokenize_waits_for_the_sidecar_engine(gateway_server: A
     finally:
         for run in kubelet:
             await run.stop(2.0)
+
+
+async def test_a_tokenize_500_from_a_dead_engine_waits_for_the_restart(
+    gateway_server: Any,
+) -> None:
+    """The engine loop dead (killed by a request sent straight to it) and its /tokenize
+    answering a bare 500, not yet noticed by the probes (30 s apart): the next request's
+    /tokenize 500 is reported, the probes fail the engine, the request waits for the restart
+    and is answered in full, not 502 or 500."""
+    port = free_port()
+    flags = ("--control", "--multi-step-bug")
+    config = gateway_config(
+        f"http://127.0.0.1:{port}",
+        engine=emulator_section(port, *flags, timings=TIMINGS, probe_interval_s=30),
+        models=BY_ENGINE,
+    )
+    server = await gateway_server(config, timeout=60)
+    base = base_url(server)
+    supervisor: EngineSupervisor = server.app[SUPERVISOR]
+    recorder = Recorder(supervisor)
+    body = chat("asked of a dead engine", max_tokens=12)
+    async with aiohttp.ClientSession() as session:
+        await control_emulator(session, port, tokenize=500)
+        killer = chat("no budget: the engine loop dies", max_tokens=None)
+        killed = await send(session, config.engine.url + CHAT_PATH, killer, content_type=None)
+        assert killed["status"] == 500  # /health answers 503 from now on
+        assert supervisor.is_ready()  # not noticed yet
+        result = await send(session, base + CHAT_PATH, body, 60)
+        answer = await _answer(session, base, body)
+    _check_whole(result, body, answer)
+    assert supervisor.epoch == 2
+    assert recorder.reasons(EngineState.FAILED), recorder.changes
+
+
+async def test_a_tokenize_500_from_a_fine_engine_is_a_503(gateway_server: Any) -> None:
+    """A /tokenize answering a bare 500 while the engine generates fine is settled (a probe
+    generation answers): the request gets a 503 in the OpenAI envelope with Retry-After, not a
+    502 or 500, the engine is not restarted, and once /tokenize answers the same request is
+    answered."""
+    port = free_port()
+    config = gateway_config(
+        f"http://127.0.0.1:{port}",
+        engine=emulator_section(port, "--control", timings=TIMINGS, probe_interval_s=30),
+        models=BY_ENGINE,
+    )
+    server = await gateway_server(config, timeout=60)
+    base = base_url(server)
+    supervisor: EngineSupervisor = server.app[SUPERVISOR]
+    body = chat("asked while /tokenize fails", max_tokens=12)
+    async with aiohttp.ClientSession() as session:
+        await control_emulator(session, port, tokenize=500)
+        refused = await send(session, base + CHAT_PATH, body, 60)
+        await control_emulator(session, port, tokenize=200)
+        answered = await send(session, base + CHAT_PATH, body, 60)
+    assert refused["status"] == 503, refused
+    error = error_envelope(refused["json"], 503)
+    assert error["type"] == "ServiceUnavailableError"
+    assert "HTTP 500" in error["message"]
+    assert int(refused["headers"]["Retry-After"]) >= 1
+    assert answered["status"] == 200, answered
+    assert supervisor.is_ready()
+    assert supervisor.epoch == 1
 
 
 ROUNDS = 3

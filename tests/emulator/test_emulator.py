@@ -685,6 +685,23 @@ async def test_control_sets_health_metrics_and_busy(make_client: MakeClient) -> 
     assert isinstance(info["pid"], int)
 
 
+async def test_control_fails_tokenize_bare_on_demand(make_client: MakeClient) -> None:
+    """`tokenize: 500` makes /tokenize a bare 500 (no body), generation unchanged;
+    `tokenize: 200` answers it normally again."""
+    client = await make_client(control=True)
+    body = {"model": "tiny", "prompt": "a b c"}
+    assert (await client.post("/_emulator/control", json={"tokenize": 500})).status == 200
+    failed = await client.post("/tokenize", json=body)
+    assert failed.status == 500
+    assert await failed.read() == b""
+    generated = await client.post("/v1/completions", json={**body, "max_tokens": 2})
+    assert generated.status == 200
+    await client.post("/_emulator/control", json={"tokenize": 200})
+    answered = await client.post("/tokenize", json=body)
+    assert answered.status == 200
+    assert (await answered.json())["count"] >= 1
+
+
 async def test_control_hangs_and_releases_generation(make_client: MakeClient) -> None:
     """`hang` stalls a running generation with /health 200; `hang: false` lets it finish."""
     client = await make_client(control=True)

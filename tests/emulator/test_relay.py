@@ -42,6 +42,10 @@ class FakeEngine:
             )
         if request.path == "/health":
             return web.Response()
+        if request.path == "/tokenize" and b"dead-engine" in body:
+            # vLLM 0.32's answer after EngineDeadError: the envelope, code 500.
+            error = {"message": "EngineCore died", "type": "InternalServerError", "code": 500}
+            return web.json_response({"error": {**error, "param": None}}, status=500)
         if request.path == "/tokenize":
             text = json.dumps(json.loads(body).get("prompt") or json.loads(body).get("messages"))
             return web.json_response(
@@ -258,6 +262,23 @@ async def test_engine_error_bodies_pass_through_and_plain_ones_become_502(
     answer = reply["json"]
     assert status == 502
     error_envelope(answer, 502)
+
+
+async def test_a_tokenize_500_in_the_envelope_is_settled_as_an_engine_failure(
+    gateway_server: Any, fake_engine: FakeEngine
+) -> None:
+    """A /tokenize answered 500 in vLLM's error envelope, the engine otherwise fine: a 503
+    with Retry-After (the gateway could not count the prompt), not a 502 or 500, and the
+    generation never reaches the engine."""
+    config = gateway_config(fake_engine.url, models={"tiny": {"token_source": "engine"}})
+    server = await gateway_server(config)
+    body = {"model": "tiny", "prompt": "dead-engine", "max_tokens": 3}
+    reply = await post(str(server.make_url("/v1/completions")), body)
+    assert reply["status"] == 503, reply
+    error = error_envelope(reply["json"], 503)
+    assert error["message"] == "The engine answered HTTP 500 to POST /tokenize."
+    assert int(reply["headers"]["Retry-After"]) >= 1
+    assert fake_engine.generation_requests() == []
 
 
 async def test_engine_down_gets_503_with_retry_after_at_once(gateway_server: Any) -> None:
