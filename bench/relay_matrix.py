@@ -383,9 +383,10 @@ def _fmt(value: float, spread: tuple[float, float], digits: int = 0) -> str:
 def markdown(results: list[Result], header: str) -> str:
     lines = [header, ""]
     lines.append(
-        "| cell | relay | CPU µs / request | ÷ bare | ÷ nginx | requests/s | p50 ms | p99 ms |"
+        "| cell | relay | CPU µs / request | ÷ bare | ÷ bare, per repeat | ÷ nginx | requests/s "
+        "| p50 ms | p99 ms |"
     )
-    lines.append("|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
     by_cell: dict[Cell, dict[str, Result]] = {}
     for r in results:
         by_cell.setdefault(r.cell, {})[r.relay] = r
@@ -396,12 +397,17 @@ def markdown(results: list[Result], header: str) -> str:
             cpu = r.median("cpu_us")
             relay = name != "upstream"
             ratio_bare = f"{cpu / bare:.2f}" if relay else ""
+            paired = paired_ratios(r, row["bare"]) if relay and name != "bare" else []
+            ratio_paired = (
+                _fmt(statistics.median(paired), (min(paired), max(paired)), 2) if paired else ""
+            )
             ratio_nginx = f"{cpu / nginx:.2f}" if relay and nginx else ""
             cpu_text = _fmt(cpu, r.spread("cpu_us"))
             if not relay:
                 cpu_text += " (the upstream's)"
             lines.append(
-                f"| {cell.label} | {NAMES[name]} | {cpu_text} | {ratio_bare} | {ratio_nginx} "
+                f"| {cell.label} | {NAMES[name]} | {cpu_text} | {ratio_bare} | {ratio_paired} "
+                f"| {ratio_nginx} "
                 f"| {_fmt(r.median('rps'), r.spread('rps'))} "
                 f"| {_fmt(r.median('p50_ms'), r.spread('p50_ms'), 2)} "
                 f"| {_fmt(r.median('p99_ms'), r.spread('p99_ms'), 2)} |"
@@ -414,9 +420,17 @@ def markdown(results: list[Result], header: str) -> str:
         "",
         "Medians of the repeats, (min-max) over them. CPU: the relay process's user + system "
         "time over the requests wrk completed; for the direct row, the upstream's own. "
-        "Ratios: medians over the bare relay's and nginx's in the same cell.",
+        "Ratios: medians over the bare relay's and nginx's in the same cell; per repeat: each "
+        "repeat's CPU over the bare relay's in the same repeat (the relays' runs of a repeat "
+        "follow one another), their median (min-max), which slow drifts of the machine move "
+        "less.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def paired_ratios(relay: Result, bare: Result) -> list[float]:
+    """Each repeat's CPU per request of `relay` over the bare relay's in the same repeat."""
+    return [r.cpu_us / b.cpu_us for r, b in zip(relay.runs, bare.runs, strict=True) if b.cpu_us]
 
 
 def per_chunk(by_cell: dict[Cell, dict[str, Result]]) -> list[str]:
