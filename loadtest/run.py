@@ -247,6 +247,15 @@ def report_rss(samples: list[tuple[float, int]], final: int) -> None:
         f"{growth:+.1f}% since warm-up",
         flush=True,
     )
+    print(f"gateway RSS by minute, MiB: {by_minute(samples)}", flush=True)
+
+
+def by_minute(samples: list[tuple[float, int]]) -> str:
+    """The last sample of each minute of the run, so a plateau reads apart from a climb."""
+    last: dict[int, int] = {}
+    for t, rss in samples:
+        last[int(t // 60)] = rss
+    return ", ".join(f"{last[m] / 2**20:.1f}" for m in sorted(last))
 
 
 if __name__ == "__main__":
