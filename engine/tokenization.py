@@ -65,6 +65,7 @@ __all__ = [
     "UnsupportedLocally",
     "completion_prompts",
     "local_chat_supported",
+    "plain_request",
 ]
 
 # Constants taken from vLLM 0.32 and transformers 5 (names of the originals in comments).
@@ -432,12 +433,8 @@ class PromptTokenizer:
             raise InvalidChat(
                 f"reasoning_effort must be one of {sorted(_REASONING_EFFORTS)}", "reasoning_effort"
             )
-        plain = (
-            tools is None
-            and documents is None
-            and chat_template is None
-            and not chat_template_kwargs
-            and reasoning_effort is None
+        plain = plain_request(
+            tools, documents, chat_template, chat_template_kwargs, reasoning_effort
         )
         flags = (add_generation_prompt, continue_final_message)
         setup = self._plain_setups.get(flags) if plain else None
@@ -594,6 +591,24 @@ class PromptTokenizer:
             reasoning_effort=reasoning_effort,
         )
         return self.encode_completion(text, add_special_tokens=add_special_tokens)
+
+
+def plain_request(
+    tools: object,
+    documents: object,
+    chat_template: str | None,
+    chat_template_kwargs: Mapping[str, object] | None,
+    reasoning_effort: str | None,
+) -> bool:
+    """Whether a chat request brings no tools, documents, template, template arguments or
+    reasoning effort of its own: its setup is then its tokenizer's plain one (made once)."""
+    return (
+        tools is None
+        and documents is None
+        and chat_template is None
+        and not chat_template_kwargs
+        and reasoning_effort is None
+    )
 
 
 _PlainBound = tuple[render_bound.LengthBound, tuple[int, int, int, int, int], bool]

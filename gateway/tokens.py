@@ -43,6 +43,7 @@ from engine.tokenization import (
     PromptTokenizer,
     UnsupportedLocally,
     completion_prompts,
+    plain_request,
 )
 from gateway.config import ConfigError, Policy, TokenSource
 from gateway.errors import BadGateway, BadRequest
@@ -123,13 +124,12 @@ class _Chat:
     def plain(self) -> bool:
         """No tools, documents, template, template arguments or reasoning effort of its own,
         and the final message not continued (`PromptTokenizer.plain_chat_bound` may apply)."""
-        return (
-            self.tools is None
-            and self.documents is None
-            and self.chat_template is None
-            and not self.chat_template_kwargs
-            and self.reasoning_effort is None
-            and not self.continue_final_message
+        return not self.continue_final_message and plain_request(
+            self.tools,
+            self.documents,
+            self.chat_template,
+            self.chat_template_kwargs,
+            self.reasoning_effort,
         )
 
     def prepare(self, tok: PromptTokenizer) -> PreparedChat:
