@@ -281,6 +281,38 @@ def test_the_space_table_is_pythons() -> None:
     assert set(isolation._OTHER_SPACE) == expected
 
 
+def test_the_short_texts_single_read_refuses_every_other_space() -> None:
+    """`str.isprintable`, which reads a short text once, is false for every character version 2
+    reads as a space but the space itself."""
+    assert " ".isprintable()
+    assert not any(c.isprintable() for c in isolation._OTHER_SPACE)
+
+
+def test_plain_is_split_and_join_on_random_text() -> None:
+    """On random short and long text, ASCII or not (Latin-1, astral), with every kind of space,
+    runs of them, at the ends or inside, either side of the lengths where the reading changes,
+    the quick reading agrees with its definition: already the text split and join would make."""
+    rng = random.Random(99)
+    ascii_spaces = [c for c in isolation._OTHER_SPACE if c.isascii()]
+    other_spaces = [c for c in isolation._OTHER_SPACE if not c.isascii()]
+    ascii_only = (["a", "b", " ", "  ", *ascii_spaces], [30, 30, 20, 1, *[0.05] * 9])
+    mixed = (
+        [*ascii_only[0], "\u00e9", "\U0001f642", "\u4e2d", *other_spaces],
+        [*ascii_only[1], 3, 3, 3, *[0.05] * len(other_spaces)],
+    )
+    edges = (isolation._SCAN_ASCII_FROM, isolation._SCAN_FROM)
+    sizes = [1, 3, 40, *(edge + d for edge in edges for d in (-1, 0))]
+    plain_seen = 0
+    for _ in range(4000):
+        size = rng.choice(sizes)
+        pieces, weights = rng.choice([ascii_only, mixed])
+        text = "".join(rng.choices(pieces, weights, k=size))[:size]
+        expected = text == " ".join(text.split())
+        assert isolation._plain(text) is expected, repr(text)
+        plain_seen += expected
+    assert 400 < plain_seen < 3600  # both answers are well represented
+
+
 @pytest.mark.parametrize(
     "text",
     ["caf\u00e9 au lait", "caf\u00e9\u00a0au lait", "caf\u00e9 au lait\u3000", "\U0001f642  x"],
