@@ -368,23 +368,30 @@ class TokenCounter:
         self, chat: _Chat, body: Mapping[str, object], keep: int | None, limit: _Limits
     ) -> PromptCount | str:
         """The count made here, or why the engine must make it."""
-        if self.tokenizer is None:
+        tok = self.tokenizer
+        if tok is None:
             return "the engine counts this model"
+        if limit.exact_above is not None and chat.plain:
+            # A plain chat's bound is a few lengths of its messages, made here whatever the
+            # prompt's size (like the body's parse): most requests end with it, without the
+            # size's walk or a worker thread.
+            nbytes = tok.plain_chat_bound(chat.messages, chat.add_generation_prompt)
+            bound = None if nbytes is None else tok.tokens_bound(nbytes)
+            if bound is not None and _within(bound, keep, limit.exact_above):
+                return _truncated(PromptCount(bound, False, "local"), keep)
         size = sum(
             _text_size(value, self._inline_chars)
             for key in _RENDERED_FIELDS
             if (value := body.get(key)) is not None
         )
-        own = self.tokenizer.chat_template
+        own = tok.chat_template
         if chat.chat_template is not None and not (
             isinstance(own, dict) and chat.chat_template in own
         ):
             # The client's own template: its loops can make a short request slow to render.
             size = self._inline_chars + 1
         try:
-            count: PromptCount = await self._off_loop(
-                size, _local_chat, self.tokenizer, chat, keep, limit
-            )
+            count: PromptCount = await self._off_loop(size, _local_chat, tok, chat, keep, limit)
         except InvalidChat as err:
             raise _bad_request(err) from None
         except UnsupportedLocally as err:
@@ -474,21 +481,14 @@ def _local_chat(tok: PromptTokenizer, chat: _Chat, keep: int | None, limit: _Lim
     """A bound without rendering when the template's length bound (engine.render_bound)
     settles the decision; else render once: the lower bound when it alone refuses, the upper
     bound of the text when it settles it, else encode. The request's checks run either way
-    (`prepare_chat`; a plain chat's bound, `plain_chat_bound`, is made without it, its checks
-    being certain to pass)."""
-    prepared = None
+    (`prepare_chat`; a plain chat's bound, `plain_chat_bound`, made before on the loop, is made
+    without them, its checks being certain to pass)."""
+    prepared = chat.prepare(tok)
     if limit.exact_above is not None:
-        nbytes = (
-            tok.plain_chat_bound(chat.messages, chat.add_generation_prompt) if chat.plain else None
-        )
-        if nbytes is None:
-            prepared = chat.prepare(tok)
-            nbytes = prepared.length_bound()
+        nbytes = prepared.length_bound()
         bound = None if nbytes is None else tok.tokens_bound(nbytes)
         if bound is not None and _within(bound, keep, limit.exact_above):
             return PromptCount(bound, False, "local")
-    if prepared is None:
-        prepared = chat.prepare(tok)
     text = prepared.render()
     low = _refused_by_lower_bound(tok, text, keep, limit.refuse_at)
     if low is not None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from engine.tokenization import PromptTokenizer
+from engine.tokenization import PreparedChat, PromptTokenizer
 from gateway.config import ConfigError, Policy, TokenSource
 from gateway.errors import BadGateway, BadRequest
 from gateway.tokens import PromptCount, TokenCounter, TokenCounters
@@ -422,6 +422,45 @@ async def test_long_texts_are_counted_off_the_event_loop() -> None:
     await exact_prompts(counter, {"prompt": ["x", LONG]})
     assert loop_thread not in tok.threads[2:]
     assert long_chat == len(_chat_ids(tok, {"messages": [{"role": "user", "content": LONG}]}))
+
+
+class PlainBoundRecordingTokenizer(ThreadRecordingTokenizer):
+    """Also notes the thread of each plain chat's bound and of each prepared conversation."""
+
+    bound_threads: list[int]
+    prepared: int
+
+    def plain_chat_bound(self, messages: object, add_generation_prompt: bool) -> int | None:
+        self.bound_threads.append(threading.get_ident())
+        return super().plain_chat_bound(messages, add_generation_prompt)
+
+    def prepare_chat(self, *args: Any, **kwargs: Any) -> PreparedChat:
+        self.prepared += 1
+        return super().prepare_chat(*args, **kwargs)
+
+
+async def test_a_long_plain_chat_far_from_its_limits_is_bounded_on_the_loop() -> None:
+    """A long plain chat whose bound settles the decision is bounded on the event loop, with
+    no worker thread and no conversation prepared (a few lengths of its messages); the same
+    chat near its limit is counted exactly, off the loop."""
+    tok = PlainBoundRecordingTokenizer.from_dir(MODEL_DIR)
+    tok.threads, tok.bound_threads, tok.prepared = [], [], 0
+    counter = TokenCounter("tiny", tokenizer=tok, remote=None, inline_chars=1000)
+    loop_thread = threading.get_ident()
+    body = {"messages": [{"role": "user", "content": LONG}]}
+    await exact_chat(counter, body)  # makes the template's setup, as a first request does
+    exact = len(_chat_ids(tok, body))
+    tok.threads, tok.bound_threads, tok.prepared = [], [], 0
+    far = await counter.count_chat_within(body, NO_LIMIT)
+    assert not far.exact
+    assert far.tokens >= exact
+    assert tok.bound_threads == [loop_thread]
+    assert tok.prepared == 0
+    assert tok.threads == []
+    near = await counter.count_chat_within(body, exact - 1)  # no bound can settle it
+    assert near == PromptCount(exact, True, "local")
+    assert tok.threads
+    assert loop_thread not in tok.threads
 
 
 async def test_what_may_render_slowly_is_counted_off_the_event_loop() -> None:
