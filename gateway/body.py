@@ -178,8 +178,12 @@ def _non_finite_at(value: object) -> tuple[str, str] | None:
 async def read_body(request: web.Request) -> bytes:
     """The whole body, sent within `server.body_timeout_s` (408 past it, and the connection
     closes); the size bound is the app's client_max_size (413)."""
-    if request.content.is_eof():  # all of it arrived with the head: nothing to wait for
-        return await request.read()
+    content = request.content
+    if content.is_eof():  # all of it arrived with the head: taken as it is, bound checked
+        raw = content.read_nowait(-1)
+        if len(raw) > request.client_max_size:  # as `request.read()` refuses it
+            raise web.HTTPRequestEntityTooLarge(request.client_max_size, len(raw))
+        return raw
     timeout = request.app[CONFIG].current.server.body_timeout_s
     try:
         async with asyncio.timeout(timeout):

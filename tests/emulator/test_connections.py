@@ -155,6 +155,37 @@ async def test_slow_body_gets_408(gateway_server: StartGateway, emulator: TestSe
         writer.close()
 
 
+@pytest.mark.parametrize(("size", "status"), [(900, 200), (5000, 413)])
+async def test_a_body_after_its_head_is_bounded_like_one_with_it(
+    gateway_server: StartGateway, emulator: TestServer, size: int, status: int
+) -> None:
+    """A body that arrives after its head, in two parts, is read to its end and bounded by
+    `max_body_bytes` like one that came with the head: within it, answered; past it, 413."""
+    _, port = await _gateway(gateway_server, emulator, max_body_bytes=1000)
+    prompt = "x" * (size - len(json.dumps({"model": "tiny", "max_tokens": 1, "prompt": ""})))
+    body = json.dumps({"model": "tiny", "max_tokens": 1, "prompt": prompt}).encode()
+    assert len(body) == size
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n" % size
+        )
+        await writer.drain()
+        for part in (body[: size // 2], body[size // 2 :]):
+            await asyncio.sleep(0.2)
+            writer.write(part)
+            await writer.drain()
+        raw = await _closed_within(reader, BOUND_S)
+        assert raw is not None
+        got, _, answer = _answer(raw)
+        assert got == status
+        if status == 413:
+            assert json.loads(answer)["error"]["code"] == 413
+    finally:
+        writer.close()
+
+
 def _gzip_bomb(inflated_mib: int) -> bytes:
     """A gzip body of zeros inflating to `inflated_mib` MiB (about 1/1000 of that sent)."""
     packer = zlib.compressobj(9, zlib.DEFLATED, 31)
