@@ -29,30 +29,33 @@ class EngineFacts:
     """The engine's served models in listed order (the first is the default)."""
 
     models: Mapping[str, ModelFacts] = field(default_factory=lambda: MappingProxyType({}))
+    lengths: Mapping[str, int] = field(init=False, repr=False, compare=False)
+    """Model id to max_model_len, in listed order."""
+    families: Mapping[str, str] = field(init=False, repr=False, compare=False)
+    """Each served id to the model it serves: its `root` (vLLM gives every
+    --served-model-name of one model the same root, else the id itself); a LoRA adapter to
+    its base model's. The gateway gives the names of one model the same policy."""
 
-    @property
-    def lengths(self) -> Mapping[str, int]:
-        """Model id to max_model_len, in listed order."""
-        return MappingProxyType({m.id: m.max_model_len for m in self.models.values()})
+    def __post_init__(self) -> None:
+        # Both are read for every request: made once, with the facts.
+        lengths = {m.id: m.max_model_len for m in self.models.values()}
+        object.__setattr__(self, "lengths", MappingProxyType(lengths))
+        object.__setattr__(self, "families", MappingProxyType(_families(self.models)))
 
     @property
     def default_model(self) -> str | None:
         return next(iter(self.models), None)
 
-    @property
-    def families(self) -> Mapping[str, str]:
-        """Each served id to the model it serves: its `root` (vLLM gives every
-        --served-model-name of one model the same root, else the id itself); a LoRA adapter to
-        its base model's. The gateway gives the names of one model the same policy."""
 
-        def family(model: ModelFacts) -> str:
-            return model.root or model.id
+def _families(models: Mapping[str, ModelFacts]) -> dict[str, str]:
+    def family(model: ModelFacts) -> str:
+        return model.root or model.id
 
-        out: dict[str, str] = {}
-        for model in self.models.values():
-            base = self.models.get(model.parent) if model.parent else None
-            out[model.id] = family(base) if base is not None else (model.parent or family(model))
-        return MappingProxyType(out)
+    out: dict[str, str] = {}
+    for model in models.values():
+        base = models.get(model.parent) if model.parent else None
+        out[model.id] = family(base) if base is not None else (model.parent or family(model))
+    return out
 
 
 def parse_facts(payload: object) -> EngineFacts:
