@@ -15,8 +15,8 @@ stand still for `wedge_timeout_s`, and a probe generation does not answer either
 not a wedged one: a false verdict kills every request in flight, so the detection errs on the
 side of patience.
 
-Decisions are the pure functions of `engine.detect`; `EngineSupervisor` does the I/O and holds the
-state.
+Decisions are the pure functions of `engine.detect`; `EngineSupervisor` does the I/O and changes
+the state, which its base `engine.state.StateKeeper` holds and tells subscribers of.
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ import contextlib
 import signal
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any, Protocol
 
 import aiohttp
@@ -45,17 +43,9 @@ from engine.facts import EngineFacts
 from engine.probes import Prober
 from engine.process import EngineProcess
 from engine.settings import EngineConfig
+from engine.state import EngineState, StateKeeper
 
 logger = structlog.get_logger(__name__)
-
-
-class EngineState(StrEnum):
-    STARTING = "starting"
-    READY = "ready"
-    FAILED = "failed"
-    RESTARTING = "restarting"
-    GIVEN_UP = "given_up"
-    STOPPED = "stopped"
 
 
 class ProgressSource(Protocol):
@@ -66,15 +56,7 @@ class ProgressSource(Protocol):
         (monotonic clock), or None when nothing is in flight."""
 
 
-@dataclass(frozen=True)
-class StateChange:
-    old: EngineState
-    new: EngineState
-    reason: str
-    epoch: int
-
-
-class EngineSupervisor:
+class EngineSupervisor(StateKeeper):
     """Watches the engine, restarts it when supervised, and tells the gateway what state it is
     in. Methods are called on the event loop's thread."""
 
@@ -86,18 +68,13 @@ class EngineSupervisor:
         progress: ProgressSource | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        super().__init__()
         self._config = config
         self._session = session
         self._progress = progress
         self._clock = clock
         self._prober = Prober(config, session)
-        self._state = EngineState.STOPPED
-        self._epoch = 0
         self._facts = EngineFacts()
-        self._why_not_ready: str | None = "not started"
-        self._live = True
-        self._subscribers: list[Callable[[StateChange], None]] = []
-        self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._process: EngineProcess | None = None
         self._spawning: asyncio.Future[EngineProcess] | None = None
@@ -120,15 +97,6 @@ class EngineSupervisor:
     # What the gateway reads.
 
     @property
-    def state(self) -> EngineState:
-        return self._state
-
-    @property
-    def epoch(self) -> int:
-        """Incremented each time the engine becomes ready after a start or restart."""
-        return self._epoch
-
-    @property
     def facts(self) -> EngineFacts:
         """What the engine said of itself (models, roots, max_model_len), read again each time
         it became ready: the one place the gateway learns them."""
@@ -138,12 +106,6 @@ class EngineSupervisor:
     def models(self) -> Mapping[str, int]:
         """Served model ids (LoRA adapters included) to max_model_len, as of the last READY."""
         return self._facts.lengths
-
-    @property
-    def not_ready_reason(self) -> str | None:
-        """Why the engine is not ready (the failure, then the last failed probe's reason:
-        "probe generation: 404 on /v1/completions"); None while ready."""
-        return None if self.is_ready() else self._why_not_ready
 
     @property
     def model_families(self) -> Mapping[str, str]:
@@ -161,17 +123,6 @@ class EngineSupervisor:
         process runs; None in the sidecar shape and between runs."""
         return None if self._process is None else self._process.pid
 
-    def is_ready(self) -> bool:
-        return self._state is EngineState.READY
-
-    def live(self) -> bool:
-        """False once the engine has been seen dead or wedged, until it is ready again."""
-        return self._live
-
-    def restart_expected(self) -> bool:
-        """Whether the engine is expected back (restarted by us or by the kubelet)."""
-        return self._state not in {EngineState.GIVEN_UP, EngineState.STOPPED}
-
     def retry_after_s(self) -> float:
         """Seconds until the engine is expected ready: the last successful start's duration (or
         `expected_restart_s` before one is measured) from when this (re)start began, at least 1."""
@@ -180,17 +131,6 @@ class EngineSupervisor:
         if self.is_ready():
             return 1.0
         return retry_after(self._expected_ready_at, self._clock(), self._config.expected_restart_s)
-
-    async def wait_ready(self, timeout: float) -> bool:
-        """Wait up to `timeout` for READY; False at once if the engine is given up or stopped."""
-        return (
-            await self._wait_until(lambda: self.is_ready() or not self.restart_expected(), timeout)
-            and self.is_ready()
-        )
-
-    def subscribe(self, callback: Callable[[StateChange], None]) -> None:
-        """Call `callback` synchronously on each state change."""
-        self._subscribers.append(callback)
 
     # What the gateway asks.
 
@@ -506,54 +446,6 @@ class EngineSupervisor:
         if self._tokens is None:
             return stalled, None
         return stalled, now - self._tokens_moved_at
-
-    # State.
-
-    def _transition(self, new: EngineState, reason: str) -> None:
-        old, self._state = self._state, new
-        if new is EngineState.READY:
-            self._live = True
-        elif new in {EngineState.FAILED, EngineState.GIVEN_UP}:
-            self._live = False
-        if new is not EngineState.READY and (old in _LEFT or new in _FAILED):
-            self._why_not_ready = reason
-        logger.info(
-            "engine_state", **{"from": old.value, "to": new.value}, reason=reason, epoch=self._epoch
-        )
-        change = StateChange(old, new, reason, self._epoch)
-        for callback in list(self._subscribers):
-            try:
-                callback(change)
-            except Exception:  # one subscriber's bug must not stop supervision
-                logger.exception("engine_state_subscriber_error", callback=repr(callback))
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    def _note(self, reason: str) -> None:
-        """Why the engine is still not ready, once per new reason: an `engine_state` line whose
-        state did not change (subscribers are not told: nothing changed for them)."""
-        state = self._state.value
-        logger.info(
-            "engine_state", **{"from": state, "to": state}, reason=reason, epoch=self._epoch
-        )
-
-    async def _wait_until(self, condition: Callable[[], bool], timeout: float) -> bool:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not condition():
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return False
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), remaining)
-        return True
-
-
-_LEFT = frozenset({EngineState.READY, EngineState.STOPPED})
-_FAILED = frozenset({EngineState.FAILED, EngineState.GIVEN_UP, EngineState.STOPPED})
-"""A transition out of ready or stopped, or into a failed state, says why the engine is not
-ready; restarting and starting after a failure keep the failure's reason until a probe says
-more."""
 
 
 async def _first(watchers: Sequence[Coroutine[Any, Any, str | None]]) -> str | None:

@@ -19,7 +19,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from engine.supervisor import EngineState
+from engine.state import EngineState
 from gateway.config import AdminConfig, ConfigError
 from gateway.errors import Conflict, GuardError, NotFound, Unauthorized, error_body
 from gateway.keys import (

@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
 from engine.settings import EngineConfig
-from engine.supervisor import EngineState, StateChange
+from engine.state import EngineState, StateChange
 from gateway.config import IsolationConfig
 from gateway.errors import (
     Cause,

@@ -14,7 +14,8 @@ from collections.abc import Collection, Mapping
 
 import structlog
 
-from engine.supervisor import EngineState, EngineSupervisor, StateChange
+from engine.state import EngineState, StateChange
+from engine.supervisor import EngineSupervisor
 from gateway.config import ConfigHolder
 
 log = structlog.get_logger("gateway")

@@ -11,7 +11,8 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from engine.supervisor import EngineState, EngineSupervisor, StateChange
+from engine.state import EngineState, StateChange
+from engine.supervisor import EngineSupervisor
 from gateway import handlers
 from gateway.admin import create_admin_app
 from gateway.admission import Gate

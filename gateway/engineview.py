@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 
-from engine.supervisor import EngineState, StateChange
+from engine.state import EngineState, StateChange
 
 log = structlog.get_logger("gateway.engine")
 

@@ -27,7 +27,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
-from engine.supervisor import EngineState, StateChange
+from engine.state import EngineState, StateChange
 from gateway.config import Config
 from gateway.requestlog import RequestRecord
 from gateway.scrape_state import StateCollector

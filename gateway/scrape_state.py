@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from engine.supervisor import EngineState
+from engine.state import EngineState
 from gateway.admission import Gate
 from gateway.reload import ReloadState
 

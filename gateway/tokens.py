@@ -37,13 +37,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from engine.chat_prepare import PreparedChat, plain_request
 from engine.tokenization import (
     InvalidChat,
-    PreparedChat,
     PromptTokenizer,
     UnsupportedLocally,
     completion_prompts,
-    plain_request,
 )
 from gateway.config import ConfigError, Policy, TokenSource
 from gateway.errors import BadGateway, BadRequest

@@ -17,7 +17,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from engine.supervisor import EngineState, StateChange
+from engine.state import EngineState, StateChange
 from gateway.config import Policy
 from gateway.limits import Vocabulary
 

@@ -25,7 +25,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from yarl import URL
 
-from engine.supervisor import EngineState, EngineSupervisor, StateChange
+from engine.state import EngineState, StateChange
+from engine.supervisor import EngineSupervisor
 from gateway.config import Config, parse_config
 from gateway.serve import Listening
 

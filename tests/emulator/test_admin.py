@@ -18,7 +18,7 @@ import yaml
 from aiohttp.test_utils import TestServer
 
 from engine.emulator import EmulatorSettings, create_emulator_app
-from engine.supervisor import EngineState
+from engine.state import EngineState
 from gateway.app import create_app
 from gateway.cli import main
 from gateway.config import ConfigError, load_config

@@ -16,7 +16,8 @@ import aiohttp
 import pytest
 
 from engine.process import EngineProcess
-from engine.supervisor import EngineState, EngineSupervisor
+from engine.state import EngineState
+from engine.supervisor import EngineSupervisor
 from gateway.keys import SUPERVISOR
 from tests.helpers import (
     CHAT_PATH,

@@ -9,7 +9,7 @@ from typing import Any
 
 import aiohttp
 
-from engine.supervisor import StateChange
+from engine.state import StateChange
 from gateway.keys import SUPERVISOR
 from tests.helpers import (
     CHAT_PATH,

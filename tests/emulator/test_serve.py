@@ -11,7 +11,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from engine.emulator import EmulatorSettings, create_emulator_app
-from engine.supervisor import EngineState
+from engine.state import EngineState
 from gateway.app import create_app
 from gateway.keys import SUPERVISOR
 from gateway.serve import listen

@@ -26,7 +26,8 @@ import pytest
 import yaml
 
 from engine.process import EngineProcess, group_alive
-from engine.supervisor import EngineState, EngineSupervisor
+from engine.state import EngineState
+from engine.supervisor import EngineSupervisor
 from gateway.keys import SUPERVISOR
 from tests.helpers import (
     ROOT,

@@ -19,7 +19,8 @@ from structlog.testing import capture_logs
 from engine.detect import PROBE_PROMPT
 from engine.process import EngineProcess
 from engine.settings import EngineConfig
-from engine.supervisor import EngineState, EngineSupervisor
+from engine.state import EngineState
+from engine.supervisor import EngineSupervisor
 from tests.helpers import (
     Recorder,
     control_emulator,

@@ -12,7 +12,8 @@ import pytest
 
 from engine.detect import START_TIME, parse_marks, restart_evidence
 from engine.process import group_alive
-from engine.supervisor import EngineState, EngineSupervisor
+from engine.state import EngineState
+from engine.supervisor import EngineSupervisor
 from gateway.keys import SUPERVISOR
 from tests.helpers import (
     Recorder,

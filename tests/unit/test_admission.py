@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 
 from engine.settings import EngineConfig
-from engine.supervisor import EngineState, StateChange
+from engine.state import EngineState, StateChange
 from gateway.admission import Gate
 from gateway.config import IsolationConfig
 from gateway.errors import EngineUnavailable, Overloaded, Quarantined

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from engine.supervisor import EngineState, StateChange
+from engine.state import EngineState, StateChange
 from gateway.config import ConfigError, parse_config
 from gateway.metrics import Metrics, action_label, failure_cause, usage_of
 from gateway.policy import Action

@@ -7,7 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
-from engine.supervisor import EngineState, StateChange
+from engine.state import EngineState, StateChange
 from gateway.config import parse_config
 from gateway.vocab import Vocabularies, read_vocabulary
 from tests.helpers import MODEL_DIR
