@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from engine.tokenization import PreparedChat, PromptTokenizer
+from engine.chat_prepare import PreparedChat
+from engine.tokenization import PromptTokenizer
 from gateway.config import ConfigError, Policy, TokenSource
 from gateway.errors import BadGateway, BadRequest
 from gateway.tokens import PromptCount, TokenCounter, TokenCounters
