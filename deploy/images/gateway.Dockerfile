@@ -36,15 +36,12 @@ COPY --from=build /opt/vllm-guard /opt/vllm-guard
 # The ConfigMap is mounted at /etc/vllm-guard as a directory (never subPath), so that its
 # symlink swap reaches the gateway and the policy reloads live.
 COPY deploy/images/config.default.yaml /etc/vllm-guard/config.yaml
-# MALLOC_ARENA_MAX: glibc gives each thread that allocates its own arena; the loop's thread
-# pool (long prompts are counted off the loop) then grew the gateway's memory in steps over a
-# 10-minute soak (+12-19%), +3.5% with two arenas (README, "Soak"). Only in this image: the
-# single image's engine inherits the gateway's environment and is left glibc's default.
+# No MALLOC_ARENA_MAX: the gateway holds glibc to two arenas itself (gateway.serve,
+# limit_malloc_arenas); set it here only to choose otherwise.
 ENV VLLM_GUARD_CONFIG=/etc/vllm-guard/config.yaml \
     PATH=/opt/vllm-guard/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1 \
-    MALLOC_ARENA_MAX=2
+    PYTHONDONTWRITEBYTECODE=1
 USER 10001:10001
 # The client port (server.port). The admin listener (admin.port, 8081) is loopback by default
 # and not exposed; the engine's port belongs to the engine's container.
