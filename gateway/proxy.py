@@ -87,13 +87,19 @@ def forward_headers(headers: CIMultiDictProxy[str], request_id: str) -> CIMultiD
     return out
 
 
+_RESPONSE_DROP_RAW: Final = frozenset(name.encode() for name in _RESPONSE_DROP)
+
+
 def response_headers(upstream: WireResponse) -> CIMultiDict[str]:
-    """The engine's response headers minus hop-by-hop ones and those the gateway sets."""
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in upstream.header_items():
-        if name.lower() not in _RESPONSE_DROP:
-            out.add(name, value)
-    return out
+    """The engine's response headers minus hop-by-hop ones and those the gateway sets (names
+    compared as the bytes they came in, ASCII case folded; only the kept ones decoded)."""
+    return CIMultiDict(
+        [
+            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+            for name, value in upstream.raw_headers
+            if name.lower() not in _RESPONSE_DROP_RAW
+        ]
+    )
 
 
 class ClientTooSlow(ConnectionResetError):

@@ -310,6 +310,12 @@ class WireResponse:
                 content_type = value.decode("latin-1").partition(";")[0].strip().lower()
         self.content_type = content_type
 
+    @property
+    def raw_headers(self) -> list[tuple[bytes, bytes]]:
+        """The response's header lines as they came, in order (names as the engine wrote
+        them)."""
+        return self._raw
+
     def header_items(self) -> Iterator[tuple[str, str]]:
         """The response's headers in order, as sent (names as the engine wrote them)."""
         for name, value in self._raw:
