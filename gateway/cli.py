@@ -58,11 +58,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from gateway.app import create_app
     from gateway.logs import configure_logging
-    from gateway.serve import limit_malloc_arenas, serve
+    from gateway.serve import serve
     from gateway.snapshot import load_snapshot
     from gateway.tokens import TokenCounters
 
-    limit_malloc_arenas()  # before the tokenizer's threads and the loop's pool start
     try:
         # Validated as check-config does (errors with their lines) before anything starts;
         # the app then makes its own counters, with the engine to ask.

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import gc
-import os
 import signal
 import time
 from dataclasses import dataclass
@@ -35,32 +33,6 @@ record, aiohttp's request and response) are freed by reference counting when it 
 over the whole heap among them; measured with `gc.callbacks` under wrk at c=64). At 10,000,
 garbage in reference cycles is still collected, only in larger, rarer batches: the memory it
 may hold meanwhile is bounded by the threshold."""
-
-
-MALLOC_ARENAS = 2
-"""The malloc arenas glibc may make for the gateway's process. By default glibc gives each
-thread that allocates an arena of its own (up to eight per core), and the threads that count
-long prompts off the loop, the tokenizer's and libuv's then grew the gateway's memory in steps
-over a 10-minute soak (+12-19%; +3.5% with two arenas, as `MALLOC_ARENA_MAX=2`: README,
-"Soak"). The main arena and one more hold the same work."""
-
-_M_ARENA_MAX = -8
-"""glibc's `mallopt` parameter for the most arenas (malloc.h)."""
-
-
-def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
-    """Hold glibc's malloc to `arenas` arenas from now on, for this process only (the engine
-    it starts is a program of its own, with glibc's defaults). Call it before any thread
-    starts. False, with nothing changed, where the operator chose (`MALLOC_ARENA_MAX` is set,
-    glibc read it at start) or the C library has no `mallopt` (musl, macOS)."""
-    if "MALLOC_ARENA_MAX" in os.environ:
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return bool(mallopt(_M_ARENA_MAX, arenas))
 
 
 def tune_collector() -> None:
