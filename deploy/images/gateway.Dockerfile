@@ -36,8 +36,6 @@ COPY --from=build /opt/vllm-guard /opt/vllm-guard
 # The ConfigMap is mounted at /etc/vllm-guard as a directory (never subPath), so that its
 # symlink swap reaches the gateway and the policy reloads live.
 COPY deploy/images/config.default.yaml /etc/vllm-guard/config.yaml
-# No MALLOC_ARENA_MAX: the gateway holds glibc to two arenas itself (gateway.serve,
-# limit_malloc_arenas); set it here only to choose otherwise.
 ENV VLLM_GUARD_CONFIG=/etc/vllm-guard/config.yaml \
     PATH=/opt/vllm-guard/bin:$PATH \
     PYTHONUNBUFFERED=1 \
