@@ -154,7 +154,7 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
         app[METRICS].state.gate = gate
         app[METRICS].state.engine_state = lambda: supervisor.state
         supervisor.subscribe(app[METRICS].engine_changed)
-    tokens = TokenCounters(upstream)
+    tokens = TokenCounters(upstream, threads=config.server.count_threads)
     # The starting snapshot's counters are made ahead, off the event loop, like a reload's;
     # a file it names that cannot be read stops the start (ConfigError) before any listener.
     snapshot = await asyncio.to_thread(prepare_snapshot, config, tokens)

@@ -70,6 +70,12 @@ class ServerConfig(_Frozen):
     client_write_timeout_s: PositiveFloat = 30.0
     """How long a write to a client that does not read may wait: then the client is cut, its
     work at the engine cancelled and its bulkhead slot freed."""
+    count_threads: PositiveInt = 1
+    """Worker threads that count the prompts too long to count on the event loop (more than
+    16,384 characters of text, or a template of the request's own), like vLLM's
+    `--renderer-num-workers` (also 1 by default). Counting is CPU work: more threads than the
+    gateway's cores add no throughput, and each holds about 10 MB while it encodes a
+    30,000-token prompt. A burst of long prompts queues for them."""
     api_key_env: tuple[str, ...] = ("VLLM_API_KEY",)
     """Environment variables holding the engine's API keys (vLLM reads VLLM_API_KEY). When any
     is set, a request to /v1 without one of them as its bearer token is answered 401 in vLLM's

@@ -48,6 +48,7 @@ FIXED_KEYS: tuple[str, ...] = (
     "server.header_timeout_s",
     "server.keepalive_timeout_s",
     "server.api_key_env",
+    "server.count_threads",
     "admin",
     "engine.url",
     "engine.connect_timeout_s",
@@ -55,8 +56,9 @@ FIXED_KEYS: tuple[str, ...] = (
     "metrics",
 )
 """Read once when the gateway starts (its listeners and their connection timeouts, the
-body-size cap of its app, the engine's API keys, the routes of its metrics, the session to the
-engine, the shared quarantine's Redis connection): a change waits for the next gateway start."""
+body-size cap of its app, the engine's API keys, the counters' threads, the routes of its
+metrics, the session to the engine, the shared quarantine's Redis connection): a change waits
+for the next gateway start."""
 
 AT_ENGINE_RESTART: tuple[str, ...] = ("engine.command", "engine.env")
 """Applied to the snapshot, used when the engine is next (re)started."""
@@ -167,6 +169,7 @@ def pin_fixed(running: Config, new: Config) -> tuple[Config, tuple[str, ...], tu
             "header_timeout_s": running.server.header_timeout_s,
             "keepalive_timeout_s": running.server.keepalive_timeout_s,
             "api_key_env": running.server.api_key_env,
+            "count_threads": running.server.count_threads,
         }
     )
     pinned = new.model_copy(

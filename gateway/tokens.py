@@ -22,8 +22,11 @@ kept), so the count is min(count, k); k = -1 means the model's `max_model_len`, 
 request sets an output limit (`TokenizeParams.max_truncation_tokens`).
 
 Counting never blocks the event loop for long: a request with more than `inline_chars`
-characters of text, or with a chat template of its own, is counted in a worker thread
-(`asyncio.to_thread`), a short one inline.
+characters of text, or with a chat template of its own, is counted in one of the counters'
+worker threads (`server.count_threads`, like vLLM's `--renderer-num-workers`), a short one
+inline. The threads are few on purpose: counting is CPU work, so more of them than the
+gateway's cores add no throughput, and each holds the memory of the prompt it encodes (about
+10 MB for 30,000 tokens) until glibc reuses it; a burst of long prompts queues for them.
 
 This module does not import aiohttp.web. Client mistakes become `errors.BadRequest` naming the
 parameter; an engine that cannot be asked raises what its `json` exchange raises.
@@ -32,7 +35,10 @@ parameter; an engine that cannot be asked raises what its `json` exchange raises
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -270,20 +276,29 @@ class TokenCounter:
         tokenizer: PromptTokenizer | None,
         remote: Remote | None,
         inline_chars: int = INLINE_CHARS,
+        executor: Executor | None = None,
     ) -> None:
+        """`executor` runs the counts too long to make inline; None: asyncio's default."""
         if tokenizer is None and remote is None:
             raise ValueError("a token counter needs a local tokenizer or the engine")
         self.model = model
         self.tokenizer = tokenizer
         self._remote = remote
         self._inline_chars = inline_chars
+        self._executor = executor
 
     @property
     def source(self) -> Literal["local", "engine"]:
         return "local" if self.tokenizer is not None else "engine"
 
     @classmethod
-    def for_policy(cls, model: str, policy: Policy, remote: Remote | None) -> TokenCounter:
+    def for_policy(
+        cls,
+        model: str,
+        policy: Policy,
+        remote: Remote | None,
+        executor: Executor | None = None,
+    ) -> TokenCounter:
         """The counter a policy asks for. Raises ConfigError when `token_source: local` names
         tokenizer files that cannot be read."""
         tokenizer = None
@@ -313,7 +328,7 @@ class TokenCounter:
                 tokenizer = None  # counted by the engine: the local encoding may differ
         elif policy.token_source is TokenSource.LOCAL:
             raise ConfigError(f"models.{model}: token_source local needs a tokenizer folder")
-        return cls(model, tokenizer=tokenizer, remote=remote)
+        return cls(model, tokenizer=tokenizer, remote=remote, executor=executor)
 
     # -- counting ------------------------------------------------------------------------------
 
@@ -418,7 +433,10 @@ class TokenCounter:
 
     async def _off_loop(self, size: int, fn: Callable[..., Any], *args: Any) -> Any:
         if size > self._inline_chars:
-            return await asyncio.to_thread(fn, *args)
+            # As asyncio.to_thread does, with the context; a count still queued when its
+            # request is cancelled is dropped with it.
+            work = functools.partial(contextvars.copy_context().run, fn, *args)
+            return await asyncio.get_running_loop().run_in_executor(self._executor, work)
         return fn(*args)
 
     async def _engine_prompt(
@@ -555,18 +573,25 @@ class TokenCounters:
     `adopt` at the swap), or on first use for a model the snapshot did not name."""
 
     def __init__(
-        self, upstream: JsonExchange | None, timeout_s: float = TOKENIZE_TIMEOUT_S
+        self,
+        upstream: JsonExchange | None,
+        timeout_s: float = TOKENIZE_TIMEOUT_S,
+        *,
+        threads: int = 1,
     ) -> None:
+        """`threads`: the worker threads of all counters (`server.count_threads`)."""
         self._upstream = upstream
         self._timeout_s = timeout_s
         self._counters: dict[str, tuple[tuple[object, ...], TokenCounter]] = {}
+        # Threads start on first use: a config check that makes counters starts none.
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="vllm-guard-count")
 
     def counter(self, model: str, policy: Policy) -> TokenCounter:
         key = _counter_key(policy)
         known = self._counters.get(model)
         if known is not None and known[0] == key:
             return known[1]
-        counter = TokenCounter.for_policy(model, policy, self._remote)
+        counter = TokenCounter.for_policy(model, policy, self._remote, self._executor)
         if known is None:
             self._counters[model] = (key, counter)
         # Else the caller's policy is older than the installed one (a request that began
@@ -577,7 +602,7 @@ class TokenCounters:
         """The counter `policy` asks for, made but not installed: it loads tokenizer files, so
         a reload calls it in a worker thread while it validates a snapshot. Raises ConfigError
         as `TokenCounter.for_policy` does."""
-        return TokenCounter.for_policy(model, policy, self._remote)
+        return TokenCounter.for_policy(model, policy, self._remote, self._executor)
 
     def adopt(self, prepared: Mapping[str, tuple[Policy, TokenCounter]]) -> None:
         """Install the counters prepared for a new snapshot in place of all others (a removed
@@ -598,3 +623,5 @@ class TokenCounters:
 
     async def close(self) -> None:
         self._counters.clear()
+        # A count running now finishes in its thread; none waits for it.
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -126,9 +126,9 @@ def test_check_config_refuses_the_shared_port(tmp_path: Path) -> None:
 
 
 def test_connection_bounds_read_at_start_wait_for_a_restart() -> None:
-    """A reload keeps the header and keep-alive timeouts and the API key variables (read when
-    the listeners and the app start) at their running values and names them; the body and
-    client write timeouts, read per request, apply."""
+    """A reload keeps the header and keep-alive timeouts, the API key variables and the
+    counting threads (read when the listeners and the app start) at their running values and
+    names them; the body and client write timeouts, read per request, apply."""
     running = parse_config({})
     new = parse_config(
         {
@@ -136,6 +136,7 @@ def test_connection_bounds_read_at_start_wait_for_a_restart() -> None:
                 "header_timeout_s": 1,
                 "keepalive_timeout_s": 2,
                 "api_key_env": ["OTHER"],
+                "count_threads": 4,
                 "body_timeout_s": 3,
                 "client_write_timeout_s": 4,
             }
@@ -145,9 +146,11 @@ def test_connection_bounds_read_at_start_wait_for_a_restart() -> None:
     assert pinned.server.header_timeout_s == running.server.header_timeout_s
     assert pinned.server.keepalive_timeout_s == running.server.keepalive_timeout_s
     assert pinned.server.api_key_env == running.server.api_key_env
+    assert pinned.server.count_threads == running.server.count_threads
     assert (pinned.server.body_timeout_s, pinned.server.client_write_timeout_s) == (3, 4)
     assert set(fixed) == {
         "server.header_timeout_s",
         "server.keepalive_timeout_s",
         "server.api_key_env",
+        "server.count_threads",
     }

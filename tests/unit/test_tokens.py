@@ -3,9 +3,11 @@ here), cheap bounds, vLLM's truncation, and client mistakes as BadRequest."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ from engine.chat_prepare import PreparedChat
 from engine.tokenization import PromptTokenizer
 from gateway.config import ConfigError, Policy, TokenSource
 from gateway.errors import BadGateway, BadRequest
-from gateway.tokens import PromptCount, TokenCounter, TokenCounters
+from gateway.tokens import INLINE_CHARS, PromptCount, TokenCounter, TokenCounters
 from tests.helpers import MODEL_DIR
 from tests.token_corpus import LONG, MEDIUM, cases
 from tests.token_corpus import template as template_text
@@ -423,6 +425,47 @@ async def test_long_texts_are_counted_off_the_event_loop() -> None:
     await exact_prompts(counter, {"prompt": ["x", LONG]})
     assert loop_thread not in tok.threads[2:]
     assert long_chat == len(_chat_ids(tok, {"messages": [{"role": "user", "content": LONG}]}))
+
+
+class ConcurrencyRecordingTokenizer(PromptTokenizer):
+    """The real tokenizer, noting how many encodings run at once (each made to last 50 ms)."""
+
+    lock: threading.Lock
+    running: int
+    most: int
+
+    def encode_completion(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        try:
+            time.sleep(0.05)
+            return super().encode_completion(prompt, add_special_tokens)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+async def test_long_prompts_are_counted_in_the_configured_threads_at_most(threads: int) -> None:
+    """Eight long prompts at once are counted by at most `count_threads` threads (the rest
+    queue), each with its exact count; the two counters of one `TokenCounters` share them."""
+    tok = ConcurrencyRecordingTokenizer.from_dir(MODEL_DIR)
+    tok.lock, tok.running, tok.most = threading.Lock(), 0, 0
+    counters = TokenCounters(None, threads=threads)
+    made = [counters.counter(m, Policy(tokenizer=str(MODEL_DIR))) for m in ("tiny", "tiny-2")]
+    for counter in made:
+        counter.tokenizer = tok
+    prompts = [f"{i} " + " ".join([LONG] * 3) for i in range(8)]
+    assert min(map(len, prompts)) > INLINE_CHARS
+    try:
+        counts = await asyncio.gather(
+            *(exact_prompts(made[i % 2], {"prompt": p}) for i, p in enumerate(prompts))
+        )
+    finally:
+        await counters.close()
+    assert tok.most == threads
+    assert counts == [[len(tok.encode_completion(p))] for p in prompts]
 
 
 class PlainBoundRecordingTokenizer(ThreadRecordingTokenizer):
