@@ -468,6 +468,39 @@ async def test_long_prompts_are_counted_in_the_configured_threads_at_most(thread
     assert counts == [[len(tok.encode_completion(p))] for p in prompts]
 
 
+async def test_a_count_still_queued_is_dropped_with_its_request() -> None:
+    """With one thread busy, a second long prompt's count waits; when its request is cancelled
+    (the client left, the deadline passed) it is never made."""
+    tok = ConcurrencyRecordingTokenizer.from_dir(MODEL_DIR)
+    tok.lock, tok.running, tok.most = threading.Lock(), 0, 0
+    counters = TokenCounters(None, threads=1)
+    counter = counters.counter("tiny", Policy(tokenizer=str(MODEL_DIR)))
+    counter.tokenizer = tok
+    seen: list[str] = []
+    real = tok.encode_completion
+
+    def noting(prompt: str, add_special_tokens: bool = True) -> list[int]:
+        seen.append(prompt[:1])
+        return real(prompt, add_special_tokens)
+
+    tok.encode_completion = noting  # type: ignore[method-assign]
+    long = " ".join([LONG] * 3)
+    try:
+        first = asyncio.create_task(exact_prompts(counter, {"prompt": "a" + long}))
+        while not seen:  # the first count is running
+            await asyncio.sleep(0.005)
+        queued = asyncio.create_task(exact_prompts(counter, {"prompt": "b" + long}))
+        await asyncio.sleep(0.01)
+        queued.cancel()
+        await first
+        third = await exact_prompts(counter, {"prompt": "c" + long})
+    finally:
+        await counters.close()
+    assert queued.cancelled()
+    assert seen == ["a", "c"]
+    assert third == [len(real("c" + long))]
+
+
 class PlainBoundRecordingTokenizer(ThreadRecordingTokenizer):
     """Also notes the thread of each plain chat's bound and of each prepared conversation."""
 
