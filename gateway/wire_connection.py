@@ -62,7 +62,11 @@ class WireConnection(asyncio.Protocol):
 
     def __init__(self, on_lost: Callable[[WireConnection], None]) -> None:
         self._on_lost = on_lost
-        self._parser = httptools.HttpResponseParser(self)
+        # The parser calls back into this connection: a cycle, broken when the connection is
+        # lost, so that a closed connection (and what it buffered) is freed by its last
+        # reference going, not at the cyclic collector's next full pass, rare by design
+        # (gateway.serve.tune_collector).
+        self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self._transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = 0.0
@@ -93,6 +97,7 @@ class WireConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._parser = None
         self._on_lost(self)
         self._wake_writer()
         if not self._busy:
@@ -108,12 +113,13 @@ class WireConnection(asyncio.Protocol):
             self._wake()
 
     def data_received(self, data: bytes) -> None:
-        if not self._busy:  # bytes nobody asked for: the connection is not to be trusted
+        parser = self._parser
+        if not self._busy or parser is None:  # bytes nobody asked for: not to be trusted
             self.abort()
             return
         self._got_bytes = True
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as err:
             self._malformed(type(err).__name__)
 
@@ -130,7 +136,9 @@ class WireConnection(asyncio.Protocol):
         self._raw.append((name, value))
 
     def on_headers_complete(self) -> None:
-        status = self._parser.get_status_code()
+        parser = self._parser
+        assert parser is not None  # called back by the parser, inside data_received
+        status = parser.get_status_code()
         if status < 200:  # an interim answer (100 Continue): the real one follows
             self._interim = True
             self._raw = []
@@ -164,7 +172,9 @@ class WireConnection(asyncio.Protocol):
             self._interim = False
             return
         self._complete = True
-        self._keep_alive = self._parser.should_keep_alive() and not self._head_only
+        parser = self._parser
+        assert parser is not None  # called back by the parser, inside data_received
+        self._keep_alive = parser.should_keep_alive() and not self._head_only
         self._wake()
 
     # -- one exchange --------------------------------------------------------------------------

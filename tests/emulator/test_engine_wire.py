@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import socket
 from collections.abc import Mapping
 
@@ -22,7 +23,7 @@ from gateway.engine_wire import (
 )
 from gateway.errors import EngineFailed, EngineTimeout
 from gateway.proxy import Upstream, response_headers
-from gateway.wire_connection import HIGH_WATER
+from gateway.wire_connection import HIGH_WATER, WireConnection
 from tests.helpers import StartRawEngine, chunked, free_port, read_request, until
 
 BOUND_S = 10.0
@@ -122,6 +123,49 @@ async def test_a_connection_the_engine_asks_to_close_is_not_reused(
         assert await resp.read() == b"{}"
         resp.release()
     assert engine.accepted == 2
+
+
+def _connections() -> int:
+    return sum(1 for o in gc.get_objects() if type(o) is WireConnection)
+
+
+async def test_a_lost_connection_is_freed_by_reference_counting(
+    raw_engine: StartRawEngine, engine_wires: list[EngineWire]
+) -> None:
+    """A connection the engine closed after its answer, and one dropped mid-stream, are freed
+    once nothing refers to them, with the cyclic collector off: not left, with what they
+    buffered, for its next full pass (which `vllm-guard run` makes rare)."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        lines, _ = await read_request(reader)
+        if lines[0].startswith("POST /v1/completions "):
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n6\r\ndata:1\r\n"
+            )
+            await writer.drain()
+            await reader.read()
+            return
+        writer.write(OK_HEAD + b"Connection: close\r\nContent-Length: 2\r\n\r\n{}")
+        await writer.drain()
+
+    engine = await raw_engine(handler)
+    wire = _wire(engine_wires, engine.url)
+    gc.collect()
+    assert _connections() == 0
+    gc.disable()
+    try:
+        resp = await _post(wire)
+        assert await resp.read() == b"{}"
+        resp.release()
+        stream = await wire.request("POST", "/v1/completions", b"{}", {})
+        assert await anext(stream.chunks()) == b"data:1"
+        assert _connections() == 2
+        stream.close()
+        del resp, stream
+        assert await until(lambda: _connections() == 0, BOUND_S)
+    finally:
+        gc.enable()
 
 
 async def test_a_pooled_connection_the_engine_closed_unanswered_is_retried_once(
