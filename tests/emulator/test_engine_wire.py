@@ -28,6 +28,10 @@ from tests.helpers import StartRawEngine, chunked, free_port, read_request, unti
 
 BOUND_S = 10.0
 OK_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+SSE_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
+"""A stream's response head; its chunks follow."""
 
 
 def _wire(made: list[EngineWire], url: str, headers: Mapping[str, str] | None = None) -> EngineWire:
@@ -139,10 +143,7 @@ async def test_a_lost_connection_is_freed_by_reference_counting(
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         lines, _ = await read_request(reader)
         if lines[0].startswith("POST /v1/completions "):
-            writer.write(
-                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                b"Transfer-Encoding: chunked\r\n\r\n6\r\ndata:1\r\n"
-            )
+            writer.write(SSE_HEAD + b"6\r\ndata:1\r\n")
             await writer.drain()
             await reader.read()
             return
@@ -238,10 +239,7 @@ async def test_eof_mid_body_is_a_cut_after_the_bytes_that_came(
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         lines, _ = await read_request(reader)
         if lines[0].startswith("POST /stream"):
-            writer.write(
-                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                b"Transfer-Encoding: chunked\r\n\r\n5\r\ndata:\r\n"
-            )
+            writer.write(SSE_HEAD + b"5\r\ndata:\r\n")
         else:
             writer.write(OK_HEAD + b'Content-Length: 100\r\n\r\n{"cut')
         await writer.drain()
@@ -271,10 +269,7 @@ async def test_close_drops_the_connection_for_the_engine_to_see(
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
-        writer.write(
-            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n6\r\ndata:1\r\n"
-        )
+        writer.write(SSE_HEAD + b"6\r\ndata:1\r\n")
         await writer.drain()
         try:
             await reader.read()
@@ -303,10 +298,7 @@ async def test_a_slow_consumer_pauses_reading_and_gets_every_byte(
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal written
         await read_request(reader)
-        writer.write(
-            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n"
-        )
+        writer.write(SSE_HEAD)
         for _ in range(pieces):
             writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
             await writer.drain()
