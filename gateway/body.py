@@ -33,38 +33,47 @@ a possible engine failure; tool schemas and messages nest a few dozen levels at 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
-async def read_json_object(request: web.Request) -> tuple[bytes, dict[str, Any]]:
-    """The body as bytes and as a JSON object, or a 4xx saying what is wrong with it.
-    The size bound is the app's client_max_size (413 past it)."""
+async def read_json_object(request: web.Request) -> tuple[dict[str, Any], bool]:
+    """The body as a JSON object, and whether every number in it is finite (see
+    `parse_object`); or a 4xx saying what is wrong with it. The size bound is the app's
+    client_max_size (413 past it)."""
     if request.content_type not in _JSON_TYPES and not request.content_type.endswith("+json"):
         raise UnsupportedMediaType(
             f"Content-Type must be application/json, not {request.content_type!r}."
         )
-    raw = await read_body(request)
-    return raw, parse_json_object(raw)
+    return parse_object(await read_body(request))
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
     """A body's bytes as a JSON object, or the BadRequest saying what is wrong with them."""
+    return parse_object(raw)[0]
+
+
+def parse_object(raw: bytes) -> tuple[dict[str, Any], bool]:
+    """`parse_json_object`, and whether the body is known to hold no NaN or infinity: true
+    when orjson read it (it refuses those literals and numbers past a double), so that
+    `encode_body(..., finite=True)` need not look for them."""
     if not raw:
         raise BadRequest("The request body is empty; a JSON object is required.")
     fast = _fast_parse(raw)
-    if fast is not None and not (
-        raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _too_deep(fast)
-    ):
-        return fast  # orjson refuses lone surrogate escapes: none to look for
+    if fast is not None:
+        return fast, True  # orjson refuses lone surrogate escapes: none to look for
     # Refused by orjson, or too deep: the standard library's path decides and words the error.
-    return parse_stdlib(raw)
+    return parse_stdlib(raw), False
 
 
 def _fast_parse(raw: bytes) -> dict[str, Any] | None:
     """The body parsed by orjson when it is a JSON object that orjson reads exactly as the
-    standard library does; None for the standard library's path to decide."""
+    standard library does, nested at most MAX_JSON_DEPTH deep; None for the standard
+    library's path to decide."""
     try:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError:
         return None
-    if not isinstance(value, dict) or _has_big_float(value):
+    if not isinstance(value, dict):
+        return None
+    containers = _containers_unless_big_float(value)
+    if containers is None or (containers > MAX_JSON_DEPTH and _too_deep(value)):
         return None
     return value
 
@@ -74,20 +83,23 @@ _INT64_FLOAT = float(2**63)
 this magnitude."""
 
 
-def _has_big_float(value: object) -> bool:
-    """Whether a parsed value holds a float of magnitude 2**63 or more (perhaps an integer
-    literal that orjson could not keep exact)."""
+def _containers_unless_big_float(value: object) -> int | None:
+    """In one walk of a parsed value: None when it holds a float of magnitude 2**63 or more
+    (perhaps an integer literal that orjson could not keep exact), else how many lists and
+    objects it holds, which bounds how deep they nest (most bodies hold a few: no depth walk)."""
     stack = [value]
+    containers = 0
     while stack:
         item = stack.pop()
-        if type(item) is float:
-            if not math.fabs(item) < _INT64_FLOAT:
-                return True
-        elif type(item) is dict:
+        if type(item) is dict:
+            containers += 1
             stack.extend(item.values())
         elif type(item) is list:
+            containers += 1
             stack.extend(item)
-    return False
+        elif type(item) is float and not math.fabs(item) < _INT64_FLOAT:
+            return None
+    return containers
 
 
 def parse_stdlib(raw: bytes) -> dict[str, Any]:
@@ -122,11 +134,13 @@ def parse_stdlib(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def encode_body(body: object) -> bytes:
+def encode_body(body: object, *, finite: bool = False) -> bytes:
     """A parsed (and rewritten) body as JSON bytes for the engine: orjson when it encodes the
     value as the standard library would (no NaN or Infinity, which orjson writes as null; no
-    integer past 64 bits, which it refuses), else the standard library (NaN literals kept)."""
-    if not _has_nonfinite(body):
+    integer past 64 bits, which it refuses), else the standard library (NaN literals kept).
+    `finite`: the caller knows there is no NaN or infinity (`parse_object` said so of the body
+    this one was made from), so the body is not walked to look for one."""
+    if finite or not _has_nonfinite(body):
         try:
             return orjson.dumps(body)
         except TypeError:  # an integer past 64 bits, a lone surrogate

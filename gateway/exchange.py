@@ -92,6 +92,9 @@ class Exchange:
     """Where the engine's usage is to be read, for the token metrics."""
     share: ClientShare | None = None
     """The client's share of the bulkhead, when the policy gives one."""
+    finite: bool = False
+    """The body holds no NaN or infinity (orjson parsed the client's): encoded without
+    looking for one (`gateway.body.encode_body`)."""
     attempts: int = 0
 
     @classmethod
@@ -108,6 +111,7 @@ class Exchange:
         max_in_flight: int,
         deadline: float,
         share: ClientShare | None = None,
+        finite: bool = False,
     ) -> Exchange:
         app = request.app
         record = request[RECORD]
@@ -133,6 +137,7 @@ class Exchange:
             app[CONFIG].current.server.client_write_timeout_s,
             _usage_in(body),
             share,
+            finite,
         )
 
     async def enter(self) -> Inflight:
@@ -201,7 +206,7 @@ async def first_answer(ex: Exchange) -> web.StreamResponse | Resumable:
     """Attempts until the engine answers, or fails in a way that is not the engine's (its own
     answer is relayed). A stream the engine cut after bytes is returned to be resumed when it
     can be, else ended with the error event."""
-    payload = _encode(ex.body)
+    payload = encode_body(ex.body, finite=ex.finite)
 
     def relay(upstream: WireResponse, on_progress: ProgressCallback) -> Awaitable[RelayOutcome]:
         return relay_response(
@@ -258,7 +263,7 @@ async def resume(ex: Exchange, cut: Resumable) -> web.StreamResponse:
                 answered = True
                 return stream
             relay = _continue(stream, partial, ex.chat, ex.write_timeout_s)
-            outcome = await _send(ex, ticket, _encode(rest), relay)
+            outcome = await _send(ex, ticket, encode_body(rest, finite=ex.finite), relay)
             if isinstance(outcome, Answered):
                 answered = True
                 ex.answered()
@@ -354,7 +359,3 @@ async def _ask_again(
         return False
     ex.engine_failed()
     return True
-
-
-def _encode(body: dict[str, Any]) -> bytes:
-    return encode_body(body)

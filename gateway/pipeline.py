@@ -85,7 +85,7 @@ async def admit(request: web.Request, endpoint: Endpoint) -> Exchange:
     record = request[RECORD]
     record.endpoint = endpoint.name
     config = app[CONFIG].current
-    _, body = await read_json_object(request)
+    body, finite = await read_json_object(request)
     view = endpoint.parse(body)
     record.model = view.model[:MODEL_NAME_LOGGED] if view.model else view.model
     if app[LIFECYCLE].draining:
@@ -136,6 +136,7 @@ async def admit(request: web.Request, endpoint: Endpoint) -> Exchange:
         max_in_flight=target.policy.max_in_flight,
         deadline=deadline,
         share=_share(request, target.policy),
+        finite=finite,
     )
 
 

@@ -11,7 +11,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.body import MAX_JSON_DEPTH, encode_body, parse_json_object, parse_stdlib
+from gateway.body import (
+    MAX_JSON_DEPTH,
+    encode_body,
+    parse_json_object,
+    parse_object,
+    parse_stdlib,
+)
 from gateway.errors import BadRequest
 
 
@@ -99,6 +105,44 @@ def test_deep_nesting(depth: int) -> None:
     _same(('{"a":' * depth + "1" + "}" * depth).encode())
 
 
+@pytest.mark.parametrize("width", [MAX_JSON_DEPTH, MAX_JSON_DEPTH + 1, 1000])
+def test_wide_bodies_and_one_deep_branch(width: int) -> None:
+    """More lists and objects than the depth bound, side by side, are read by orjson (a body
+    of a thousand messages is not deep); one branch among them nested past the bound is
+    still refused with the standard library's message."""
+    messages = [{"role": "user", "content": [{"type": "text", "text": "x"}]}] * width
+    wide = json.dumps({"messages": messages}).encode()
+    _same(wide)
+    assert parse_object(wide) == (json.loads(wide), True)
+    deep = {"messages": messages, "tools": [{"a": 1}]}
+    branch: list[dict[str, object]] = deep["tools"]  # type: ignore[assignment]
+    for _ in range(MAX_JSON_DEPTH):
+        inner: list[dict[str, object]] = [{"a": 1}]
+        branch[0]["a"] = inner
+        branch = inner
+    raw = json.dumps(deep).encode()
+    _same(raw)
+    with pytest.raises(BadRequest, match="nested more than"):
+        parse_object(raw)
+
+
+@pytest.mark.parametrize(
+    ("raw", "finite"),
+    [
+        (b'{"a": 1, "b": [0.5, -0.0, 9.2e18, 5e-324]}', True),
+        (b'{"a": 1e400}', False),
+        (b'{"a": 18446744073709551616}', False),
+        ('{"a": 1}'.encode("utf-16"), False),
+    ],
+)
+def test_a_body_is_said_finite_only_when_orjson_read_it(raw: bytes, finite: bool) -> None:
+    """The flag that lets `encode_body` skip its walk: true for what orjson read, false for
+    the standard library's bodies (which may hold an infinity: 1e400)."""
+    body, said = parse_object(raw)
+    assert said is finite
+    assert encode_body(body, finite=said) == encode_body(body)
+
+
 json_values = st.recursive(
     st.none()
     | st.booleans()
@@ -123,6 +167,12 @@ def test_random_objects(value: dict[str, object]) -> None:
         except UnicodeEncodeError:
             continue
         _same(raw)
+        try:
+            body, finite = parse_object(raw)
+        except BadRequest:
+            continue
+        if finite:  # encoded without the walk for NaN and infinities: the same bytes
+            assert encode_body(body, finite=True) == encode_body(body)
 
 
 @settings(max_examples=300, deadline=None)
