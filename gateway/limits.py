@@ -57,7 +57,7 @@ WATCHED: frozenset[str] = STRUCTURED_FIELDS | {
 content parts and token-id prompts)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Checked:
     """What the checks answer: the body to go on with, and a refusal to answer now (crash
     class, or cost class in enforce mode) or to report (cost class in report mode)."""

@@ -63,7 +63,7 @@ CHAT = Endpoint("/v1/chat/completions", True, parse_chat, "chat")
 COMPLETIONS = Endpoint("/v1/completions", False, parse_completion, "completions")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Target:
     """The served model a request goes to, its policy and its context length."""
 

@@ -81,7 +81,7 @@ class Reject:
         }
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Admit:
     """Forward the request with `max_tokens` as its output limit."""
 

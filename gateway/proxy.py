@@ -222,7 +222,7 @@ def _body_data(body: bytes | None) -> bytes | io.BytesIO | None:
     return io.BytesIO(body) if body is not None and len(body) > _STREAM_BODY_BYTES else body
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Answered:
     """The engine answered and the client has (or is about to get) the whole answer."""
 

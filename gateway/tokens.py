@@ -70,7 +70,7 @@ _FALSE = frozenset({"0", "off", "f", "false", "n", "no"})
 _COMPLETION_DEFAULT_MAX_TOKENS = 16  # CompletionRequest.max_tokens
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PromptCount:
     tokens: int
     """The exact count, or when `exact` is false a bound of it: an upper bound below every
@@ -79,7 +79,7 @@ class PromptCount:
     source: Literal["local", "engine", "ids"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Chat:
     """The fields of a chat request that decide its prompt, read and checked like vLLM does."""
 
@@ -471,7 +471,7 @@ class TokenCounter:
         raise BadGateway(f"The engine's /tokenize gave no count ({message or 'no message'}).")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Limits:
     """Where a count stops mattering: an upper bound at most `exact_above` settles the
     decision; so does a lower bound at least `refuse_at` (the prompt is refused)."""
