@@ -45,12 +45,13 @@ def fingerprint(
 
     Version 1: the exact body without the ignored fields, keys sorted (kept for lookups of
     entries written by replicas that still run it)."""
-    kept = {k: v for k, v in body.items() if k not in ignore}
+    kept = body if ignore.isdisjoint(body) else {k: v for k, v in body.items() if k not in ignore}
     if version == 1:
         return _digest(b"", _canonical_std(kept))
     if version == 2:
         try:
-            normalised = _normalised(kept)
+            # Most bodies are in version 2's form already: written as they are, not copied.
+            normalised = kept if _in_normal_form(kept) else _normalised(kept)
             canonical = orjson.dumps(normalised, option=orjson.OPT_SORT_KEYS)
         except (_OrjsonWritesOtherwise, orjson.JSONEncodeError):
             canonical = _canonical_std(_normalised(kept, strict=False))
@@ -128,6 +129,32 @@ def _spaced(text: str) -> str:
     if len(text) < _SPLIT_BELOW:
         return " ".join(text.split())
     return _RUNS.sub(" ", text).strip()
+
+
+def _in_normal_form(value: object) -> bool:
+    """Whether `_normalised(value)` would be `value` itself, equal in every part, with nothing
+    orjson writes otherwise: every string plain, no member whose value is null, no whole or
+    tiny float (nor NaN or an infinity), only the JSON types themselves (a subclass is left to
+    `_normalised`). One walk, nothing copied; False sends the value to `_normalised`."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if type(item) is str:
+            if not _plain(item):
+                return False
+        elif type(item) is dict:
+            members = item.values()
+            if None in members:
+                return False
+            stack.extend(members)
+        elif type(item) is list:
+            stack.extend(item)
+        elif type(item) is float:
+            if item.is_integer() or not _SMALL_FLOAT <= abs(item) < math.inf:
+                return False
+        elif type(item) is not int and type(item) is not bool and item is not None:
+            return False
+    return True
 
 
 def _normalised(value: object, *, strict: bool = True) -> object:
