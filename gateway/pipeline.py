@@ -85,6 +85,7 @@ async def admit(request: web.Request, endpoint: Endpoint) -> Exchange:
     record = request[RECORD]
     record.endpoint = endpoint.name
     config = app[CONFIG].current
+    gate, supervisor = app[GATE], app[SUPERVISOR]
     body, finite = await read_json_object(request)
     view = endpoint.parse(body)
     record.model = view.model[:MODEL_NAME_LOGGED] if view.model else view.model
@@ -94,19 +95,17 @@ async def admit(request: web.Request, endpoint: Endpoint) -> Exchange:
         )
     fp = fingerprint(body, config.isolation.fingerprint_ignore_set)
     record.fields["fingerprint"] = fp
-    app[GATE].check_quarantine(fp)
+    gate.check_quarantine(fp)
     # The named model's (an alias's, its model's): its deadline, its prechecks.
-    policy = policy_of(config, app[SUPERVISOR], view.model)
+    policy = policy_of(config, supervisor, view.model)
     deadline = time.monotonic() + policy.deadline_s
     refusal = precheck(view, policy)
     if refusal is not None:
         _reject(record, refusal)
-    gate = app[GATE]
-    if not gate.supervisor.is_ready():
+    if not supervisor.is_ready():
         held = time.perf_counter()
         await gate.wait_engine(deadline, view.model)
         record.held += time.perf_counter() - held
-    supervisor = app[SUPERVISOR]
     record.model = model = _served_model(view.model, supervisor.models)
     target = _target(config, supervisor, model, policy if model == view.model else None)
     if not target.policy.trust_request_chat_template and _brings_a_template(body):
@@ -115,7 +114,7 @@ async def admit(request: web.Request, endpoint: Endpoint) -> Exchange:
         app[VOCABULARIES], record.fields, body, chat=endpoint.chat, policy=target.policy
     )
     body = limited.body  # without the fields the policy strips
-    prompt_tokens = await app[GATE].exchange(  # may ask /tokenize: settled like a generation
+    prompt_tokens = await gate.exchange(  # may ask /tokenize: settled like a generation
         lambda: _prompt_tokens(request, endpoint, view, body, target), deadline
     )
     decision = decide(view, target.policy, prompt_tokens, target.context_length)
