@@ -212,7 +212,6 @@ async def _reload_ctx(app: web.Application) -> AsyncIterator[None]:
     supervisor.subscribe(on_engine)
     async with reloader.running():
         yield
-    await app[TOKENS].close()
 
 
 async def _fleet_ctx(app: web.Application) -> AsyncIterator[None]:

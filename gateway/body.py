@@ -44,15 +44,11 @@ async def read_json_object(request: web.Request) -> tuple[dict[str, Any], bool]:
     return parse_object(await read_body(request))
 
 
-def parse_json_object(raw: bytes) -> dict[str, Any]:
-    """A body's bytes as a JSON object, or the BadRequest saying what is wrong with them."""
-    return parse_object(raw)[0]
-
-
 def parse_object(raw: bytes) -> tuple[dict[str, Any], bool]:
-    """`parse_json_object`, and whether the body is known to hold no NaN or infinity: true
-    when orjson read it (it refuses those literals and numbers past a double), so that
-    `encode_body(..., finite=True)` need not look for them."""
+    """A body's bytes as a JSON object, or the BadRequest saying what is wrong with them; and
+    whether the body is known to hold no NaN or infinity: true when orjson read it (it refuses
+    those literals and numbers past a double), so that `encode_body(..., finite=True)` need not
+    look for them."""
     if not raw:
         raise BadRequest("The request body is empty; a JSON object is required.")
     fast = _fast_parse(raw)
@@ -104,7 +100,7 @@ def _containers_unless_big_float(value: object) -> int | None:
 
 def parse_stdlib(raw: bytes) -> dict[str, Any]:
     """The standard library's parse, with the checks of a body it accepts (what
-    `parse_json_object` answers for every body; the reference its tests compare with)."""
+    `parse_object` answers for every body; the reference its tests compare with)."""
     try:
         # Strictly decoded: json.loads(bytes) would let UTF-8-encoded surrogates through.
         text = raw.decode(json.detect_encoding(raw))
