@@ -60,7 +60,11 @@ def fingerprint(
 
 
 def _digest(prefix: bytes, canonical: bytes) -> str:
-    return hashlib.sha256(prefix + canonical).hexdigest()[:32]
+    # Fed in two parts: the same digest, without a copy of the canonical form (megabytes for
+    # a long prompt) to put the prefix before it.
+    digest = hashlib.sha256(prefix)
+    digest.update(canonical)
+    return digest.hexdigest()[:32]
 
 
 def _canonical_std(value: object) -> bytes:
